@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` (the main job on synthetic faces) and `make test`.
+# Both create .venv and install the project into it when it is missing or pyproject.toml changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench clean-shards
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(PY) -m pipeline.demo
+
+# pytest exits 5 when it collects no test; that is a failure here too, so it is not masked.
+test: $(INSTALLED)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(INSTALLED)
+	$(PY) bench/shard_throughput.py
+
+clean-shards:
+	find shards -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -1,0 +1,452 @@
+"""``python -m pipeline.shard``: turn a face dataset into WebDataset shards with one label schema.
+
+    python -m pipeline.shard utkface data/UTKFace --split-csv data/coral --out shards/utkface --workers 2
+    python -m pipeline.shard synthetic --num-samples 4000 --tasks age,gender,race --out shards/synth
+    python -m pipeline.shard merge shards/utkface        # after the parts of a SLURM array are done
+
+The run: list the source (cheap, deterministic) -> fix the shard plan (which records go into which
+``<split>-NNNNNN.tar``) -> encode the shards in worker processes, each published atomically -> merge:
+``manifest.parquet``, ``rejected.parquet``, one ``wids`` index per split and ``summary.json``.
+A re-run skips complete shards; a SLURM array task (``--task-index I --num-tasks K``) encodes every
+K-th shard of the same plan, and whichever part finishes last merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.schema import TASKS, parse_task_list
+from pipeline.shard_writer import (
+    PARTS_DIR,
+    EncodeSettings,
+    ShardPlan,
+    ShardResult,
+    manifest_schema,
+    shard_is_complete,
+    write_shard,
+)
+from pipeline.sources.base import SPLITS, Rejection, SourceInputError, SourceListing, SourceRecord, unit_interval
+
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.parquet"
+REJECTED_FILE = "rejected.parquet"
+SUMMARY_FILE = "summary.json"
+
+
+class ShardingError(Exception):
+    """The run cannot produce a usable dataset; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a sharding run needs besides the source itself."""
+
+    out_dir: Path
+    encode: EncodeSettings = EncodeSettings()
+    samples_per_shard: int = 1000
+    workers: int = 1
+    task_index: int = 0
+    num_tasks: int = 1
+    limit: int | None = None
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.task_index < self.num_tasks:
+            raise ValueError(f"--task-index {self.task_index} must be in 0..{self.num_tasks - 1}")
+        if self.samples_per_shard < 1 or self.workers < 1:
+            raise ValueError("--samples-per-shard and --workers must be at least 1")
+        if not 8 <= self.encode.image_size <= 4096 or not 1 <= self.encode.jpeg_quality <= 100:
+            raise ValueError("--size must be in 8..4096 and --jpeg-quality in 1..100")
+
+
+# ---------------------------------------------------------------- planning
+
+
+def select_records(listing: SourceListing, limit: int | None, seed: int) -> list[SourceRecord]:
+    """Drop duplicate keys (keeping the first in sorted order), apply ``--limit``, order by split and key.
+
+    ``--limit`` keeps a seeded pseudo-random subset, not the first N files, so that a quick run sees
+    every split and label range rather than, say, only the youngest UTKFace ages.
+    """
+    by_key: dict[str, SourceRecord] = {}
+    for record in sorted(listing.records, key=lambda r: (r.key, r.source_id)):
+        if record.key in by_key:
+            listing.reject(record.source_id, f"duplicate sample key {record.key!r} (also {by_key[record.key].source_id})")
+            continue
+        by_key[record.key] = record
+    records = list(by_key.values())
+    if limit is not None:
+        records = sorted(records, key=lambda r: unit_interval(seed, r.key))[:limit]
+    split_order = {split: i for i, split in enumerate(SPLITS)}
+    return sorted(records, key=lambda r: (split_order[r.split], r.key))
+
+
+def plan_shards(records: Iterable[SourceRecord], samples_per_shard: int) -> list[ShardPlan]:
+    """Cut each split's records (already ordered) into shards of ``samples_per_shard``."""
+    by_split: dict[str, list[SourceRecord]] = {}
+    for record in records:
+        by_split.setdefault(record.split, []).append(record)
+    plans = []
+    for split, split_records in by_split.items():
+        for index, start in enumerate(range(0, len(split_records), samples_per_shard)):
+            chunk = tuple(split_records[start : start + samples_per_shard])
+            plans.append(ShardPlan(f"{split}-{index:06d}", split, chunk))
+    return plans
+
+
+def plan_fingerprint(dataset: str, plans: list[ShardPlan], job: ShardJob) -> str:
+    """A hash of everything that determines the shards' bytes; a resumed run must match it."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([dataset, dataclasses.asdict(job.encode), job.samples_per_shard]).encode())
+    for plan in plans:
+        for record in plan.records:
+            digest.update(json.dumps([plan.name, record.key, record.source_id, record.labels, record.extras], default=str).encode())
+    return digest.hexdigest()
+
+
+def shards_for_task(plans: list[ShardPlan], task_index: int, num_tasks: int) -> list[ShardPlan]:
+    """Round-robin: array task I of K encodes shards I, I+K, I+2K, ... of the common plan."""
+    return plans[task_index::num_tasks]
+
+
+def _write_json_atomically(path: Path, document: object) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def _prepare_out_dir(listing: SourceListing, plans: list[ShardPlan], job: ShardJob) -> None:
+    """Create the output folder, or check that the shards already in it belong to this very plan."""
+    parts_dir = job.out_dir / PARTS_DIR
+    plan_path = parts_dir / PLAN_FILE
+    fingerprint = plan_fingerprint(listing.dataset, plans, job)
+    if job.overwrite and job.out_dir.exists() and job.task_index == 0:
+        shutil.rmtree(job.out_dir)
+    if plan_path.exists():
+        previous = json.loads(plan_path.read_text())
+        if previous["fingerprint"] != fingerprint:
+            raise ShardingError(
+                f"{job.out_dir} holds shards of a different input or settings (plan {previous['fingerprint'][:12]}, "
+                f"this run {fingerprint[:12]}); use another --out or pass --overwrite"
+            )
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    for stale in job.out_dir.glob("*.tmp"):
+        stale.unlink(missing_ok=True)  # left by an interrupted run; never mistaken for a shard
+    _write_json_atomically(
+        plan_path,
+        {
+            "dataset": listing.dataset,
+            "fingerprint": fingerprint,
+            "encode": dataclasses.asdict(job.encode),
+            "samples_per_shard": job.samples_per_shard,
+            "shards": [{"name": p.name, "split": p.split, "num_records": len(p.records)} for p in plans],
+            "listing_rejections": [vars(r) for r in listing.rejections],
+            "notes": listing.notes,
+        },
+    )
+
+
+# ---------------------------------------------------------------- running
+
+
+def _progress_lines(total_samples: int, description: str):
+    """tqdm on a terminal; on a log file, a plain line roughly every 10 %."""
+    if sys.stderr.isatty():
+        return tqdm(total=total_samples, unit="img", desc=description, dynamic_ncols=True)
+    return _PlainProgress(total_samples, description)
+
+
+class _PlainProgress:
+    def __init__(self, total: int, description: str) -> None:
+        self.total, self.description, self.done, self.next_report = total, description, 0, 0.1
+        self.started = time.perf_counter()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self.total and (self.done / self.total >= self.next_report or self.done == self.total):
+            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+            print(f"{self.description}: {self.done}/{self.total} images ({rate:.0f} img/s)", file=sys.stderr, flush=True)
+            self.next_report = self.done / self.total + 0.1
+
+    def close(self) -> None:
+        pass
+
+
+def encode_shards(plans: list[ShardPlan], dataset: str, job: ShardJob) -> list[ShardResult]:
+    """Encode this task's shards with ``job.workers`` processes; complete shards are skipped."""
+    mine = shards_for_task(plans, job.task_index, job.num_tasks)
+    results: list[ShardResult] = []
+    progress = _progress_lines(sum(len(p.records) for p in mine), f"{dataset} shards")
+    if job.workers == 1:
+        for plan in mine:
+            results.append(write_shard(plan, job.out_dir, dataset, job.encode))
+            progress.update(len(plan.records))
+    else:
+        with ProcessPoolExecutor(max_workers=job.workers) as pool:
+            futures = {pool.submit(write_shard, plan, job.out_dir, dataset, job.encode): plan for plan in mine}
+            for future in as_completed(futures):
+                results.append(future.result())
+                progress.update(len(futures[future].records))
+    progress.close()
+    return sorted(results, key=lambda r: r.name)
+
+
+def incomplete_shards(out_dir: Path) -> list[str]:
+    plan = json.loads((out_dir / PARTS_DIR / PLAN_FILE).read_text())
+    return [entry["name"] for entry in plan["shards"] if not shard_is_complete(out_dir, entry["name"])]
+
+
+def merge_shards(out_dir: Path) -> dict[str, object]:
+    """Write manifest, rejections, per-split ``wids`` indices and the summary from the completed parts."""
+    plan_path = out_dir / PARTS_DIR / PLAN_FILE
+    if not plan_path.exists():
+        raise ShardingError(f"{out_dir} has no {PARTS_DIR}/{PLAN_FILE}: run pipeline.shard on a source first")
+    plan = json.loads(plan_path.read_text())
+    missing = incomplete_shards(out_dir)
+    if missing:
+        raise ShardingError(
+            f"{len(missing)} of {len(plan['shards'])} shards are not complete yet ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); re-run the sharding command (it resumes) and merge again"
+        )
+    parts_dir = out_dir / PARTS_DIR
+    statuses = [json.loads((parts_dir / f"{entry['name']}.json").read_text()) for entry in plan["shards"]]
+    manifest = pa.concat_tables(
+        [pq.read_table(parts_dir / f"{entry['name']}.parquet", schema=manifest_schema()) for entry in plan["shards"]]
+    ) if plan["shards"] else manifest_schema().empty_table()
+    rejections = [*plan["listing_rejections"], *(r for status in statuses for r in status["rejections"])]
+
+    _write_parquet_atomically(manifest, out_dir / MANIFEST_FILE)
+    _write_parquet_atomically(
+        pa.Table.from_pylist(rejections, schema=pa.schema([("source_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])),
+        out_dir / REJECTED_FILE,
+    )
+    for split in SPLITS:
+        split_statuses = [s for s in statuses if s["split"] == split]
+        if split_statuses:
+            _write_json_atomically(
+                out_dir / f"{split}.json",
+                {
+                    "__kind__": "wids-shard-index-v1",
+                    "wids_version": 1,
+                    "name": f"{plan['dataset']}-{split}",
+                    "shardlist": [
+                        {"url": f"{s['name']}.tar", "nsamples": s["num_samples"], "filesize": s["num_bytes"]}
+                        for s in split_statuses
+                        if s["num_samples"] > 0
+                    ],
+                },
+            )
+    summary = summarize(plan["dataset"], manifest, rejections, plan["encode"], plan["notes"])
+    _write_json_atomically(out_dir / SUMMARY_FILE, summary)
+    if summary["num_samples"] == 0:
+        raise ShardingError(f"no usable sample in the input: all {len(rejections)} inputs were rejected (see {out_dir / REJECTED_FILE})")
+    return summary
+
+
+def _write_parquet_atomically(table: pa.Table, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    pq.write_table(table, temporary)
+    os.replace(temporary, path)
+
+
+def summarize(dataset: str, manifest: pa.Table, rejections: list[dict[str, str]], encode: dict, notes: list[str]) -> dict[str, object]:
+    """Samples per split, labelled samples per task and split, rejections by reason."""
+    splits = manifest.column("split").to_pylist()
+    samples_per_split = {split: splits.count(split) for split in SPLITS if split in splits}
+    coverage: dict[str, dict[str, int]] = {}
+    for task in TASKS:
+        labelled = [split for split, value in zip(splits, manifest.column(task).to_pylist()) if value is not None]
+        if labelled:
+            coverage[task] = {split: labelled.count(split) for split in samples_per_split}
+    reasons = Counter(_reason_kind(r["reason"]) for r in rejections)
+    return {
+        "dataset": dataset,
+        "num_samples": manifest.num_rows,
+        "samples_per_split": samples_per_split,
+        "labelled_per_task": coverage,
+        "tasks": list(coverage),
+        "num_rejected": len(rejections),
+        "rejected_by_reason": dict(reasons.most_common()),
+        "image_size": encode["image_size"],
+        "notes": notes,
+    }
+
+
+def _reason_kind(reason: str) -> str:
+    """Group rejection reasons for the summary: the text before the first detail."""
+    return reason.split(":")[0].split(" (")[0][:80]
+
+
+def print_summary(summary: dict[str, object], out_dir: Path, seconds: float, encoded: int, rejections_path: Path) -> None:
+    print(f"\n{summary['dataset']}: {summary['num_samples']} samples in {out_dir}")
+    print("  per split:  " + ", ".join(f"{k} {v}" for k, v in summary["samples_per_split"].items()))
+    for task, per_split in summary["labelled_per_task"].items():
+        print(f"  {task:<9} labelled: " + ", ".join(f"{k} {v}" for k, v in per_split.items()))
+    missing = [task for task in TASKS if task not in summary["labelled_per_task"]]
+    if missing:
+        print(f"  no labels (null) for: {', '.join(missing)}")
+    if summary["num_rejected"]:
+        print(f"  rejected {summary['num_rejected']} inputs (details: {rejections_path}):")
+        for reason, count in list(summary["rejected_by_reason"].items())[:8]:
+            print(f"    {count:>6}  {reason}")
+    for note in summary["notes"]:
+        print(f"  note: {note}")
+    rate = encoded / seconds if seconds > 0 else 0.0
+    print(f"  encoded {encoded} images in {seconds:.1f} s ({rate:.0f} images/s)")
+
+
+def run(listing: SourceListing, job: ShardJob) -> dict[str, object] | None:
+    """Plan, encode this task's shards and, once every shard exists, merge. Returns the summary if merged."""
+    started = time.perf_counter()
+    records = select_records(listing, job.limit, job.seed)
+    if not records:
+        reasons = Counter(_reason_kind(r.reason) for r in listing.rejections).most_common(3)
+        raise ShardingError(f"no usable sample in the input ({len(listing.rejections)} rejected; most common: {reasons})")
+    plans = plan_shards(records, job.samples_per_shard)
+    _prepare_out_dir(listing, plans, job)
+    results = encode_shards(plans, listing.dataset, job)
+    encoded = sum(r.num_samples for r in results if not r.skipped)
+    skipped = sum(1 for r in results if r.skipped)
+    if skipped:
+        print(f"resumed: {skipped} complete shard(s) kept from an earlier run", file=sys.stderr)
+    missing = incomplete_shards(job.out_dir)
+    if missing:
+        print(
+            f"part {job.task_index + 1}/{job.num_tasks} done ({len(results)} shards); {len(missing)} shards of other "
+            f"parts pending; the last part merges, or run: python -m pipeline.shard merge {job.out_dir}"
+        )
+        return None
+    summary = merge_shards(job.out_dir)
+    print_summary(summary, job.out_dir, time.perf_counter() - started, encoded, job.out_dir / REJECTED_FILE)
+    return summary
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", type=Path, help="output folder (default: shards/<name>)")
+    common.add_argument("--name", help="dataset name stored with every sample (default: the source)")
+    common.add_argument("--size", type=int, default=128, help="side of the square output crop in pixels")
+    common.add_argument("--jpeg-quality", type=int, default=90)
+    common.add_argument("--samples-per-shard", type=int, default=1000)
+    common.add_argument("--workers", type=int, default=1, help="encoding processes")
+    common.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
+    common.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
+    common.add_argument("--limit", type=int, help="shard a seeded subset of this many samples")
+    common.add_argument("--seed", type=int, default=0, help="seed of the seeded splits and of --limit")
+    common.add_argument("--val-fraction", type=float, default=0.1)
+    common.add_argument("--test-fraction", type=float, default=0.1)
+    common.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.shard", description=__doc__.split("\n\n")[0])
+    sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    common = _common_options()
+    utk = sources.add_parser("utkface", parents=[common], help="UTKFace aligned & cropped faces")
+    utk.add_argument("input", type=Path)
+    utk.add_argument("--split-csv", type=Path, help="folder with the CORAL-CNN utk_train.csv and utk_test.csv")
+    celeba = sources.add_parser("celeba", parents=[common], help="CelebA img_align_celeba + annotation txt files")
+    celeba.add_argument("input", type=Path)
+    celeba.add_argument("--attr-file", type=Path, help="attribute file (default INPUT/list_attr_celeba.txt)")
+    fer = sources.add_parser("fer2013", parents=[common], help="FER2013 csv or train/test folder-per-class tree")
+    fer.add_argument("input", type=Path)
+    chalearn = sources.add_parser("chalearn", parents=[common], help="ChaLearn LAP 2016 apparent age")
+    chalearn.add_argument("input", type=Path)
+    table = sources.add_parser("table", parents=[common], help="any csv/Parquet table of image paths and labels")
+    table.add_argument("input", type=Path)
+    table.add_argument("--image-root", type=Path, required=True)
+    table.add_argument("--map", required=True, help="column=task,... e.g. Age=age,Sex=gender")
+    table.add_argument("--image-column", default="image")
+    table.add_argument("--split-column", default="split")
+    synthetic = sources.add_parser("synthetic", parents=[common], help="procedural faces (the embedded default)")
+    synthetic.add_argument("--num-samples", type=int, default=2000)
+    synthetic.add_argument("--tasks", default="age,gender,race,smile,young,emotion")
+    merge = sources.add_parser("merge", help="write manifest and indices once every array part is done")
+    merge.add_argument("out", type=Path)
+    return parser
+
+
+def list_source(args: argparse.Namespace) -> SourceListing:
+    """Run the reader that ``args.source`` names."""
+    name = args.name or args.source
+    if args.source == "utkface":
+        from pipeline.sources.utkface import list_utkface
+
+        return list_utkface(args.input, args.split_csv, args.seed, args.val_fraction, args.test_fraction, name)
+    if args.source == "celeba":
+        from pipeline.sources.celeba import list_celeba
+
+        return list_celeba(args.input, args.seed, args.val_fraction, args.test_fraction, args.attr_file, name)
+    if args.source == "fer2013":
+        from pipeline.sources.fer2013 import list_fer2013
+
+        return list_fer2013(args.input, args.seed, args.val_fraction, name)
+    if args.source == "chalearn":
+        from pipeline.sources.chalearn import list_chalearn
+
+        return list_chalearn(args.input, name)
+    if args.source == "table":
+        from pipeline.sources.table import list_table, parse_column_map
+
+        return list_table(
+            args.input, args.image_root, parse_column_map(args.map), args.image_column, args.split_column,
+            args.seed, args.val_fraction, args.test_fraction, name,
+        )
+    from pipeline.sources.synthetic import list_synthetic
+
+    return list_synthetic(
+        args.num_samples, parse_task_list(args.tasks), args.seed, args.val_fraction, args.test_fraction,
+        size=args.size, dataset=name,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.source == "merge":
+            started = time.perf_counter()
+            summary = merge_shards(args.out)
+            print_summary(summary, args.out, time.perf_counter() - started, 0, args.out / REJECTED_FILE)
+            return 0
+        job = ShardJob(
+            out_dir=args.out or Path("shards") / (args.name or args.source),
+            encode=EncodeSettings(args.size, args.jpeg_quality),
+            samples_per_shard=args.samples_per_shard,
+            workers=args.workers,
+            task_index=args.task_index,
+            num_tasks=args.num_tasks,
+            limit=args.limit,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+        print(f"listing {args.source} {getattr(args, 'input', '') or ''}".rstrip(), file=sys.stderr)
+        run(list_source(args), job)
+    except (SourceInputError, ShardingError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

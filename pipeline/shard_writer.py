@@ -1,0 +1,200 @@
+"""Write one shard: decode, fit and encode its images, then publish tar + manifest part atomically.
+
+This is the unit of work of ``pipeline.shard``: a worker process (or a SLURM array task) gets a
+:class:`ShardPlan` and produces ``<split>-NNNNNN.tar`` plus its manifest part in ``_parts/``. Nothing
+is visible under its final name until it is complete: files are written as ``*.tmp``, fsynced and
+renamed, the tar last, so "the tar exists" means "the shard and its part are complete".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.schema import TASKS
+from pipeline.sources.base import Rejection, SourceRecord
+
+PARTS_DIR = "_parts"
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How every image of a dataset is stored."""
+
+    image_size: int = 128
+    jpeg_quality: int = 90
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The records that make up one shard, fixed before any image is read."""
+
+    name: str  # e.g. "train-000003"; the tar is <name>.tar
+    split: str
+    records: tuple[SourceRecord, ...]
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    name: str
+    split: str
+    num_samples: int
+    num_bytes: int
+    rejections: tuple[Rejection, ...]
+    seconds: float
+    skipped: bool = False  # already complete from an earlier run
+
+
+def fit_image(image: Image.Image, size: int) -> Image.Image:
+    """RGB, ``size`` x ``size``; a non-square crop is scaled to fit and padded, keeping its aspect."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size == (size, size):
+        return image
+    if image.width == image.height:
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+    return ImageOps.pad(image, (size, size), method=Image.Resampling.BILINEAR, color=(0, 0, 0))
+
+
+def describe_image_error(error: Exception) -> str:
+    """A reason a person understands, with the decoder's own words after it."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not a decodable image (corrupt file or unknown format)"
+    if isinstance(error, OSError) and "truncated" in str(error).lower():
+        return f"truncated image ({error})"
+    return f"cannot decode image ({type(error).__name__}: {error})"
+
+
+def encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def sample_metadata(record: SourceRecord, dataset: str) -> bytes:
+    """The ``.json`` member of a sample: deterministic bytes (sorted keys)."""
+    document: dict[str, object] = {"dataset": dataset, "source_id": record.source_id, "labels": record.labels}
+    document.update(record.extras)
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def manifest_schema() -> pa.Schema:
+    """Columns of ``manifest.parquet``: identity, one nullable column per task, the image and its hash."""
+    label_fields = [
+        pa.field(name, pa.float64() if spec.kind == "regression" else pa.int16(), nullable=True)
+        for name, spec in TASKS.items()
+    ]
+    return pa.schema(
+        [
+            pa.field("key", pa.string()),
+            pa.field("dataset", pa.string()),
+            pa.field("split", pa.string()),
+            pa.field("shard", pa.string()),
+            pa.field("source_id", pa.string()),
+            *label_fields,
+            pa.field("extras", pa.string()),
+            pa.field("image", pa.binary()),
+            pa.field("sha256", pa.string()),
+        ]
+    )
+
+
+def _tar_member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # fixed metadata: same input, byte-identical tar
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, io.BytesIO(payload)
+
+
+def _write_durably(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def shard_is_complete(out_dir: Path, name: str) -> bool:
+    return (out_dir / f"{name}.tar").exists() and (out_dir / PARTS_DIR / f"{name}.json").exists()
+
+
+def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSettings) -> ShardResult:
+    """Encode every record of ``plan``; bad images become rejections, the rest a complete shard."""
+    started = time.perf_counter()
+    if shard_is_complete(out_dir, plan.name):
+        status = json.loads((out_dir / PARTS_DIR / f"{plan.name}.json").read_text())
+        rejections = tuple(Rejection(**entry) for entry in status["rejections"])
+        return ShardResult(plan.name, plan.split, status["num_samples"], status["num_bytes"], rejections, 0.0, True)
+
+    tar_name = f"{plan.name}.tar"
+    rejections: list[Rejection] = []
+    manifest_rows: list[dict[str, object]] = []
+    tar_buffer = io.BytesIO()
+    with tarfile.open(fileobj=tar_buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for record in plan.records:
+            try:
+                image = fit_image(record.image.load(), settings.image_size)
+                jpeg = encode_jpeg(image, settings.jpeg_quality)
+            except Exception as error:  # any decoder failure is a property of that one input file
+                rejections.append(Rejection(record.source_id, "image", describe_image_error(error)))
+                continue
+            for suffix, payload in (("jpg", jpeg), ("json", sample_metadata(record, dataset))):
+                tar.addfile(*_tar_member(f"{record.key}.{suffix}", payload))
+            manifest_rows.append(
+                {
+                    "key": record.key,
+                    "dataset": dataset,
+                    "split": plan.split,
+                    "shard": tar_name,
+                    "source_id": record.source_id,
+                    **record.labels,
+                    "extras": json.dumps(record.extras, sort_keys=True) if record.extras else None,
+                    "image": jpeg,
+                    "sha256": hashlib.sha256(jpeg).hexdigest(),
+                }
+            )
+    tar_bytes = tar_buffer.getvalue()
+
+    parts_dir = out_dir / PARTS_DIR
+    part_table = pa.Table.from_pylist(manifest_rows, schema=manifest_schema())
+    part_path, status_path, tar_path = parts_dir / f"{plan.name}.parquet", parts_dir / f"{plan.name}.json", out_dir / tar_name
+    part_buffer = pa.BufferOutputStream()
+    pq.write_table(part_table, part_buffer)
+    _write_durably(part_path.with_name(part_path.name + ".tmp"), part_buffer.getvalue().to_pybytes())
+    status = {
+        "name": plan.name,
+        "split": plan.split,
+        "num_samples": len(manifest_rows),
+        "num_bytes": len(tar_bytes),
+        "rejections": [vars(r) for r in rejections],
+    }
+    _write_durably(status_path.with_name(status_path.name + ".tmp"), json.dumps(status, indent=1).encode())
+    _write_durably(tar_path.with_name(tar_name + ".tmp"), tar_bytes)
+    os.replace(part_path.with_name(part_path.name + ".tmp"), part_path)
+    os.replace(status_path.with_name(status_path.name + ".tmp"), status_path)
+    _fsync_dir(parts_dir)
+    os.replace(tar_path.with_name(tar_name + ".tmp"), tar_path)  # the tar last: its presence means complete
+    _fsync_dir(out_dir)
+    return ShardResult(
+        plan.name, plan.split, len(manifest_rows), len(tar_bytes), tuple(rejections), time.perf_counter() - started
+    )

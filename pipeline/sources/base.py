@@ -1,0 +1,165 @@
+"""What every dataset reader produces: records that point at an image and carry schema labels.
+
+A reader only *lists* its dataset (file names, annotation rows); it never decodes an image. Decoding
+happens later in the shard workers, so a reader is cheap and every SLURM array task can run it to get
+the same plan. Records are plain picklable dataclasses so they travel to worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from pipeline.schema import LabelError, LabelValue, validate_labels
+
+SPLITS = ("train", "val", "test")
+
+
+class ImageRef(Protocol):
+    """Something a worker process can turn into a decoded RGB-or-grey PIL image."""
+
+    def load(self) -> Image.Image: ...
+
+
+@dataclass(frozen=True)
+class FileImage:
+    """An image file on disk (JPEG, PNG, ...)."""
+
+    path: str
+
+    def load(self) -> Image.Image:
+        with open(self.path, "rb") as handle:
+            data = handle.read()
+        return decode_image_bytes(data)
+
+
+@dataclass(frozen=True)
+class PixelImage:
+    """A grey image stored as space-separated 0-255 values (the FER2013 csv ``pixels`` column)."""
+
+    pixels: str
+    width: int
+    height: int
+
+    def load(self) -> Image.Image:
+        values = np.array(self.pixels.split(), dtype=np.int64)
+        if values.size != self.width * self.height:
+            raise ValueError(f"{values.size} pixel values, expected {self.width}x{self.height}")
+        if values.min() < 0 or values.max() > 255:
+            raise ValueError("pixel values outside 0..255")
+        return Image.fromarray(values.astype(np.uint8).reshape(self.height, self.width), mode="L")
+
+
+def decode_image_bytes(data: bytes) -> Image.Image:
+    """Decode an encoded image fully, so truncated and corrupt files fail here and not later."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One sample as listed by a reader: its key, split, labels and where its image comes from."""
+
+    key: str
+    split: str
+    labels: dict[str, LabelValue]
+    source_id: str
+    image: ImageRef
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An input that was skipped, with the file or row it came from and why."""
+
+    source_id: str
+    stage: str
+    reason: str
+
+
+@dataclass
+class SourceListing:
+    """Everything a reader found: the usable records and the rejected inputs."""
+
+    dataset: str
+    records: list[SourceRecord] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(
+        self,
+        key: str,
+        split: str,
+        labels: dict[str, object],
+        source_id: str,
+        image: ImageRef,
+        extras: dict[str, object] | None = None,
+    ) -> None:
+        """Validate the labels against the schema and keep the record, or reject it with the reason."""
+        try:
+            checked = validate_labels(labels)
+        except LabelError as error:
+            self.reject(source_id, f"label out of range: {error}", stage="labels")
+            return
+        self.records.append(SourceRecord(sanitize_key(key), split, checked, source_id, image, extras or {}))
+
+    def reject(self, source_id: str, reason: str, stage: str = "listing") -> None:
+        self.rejections.append(Rejection(source_id, stage, reason))
+
+
+class SourceInputError(Exception):
+    """The input itself is missing or unusable: nothing can be sharded."""
+
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sanitize_key(text: str) -> str:
+    """WebDataset keys may not contain dots (they separate key and extension); keep them readable."""
+    key = _KEY_UNSAFE.sub("_", text).strip("_")
+    if not key:
+        raise ValueError(f"cannot derive a sample key from {text!r}")
+    return key
+
+
+def unit_interval(seed: int, key: str) -> float:
+    """A stable pseudo-random number in [0, 1) for a sample: same seed and key, same number, anywhere."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def seeded_split(seed: int, key: str, val_fraction: float, test_fraction: float) -> str:
+    """Assign a sample to train/val/test by a hash of (seed, key), independent of the other samples."""
+    draw = unit_interval(seed, key)
+    if draw < test_fraction:
+        return "test"
+    if draw < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def holdout_split(seed: int, key: str, val_fraction: float) -> str:
+    """Split a published training set into train and a seeded validation hold-out."""
+    return "val" if unit_interval(seed, f"holdout:{key}") < val_fraction else "train"
+
+
+def require_path(path: Path, what: str) -> Path:
+    """Fail clearly when an input the reader cannot work without is absent."""
+    if not path.exists():
+        raise SourceInputError(f"{what} not found: {path}")
+    return path
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)

@@ -1,0 +1,120 @@
+"""Fixtures: small datasets in their real on-disk layouts, generated here from a few lines each."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_face_jpeg(path: Path, seed: int, size: tuple[int, int] = (64, 64)) -> Path:
+    """A small random-but-seeded RGB JPEG (content does not matter to the readers)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=85)
+    return path
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+UTK_LABELS = [(age, gender, race) for age, gender, race in zip(range(1, 91, 3), [0, 1] * 15, [0, 1, 2, 3, 4] * 6)]
+
+
+@pytest.fixture
+def utkface_dir(tmp_path: Path) -> Path:
+    """30 UTKFace-named files: age_gender_race_datetime.jpg.chip.jpg (UTKFace gender 0 = male)."""
+    root = tmp_path / "UTKFace"
+    for index, (age, gender, race) in enumerate(UTK_LABELS):
+        write_face_jpeg(root / f"{age}_{gender}_{race}_2017010{index:02d}1234567.jpg.chip.jpg", seed=index)
+    return root
+
+
+@pytest.fixture
+def fer_csv(tmp_path: Path) -> Path:
+    """A 20-row FER2013 csv: emotion, 2304 grey values, Usage."""
+    path = tmp_path / "fer2013.csv"
+    rng = np.random.default_rng(0)
+    usages = ["Training"] * 14 + ["PublicTest"] * 3 + ["PrivateTest"] * 3
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["emotion", "pixels", "Usage"])
+        for row in range(20):
+            pixels = " ".join(str(v) for v in rng.integers(0, 256, 48 * 48))
+            writer.writerow([row % 7, pixels, usages[row]])
+    return path
+
+
+@pytest.fixture
+def fer_folders(tmp_path: Path) -> Path:
+    """The folder-per-class FER2013 layout: train/<emotion>/*.png and test/<emotion>/*.png."""
+    root = tmp_path / "fer2013"
+    for split, count in (("train", 3), ("test", 1)):
+        for emotion in ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"):
+            for index in range(count):
+                folder = root / split / emotion
+                folder.mkdir(parents=True, exist_ok=True)
+                grey = np.full((48, 48), 30 * index + 10, dtype=np.uint8)
+                Image.fromarray(grey, mode="L").save(folder / f"im{index}.png")
+    return root
+
+
+CELEBA_ATTRIBUTES = ["5_o_Clock_Shadow", "Male", "Smiling", "Young", "Wearing_Hat"]
+
+
+@pytest.fixture
+def celeba_dir(tmp_path: Path) -> Path:
+    """img_align_celeba/ + list_attr_celeba.txt + list_eval_partition.txt + landmarks, 12 images."""
+    root = tmp_path / "celeba"
+    rows, partition, landmarks = [], [], []
+    for index in range(1, 13):
+        name = f"{index:06d}.jpg"
+        write_face_jpeg(root / "img_align_celeba" / name, seed=index, size=(178, 218))
+        values = [1 if (index + col) % 2 else -1 for col in range(len(CELEBA_ATTRIBUTES))]
+        rows.append(f"{name} " + " ".join(f"{v:2d}" for v in values))
+        partition.append(f"{name} {0 if index <= 8 else 1 if index <= 10 else 2}")
+        landmarks.append(f"{name} " + " ".join(str(60 + index + k) for k in range(10)))
+    (root / "list_attr_celeba.txt").write_text(f"{len(rows)}\n" + " ".join(CELEBA_ATTRIBUTES) + "\n" + "\n".join(rows) + "\n")
+    (root / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
+    header = "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
+    (root / "list_landmarks_align_celeba.txt").write_text(f"{len(rows)}\n{header}\n" + "\n".join(landmarks) + "\n")
+    return root
+
+
+@pytest.fixture
+def chalearn_dir(tmp_path: Path) -> Path:
+    """ChaLearn LAP 2016 layout: train_gt.csv / valid_gt.csv with image name, mean age, std."""
+    root = tmp_path / "chalearn"
+    for folder, count in (("train", 6), ("valid", 3)):
+        lines = ["image,mean,stdv"]
+        for index in range(count):
+            name = f"{index:06d}.jpg"
+            write_face_jpeg(root / folder / name, seed=index + 100)
+            lines.append(f"{name},{20.5 + index},{3.25 + index / 10}")
+        (root / f"{folder}_gt.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def requires_shared_data(*relative: str):
+    """Skip (with the reason) when ../shared/data or the named file is absent, as on a user's machine."""
+    missing = [name for name in relative if not (SHARED_DATA / name).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"real data not available: {SHARED_DATA}/{missing}")
+
+
+@pytest.fixture(autouse=True)
+def _plain_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests are not a terminal: progress is printed as plain lines."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -1,0 +1,197 @@
+"""The shard contract: members, keys, labels, indices, bad input, interruption, determinism, array split."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.schema import TASKS
+from pipeline.shard import plan_shards, select_records, shards_for_task
+from pipeline.sources.base import FileImage, SourceListing
+from tests.conftest import write_face_jpeg
+from tests.shard_helpers import REPO, read_manifest, read_rejected, read_samples, shard, shard_cli, tar_bytes
+
+
+def test_every_sample_has_image_and_labels_and_tools_agree_on_the_contents(utkface_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "7", "--size", "96") == 0
+    samples = read_samples(out)
+    manifest = read_manifest(out)
+    assert len(samples) == len(manifest) == 30
+    assert all(s["members"] == ["jpg", "json"] for s in samples.values())
+    assert all("." not in key for key in samples)
+    # GNU tar reads every shard and lists exactly <key>.jpg and <key>.json members.
+    for tar_path in out.glob("*.tar"):
+        listing = subprocess.run(["tar", "-tf", str(tar_path)], capture_output=True, text=True, check=True).stdout.split()
+        keys = {name.rsplit(".", 1)[0] for name in listing}
+        assert sorted(listing) == sorted([f"{k}.jpg" for k in keys] + [f"{k}.json" for k in keys])
+    for row in manifest:
+        sample = samples[row["key"]]
+        assert row["shard"] == sample["url"]
+        assert row["image"] == sample["jpg"] and row["sha256"] == hashlib.sha256(sample["jpg"]).hexdigest()
+        assert {task: row[task] for task in TASKS} == sample["json"]["labels"]
+    assert Image.open(io.BytesIO(manifest[0]["image"])).size == (96, 96)
+
+
+def test_wids_index_lists_every_shard_with_its_sample_count(utkface_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "5") == 0
+    manifest = read_manifest(out)
+    for split in {row["split"] for row in manifest}:
+        index = json.loads((out / f"{split}.json").read_text())
+        assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+        for entry in index["shardlist"]:
+            assert (out / entry["url"]).stat().st_size == entry["filesize"]
+            assert entry["nsamples"] == sum(row["shard"] == entry["url"] for row in manifest)
+        assert sum(e["nsamples"] for e in index["shardlist"]) == sum(row["split"] == split for row in manifest)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_samples"] == 30 and set(summary["tasks"]) == {"age", "gender", "race"}
+
+
+def test_corrupt_truncated_and_non_image_files_are_rejected_with_path_and_reason(utkface_dir: Path, tmp_path: Path) -> None:
+    good = sorted(utkface_dir.iterdir())
+    corrupt, truncated, text = good[0], good[1], good[2]
+    corrupt.write_bytes(os.urandom(2000))
+    truncated.write_bytes(truncated.read_bytes()[:400])
+    text.write_text("this is not a JPEG")
+    out = tmp_path / "out"
+    assert shard("utkface", utkface_dir, "--out", out) == 0
+    rejected = {row["source_id"]: row for row in read_rejected(out)}
+    assert {Path(r).name for r in rejected} == {corrupt.name, truncated.name, text.name}
+    assert all(row["stage"] == "image" and row["reason"] for row in rejected.values())
+    assert any("truncated" in row["reason"] for row in rejected.values())
+    assert len(read_manifest(out)) == 27
+
+
+def test_nothing_usable_or_missing_input_fails_with_a_clear_message(tmp_path: Path) -> None:
+    root = tmp_path / "UTKFace"
+    root.mkdir()
+    (root / "1_0_0_20170101000000000.jpg").write_bytes(b"garbage")
+    result = shard_cli("utkface", root, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "no usable sample" in result.stderr
+    result = shard_cli("utkface", tmp_path / "does-not-exist", "--out", tmp_path / "out2")
+    assert result.returncode == 2 and "UTKFace folder not found" in result.stderr
+
+
+def test_two_runs_and_any_worker_count_give_byte_identical_shards(utkface_dir: Path, tmp_path: Path) -> None:
+    runs = []
+    for name, workers in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = tmp_path / name
+        assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "6", "--workers", workers) == 0
+        runs.append((tar_bytes(out), (out / "manifest.parquet").read_bytes()))
+    assert runs[0] == runs[1] == runs[2]
+    assert len(runs[0][0]) >= 4
+
+
+def test_rerun_skips_complete_shards_and_finishes_the_missing_ones(utkface_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "4") == 0
+    reference = tar_bytes(out)
+    victim = sorted(out.glob("*.tar"))[1]
+    victim.rename(victim.with_name(victim.name + ".tmp"))  # as if killed before the final rename
+    kept = sorted(out.glob("*.tar"))[0]
+    kept_mtime = kept.stat().st_mtime_ns
+    assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "4") == 0
+    assert tar_bytes(out) == reference
+    assert kept.stat().st_mtime_ns == kept_mtime  # not rewritten
+    assert not list(out.glob("*.tmp"))
+
+
+def test_changing_the_settings_on_an_existing_output_is_refused(utkface_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert shard("utkface", utkface_dir, "--out", out) == 0
+    assert shard("utkface", utkface_dir, "--out", out, "--size", "64") == 2
+    assert "different input or settings" in capsys.readouterr().err
+    assert shard("utkface", utkface_dir, "--out", out, "--size", "64", "--overwrite") == 0
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_complete_looking_tar_and_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    args = ["synthetic", "--num-samples", "600", "--tasks", "age,gender", "--samples-per-shard", "40", "--size", "64"]
+    reference = tmp_path / "reference"
+    assert shard(*args, "--out", reference) == 0
+    out = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, "-m", "pipeline.shard", *args, "--out", str(out)], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*.tar"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (out / "manifest.parquet").exists()
+    for tar_path in out.glob("*.tar"):  # whatever carries the final name is whole
+        assert tar_bytes(out)[tar_path.name] == (reference / tar_path.name).read_bytes()
+    assert shard(*args, "--out", out) == 0
+    assert tar_bytes(out) == tar_bytes(reference)
+
+
+def test_array_parts_together_hold_exactly_the_samples_of_one_run(utkface_dir: Path, tmp_path: Path, capsys) -> None:
+    single = tmp_path / "single"
+    assert shard("utkface", utkface_dir, "--out", single, "--samples-per-shard", "3") == 0
+    parts = tmp_path / "parts"
+    for task_index in (2, 0):
+        assert shard("utkface", utkface_dir, "--out", parts, "--samples-per-shard", "3", "--task-index", str(task_index), "--num-tasks", "3") == 0
+    assert not (parts / "manifest.parquet").exists()
+    assert shard("merge", parts) == 2
+    assert "not complete yet" in capsys.readouterr().err
+    assert shard("utkface", utkface_dir, "--out", parts, "--samples-per-shard", "3", "--task-index", "1", "--num-tasks", "3") == 0
+    assert (parts / "manifest.parquet").exists()  # the last part merged
+    assert tar_bytes(parts) == tar_bytes(single)
+    assert read_manifest(parts) == read_manifest(single)
+    assert shard("merge", parts) == 0
+
+
+def test_array_task_index_comes_from_slurm_environment(utkface_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2"}
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "pipeline.shard", "utkface", str(utkface_dir), "--out", str(out),
+                             "--samples-per-shard", "5"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((out / "_parts" / "plan.json").read_text())
+    assert sorted(p.name[:-4] for p in out.glob("*.tar")) == sorted([s["name"] for s in plan["shards"]][1::2])
+    assert "part 2/2 done" in result.stdout
+
+
+def _listing(keys: list[tuple[str, str]]) -> SourceListing:
+    listing = SourceListing("toy")
+    for key, split in keys:
+        listing.add(key, split, {"age": 30}, f"src/{key}", FileImage(f"/nowhere/{key}.jpg"))
+    return listing
+
+
+def test_plan_cuts_each_split_in_order_and_tasks_take_every_kth_shard() -> None:
+    listing = _listing([(f"k{i:02d}", "train" if i < 7 else "test") for i in range(10)])
+    plans = plan_shards(select_records(listing, None, 0), samples_per_shard=3)
+    assert [(p.name, [r.key for r in p.records]) for p in plans] == [
+        ("train-000000", ["k00", "k01", "k02"]), ("train-000001", ["k03", "k04", "k05"]),
+        ("train-000002", ["k06"]), ("test-000000", ["k07", "k08", "k09"]),
+    ]
+    assert [p.name for p in shards_for_task(plans, 1, 2)] == ["train-000001", "test-000000"]
+
+
+def test_duplicate_keys_are_rejected_and_limit_takes_a_seeded_subset() -> None:
+    listing = _listing([("a", "train"), ("a", "test"), ("b", "train")] + [(f"x{i}", "val") for i in range(20)])
+    records = select_records(listing, None, 0)
+    assert [r.key for r in records].count("a") == 1
+    assert [r.reason for r in listing.rejections] == ["duplicate sample key 'a' (also src/a)"]
+    subset = [r.key for r in select_records(_listing([(f"x{i:02d}", "train") for i in range(50)]), 10, seed=1)]
+    assert len(subset) == 10 and subset != [f"x{i:02d}" for i in range(10)]
+    assert subset == [r.key for r in select_records(_listing([(f"x{i:02d}", "train") for i in range(50)]), 10, seed=1)]
+
+
+def test_tar_members_have_fixed_metadata(utkface_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert shard("utkface", utkface_dir, "--out", out) == 0
+    with tarfile.open(next(out.glob("*.tar"))) as tar:
+        assert {(m.mtime, m.uid, m.gid, m.mode) for m in tar.getmembers()} == {(0, 0, 0, 0o644)}
