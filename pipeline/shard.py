@@ -126,8 +126,13 @@ def shards_for_task(plans: list[ShardPlan], task_index: int, num_tasks: int) -> 
     return plans[task_index::num_tasks]
 
 
+def _temporary_name(path: Path) -> Path:
+    """Unique per process: array parts finishing together may write the same merged file at once."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def _write_json_atomically(path: Path, document: object) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = _temporary_name(path)
     temporary.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
     os.replace(temporary, path)
 
@@ -147,8 +152,9 @@ def _prepare_out_dir(listing: SourceListing, plans: list[ShardPlan], job: ShardJ
                 f"this run {fingerprint[:12]}); use another --out or pass --overwrite"
             )
     parts_dir.mkdir(parents=True, exist_ok=True)
-    for stale in job.out_dir.glob("*.tmp"):
-        stale.unlink(missing_ok=True)  # left by an interrupted run; never mistaken for a shard
+    for plan in shards_for_task(plans, job.task_index, job.num_tasks):  # only this part's: others may be writing
+        for stale in (job.out_dir / f"{plan.name}.tar.tmp", *parts_dir.glob(f"{plan.name}.*.tmp")):
+            stale.unlink(missing_ok=True)  # left by an interrupted run; never mistaken for a shard
     _write_json_atomically(
         plan_path,
         {
@@ -261,7 +267,7 @@ def merge_shards(out_dir: Path) -> dict[str, object]:
 
 
 def _write_parquet_atomically(table: pa.Table, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = _temporary_name(path)
     pq.write_table(table, temporary)
     os.replace(temporary, path)
 
@@ -349,7 +355,8 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--jpeg-quality", type=int, default=90)
     common.add_argument("--samples-per-shard", type=int, default=1000)
     common.add_argument("--workers", type=int, default=1, help="encoding processes")
-    common.add_argument("--task-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
+    array_offset = int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    common.add_argument("--task-index", type=int, default=array_offset, help="this part of a split run (SLURM array)")
     common.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
     common.add_argument("--limit", type=int, help="shard a seeded subset of this many samples")
     common.add_argument("--seed", type=int, default=0, help="seed of the seeded splits and of --limit")

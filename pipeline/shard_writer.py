@@ -119,11 +119,14 @@ def _tar_member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]
     return info, io.BytesIO(payload)
 
 
-def _write_durably(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as handle:
+def _stage(final: Path, payload: bytes) -> tuple[Path, Path]:
+    """Write ``payload`` durably under ``<final>.tmp``; return (temporary, final) for the rename."""
+    temporary = final.with_name(final.name + ".tmp")
+    with open(temporary, "wb") as handle:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
+    return temporary, final
 
 
 def _fsync_dir(path: Path) -> None:
@@ -176,11 +179,8 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
     tar_bytes = tar_buffer.getvalue()
 
     parts_dir = out_dir / PARTS_DIR
-    part_table = pa.Table.from_pylist(manifest_rows, schema=manifest_schema())
-    part_path, status_path, tar_path = parts_dir / f"{plan.name}.parquet", parts_dir / f"{plan.name}.json", out_dir / tar_name
     part_buffer = pa.BufferOutputStream()
-    pq.write_table(part_table, part_buffer)
-    _write_durably(part_path.with_name(part_path.name + ".tmp"), part_buffer.getvalue().to_pybytes())
+    pq.write_table(pa.Table.from_pylist(manifest_rows, schema=manifest_schema()), part_buffer)
     status = {
         "name": plan.name,
         "split": plan.split,
@@ -188,13 +188,15 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
         "num_bytes": len(tar_bytes),
         "rejections": [vars(r) for r in rejections],
     }
-    _write_durably(status_path.with_name(status_path.name + ".tmp"), json.dumps(status, indent=1).encode())
-    _write_durably(tar_path.with_name(tar_name + ".tmp"), tar_bytes)
-    os.replace(part_path.with_name(part_path.name + ".tmp"), part_path)
-    os.replace(status_path.with_name(status_path.name + ".tmp"), status_path)
-    _fsync_dir(parts_dir)
-    os.replace(tar_path.with_name(tar_name + ".tmp"), tar_path)  # the tar last: its presence means complete
-    _fsync_dir(out_dir)
+    # Stage all three, then publish with the tar last: its presence means the shard is complete.
+    staged = [
+        _stage(parts_dir / f"{plan.name}.parquet", part_buffer.getvalue().to_pybytes()),
+        _stage(parts_dir / f"{plan.name}.json", json.dumps(status, indent=1).encode()),
+        _stage(out_dir / tar_name, tar_bytes),
+    ]
+    for temporary, final in staged:
+        os.replace(temporary, final)
+        _fsync_dir(final.parent)
     return ShardResult(
         plan.name, plan.split, len(manifest_rows), len(tar_bytes), tuple(rejections), time.perf_counter() - started
     )

@@ -118,3 +118,26 @@ def _plain_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests are not a terminal: progress is printed as plain lines."""
     monkeypatch.setenv("TQDM_DISABLE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """A real one-node SLURM on this machine (tests/slurm/up.sh). Skipped with the reason where it cannot
+    run (not root, not Debian); in CI (CI=true) a failure to start it fails the tests instead."""
+    import shutil
+    import subprocess
+
+    reason = None
+    if os.geteuid() != 0:
+        reason = "the SLURM test cluster needs root"
+    elif shutil.which("apt-get") is None and shutil.which("sbatch") is None:
+        reason = "the SLURM test cluster needs Debian's slurm-wlm (apt-get)"
+    else:
+        script = Path(__file__).parent / "slurm" / "up.sh"
+        result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900)
+        if result.returncode != 0:
+            reason = f"tests/slurm/up.sh failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)

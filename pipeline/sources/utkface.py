@@ -28,7 +28,7 @@ CORAL_AGE_OFFSET = 21
 
 # age_gender_race_datetime; the release has a few names without the race field and one without the
 # dot before "jpg" ("..._20170109150557335jpg.chip.jpg"), which must still parse.
-_NAME = re.compile(r"^(?P<age>\d+)_(?P<gender>\d+)_(?:(?P<race>\d+)_)?(?P<stamp>\d{8,})(?:\.?jpg)?(?:\.chip\.jpg)?$")
+_NAME = re.compile(r"^(?P<age>\d+)_(?P<gender>\d+)_(?:(?P<race>\d+)_)?(?P<stamp>\d{8,})\s*(?:\.?jpg)?(?:\.chip\.jpg)?$")
 
 
 def parse_utkface_name(name: str) -> dict[str, int | None]:

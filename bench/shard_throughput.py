@@ -1,0 +1,84 @@
+"""Images/s of ``pipeline.shard`` against the physical floor of the work, measured in the same run.
+
+The floor is a plain loop in one process that only decodes, resizes and re-encodes the same JPEG files
+with Pillow (same size, filter and quality). ``pipeline.shard`` additionally lists the source, writes
+tars and manifest parts atomically (fsync), hashes every image and merges the manifest.
+
+    python bench/shard_throughput.py [--images 2000] [--size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.shard import main as shard_main
+from pipeline.shard_writer import encode_jpeg, fit_image
+from pipeline.sources.synthetic import draw_face_attributes, render_face
+
+
+def make_inputs(folder: Path, count: int, side: int = 250) -> list[Path]:
+    """UTKFace-named 250x250 JPEG faces (the size of common aligned crops)."""
+    folder.mkdir(parents=True)
+    paths = []
+    for index in range(count):
+        rng = np.random.default_rng(index)
+        face = draw_face_attributes(rng)
+        image = render_face(face, rng, side)
+        path = folder / f"{int(face.age)}_{1 - face.gender}_{face.race}_2017{index:013d}.jpg.chip.jpg"
+        image.save(path, format="JPEG", quality=95)
+        paths.append(path)
+    return paths
+
+
+def floor_loop(paths: list[Path], size: int, quality: int) -> float:
+    """Seconds for decode + resize + encode of every file, one process, nothing else."""
+    started = time.perf_counter()
+    for path in paths:
+        image = Image.open(io.BytesIO(path.read_bytes()))
+        image.load()
+        encode_jpeg(fit_image(image, size), quality)
+    return time.perf_counter() - started
+
+
+def shard_run(input_dir: Path, out_dir: Path, size: int, quality: int, workers: int) -> float:
+    started = time.perf_counter()
+    code = shard_main(["utkface", str(input_dir), "--out", str(out_dir), "--size", str(size), "--jpeg-quality",
+                       str(quality), "--workers", str(workers), "--samples-per-shard", "250"])
+    assert code == 0
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--quality", type=int, default=90)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="facemtl-bench-"))
+    try:
+        paths = make_inputs(work / "UTKFace", args.images)
+        floor_loop(paths[:100], args.size, args.quality)  # warm the page cache and Pillow
+        floor = args.images / floor_loop(paths, args.size, args.quality)
+        rows = [("Pillow loop (floor), 1 process", floor, 1.0)]
+        for workers in (1, 2):
+            rate = args.images / shard_run(work / "UTKFace", work / f"out{workers}", args.size, args.quality, workers)
+            rows.append((f"pipeline.shard --workers {workers}", rate, rate / (floor * workers)))
+        print(f"\n{args.images} images 250x250 -> {args.size}x{args.size} JPEG q{args.quality}")
+        print(f"{'run':<34}{'images/s':>10}{'vs floor x workers':>20}")
+        for name, rate, ratio in rows:
+            print(f"{name:<34}{rate:>10.0f}{ratio:>20.2f}")
+        print(f"scaling 1 -> 2 workers: {rows[2][1] / rows[1][1]:.2f}x")
+    finally:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
