@@ -198,6 +198,9 @@ class _PlainProgress:
 def encode_shards(plans: list[ShardPlan], dataset: str, job: ShardJob) -> list[ShardResult]:
     """Encode this task's shards with ``job.workers`` processes; complete shards are skipped."""
     mine = shards_for_task(plans, job.task_index, job.num_tasks)
+    # pyarrow imports pandas when it builds its first table (~0.3 s); pay that once here, before the
+    # worker processes fork, instead of once in every worker.
+    pa.Table.from_pylist([], schema=manifest_schema())
     results: list[ShardResult] = []
     progress = _progress_lines(sum(len(p.records) for p in mine), f"{dataset} shards")
     if job.workers == 1:

@@ -141,3 +141,19 @@ def slurm_cluster() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> dict[str, Path]:
+    """Three small synthetic shard sets with the label coverage of UTKFace, FER2013 and CelebA (32 px)."""
+    from pipeline.shard import main as shard_main
+
+    root = tmp_path_factory.mktemp("shards")
+    layouts = {"utk": ("age,gender,race", 360, 1), "fer": ("emotion", 240, 2), "celeba": ("gender,smile,young", 240, 3)}
+    folders = {}
+    for name, (tasks, count, seed) in layouts.items():
+        folders[name] = root / name
+        code = shard_main(["synthetic", "--name", name, "--tasks", tasks, "--num-samples", str(count), "--seed", str(seed),
+                           "--size", "32", "--samples-per-shard", "50", "--out", str(folders[name])])
+        assert code == 0
+    return folders

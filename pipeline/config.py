@@ -1,0 +1,224 @@
+"""Run configuration: dataclasses loaded from YAML, with ``key=value`` overrides from the command line.
+
+Every knob is declared (and documented) here once. Unknown keys are errors that name the key and the
+keys that exist; the resolved config is printed at start and saved into the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # random-resized-crop area range; small: faces are aligned
+    hflip: bool = True
+    color_jitter: float = 0.2  # brightness/contrast/saturation strength; 0 turns it off
+
+
+@dataclass
+class DataConfig:
+    datasets: list[str] = field(default_factory=list)  # shard folders written by pipeline.shard
+    tasks: list[str] = field(default_factory=list)  # tasks to learn; empty = every task a dataset labels
+    task_shares: dict[str, float] = field(default_factory=dict)  # target share of labelled examples; default equal
+    batch_size: int = 64  # per worker (rank)
+    image_size: int = 64  # side of the network input; shards are resized on the fly when they differ
+    loader_workers: int = 2  # dataloader processes per rank
+    shuffle_buffer: int = 500  # samples kept per dataset stream for shuffling
+    steps_per_epoch: int = 0  # 0 = train samples / global batch size
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any torchvision classification model name
+    shared_dims: list[int] = field(default_factory=lambda: [256])
+    head_hidden: int = 128
+    dropout: float = 0.3
+    weights_path: str | None = None  # local backbone weights (torchvision state dict); never downloaded
+    binary_outputs: int = 2  # 2 = two-way cross-entropy, 1 = BCE logit
+    channels_last: bool = True
+
+
+@dataclass
+class LossConfig:
+    weighting: str = "learned"  # learned | equal | fixed | uncertainty
+    lam: float = 0.1  # λ of the learned weighting's regulariser (thesis Table 3.2)
+    fixed_weights: dict[str, float] = field(default_factory=dict)  # for weighting=fixed; one-hot = single task
+    age_scale: float = 100.0  # age target and prediction are divided by this (thesis 3.3.2)
+    regression_loss: str = "mse"  # mse | l1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-5  # thesis Table 3.2 (pretrained backbones); from scratch wants ~1e-3
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weighting_lr: float = 0.0  # learning rate of the loss-weight parameters; 0 = same as lr
+    plateau_patience: int = 2  # epochs without total-val-loss improvement before lr ÷ 10
+    plateau_factor: float = 0.1
+
+
+@dataclass
+class FreezeConfig:
+    mode: str = "early-freeze"  # early-freeze | early-stop | none
+    patience: int = 3
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    runs_dir: str = "runs"  # the run folder is runs_dir/name
+    max_epochs: int = 20
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the declared configuration."""
+
+
+def _build(cls: type, values: dict[str, Any], path: str) -> Any:
+    """Construct dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys fail."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {values!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{path}{k}' for k in unknown)}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value or {}, f"{path}.")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(options[0], value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
+            raise ConfigError(f"{path}: expected a list of {len(typing.get_args(hint))} values, got {value!r}")
+        return tuple(_coerce(a, v, path) for a, v in zip(typing.get_args(hint), value))
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, path) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {str(k): _coerce(item, v, path) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if hint in (int, float, str):
+        try:
+            coerced = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return coerced
+    return value
+
+
+def apply_override(document: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested mapping in place."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not key=value")
+    parts = key.strip().split(".")
+    node = document
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config (or the defaults), apply overrides, validate, and return the dataclass tree."""
+    document: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        document = loaded or {}
+    for override in overrides:
+        apply_override(document, override)
+    return load_config_dict(document)
+
+
+def load_config_dict(document: dict[str, Any]) -> TrainConfig:
+    """Build and validate a config from a plain mapping (e.g. one that travelled to a Ray worker)."""
+    config = _build(TrainConfig, document, "")
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Checks that do not need the data: ranges and choices, each naming the key."""
+    checks = [
+        (config.max_epochs >= 1, "max_epochs must be >= 1"),
+        (config.data.batch_size >= 2, "data.batch_size must be >= 2 (BatchNorm in the shared layers)"),
+        (config.optim.lr > 0, f"optim.lr must be > 0, got {config.optim.lr}"),
+        (config.loss.lam >= 0, f"loss.lam must be >= 0, got {config.loss.lam}"),
+        (config.freeze.patience >= 1, "freeze.patience must be >= 1"),
+        (config.freeze.mode in ("early-freeze", "early-stop", "none"), f"freeze.mode {config.freeze.mode!r} unknown"),
+        (config.loss.weighting in ("learned", "equal", "fixed", "uncertainty"), f"loss.weighting {config.loss.weighting!r} unknown"),
+        (config.loss.regression_loss in ("mse", "l1"), "loss.regression_loss must be mse or l1"),
+        (config.precision in ("auto", "fp32", "bf16", "fp16"), f"precision {config.precision!r} unknown"),
+        (config.num_workers >= 1, "num_workers must be >= 1"),
+        (0 < config.data.augment.crop_scale[0] <= config.data.augment.crop_scale[1] <= 1, "data.augment.crop_scale must be 0 < low <= high <= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain types, ready for YAML/JSON (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(config))))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

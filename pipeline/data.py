@@ -1,0 +1,311 @@
+"""Reading shards for training and evaluation: decode, augment, the task-balanced sampler.
+
+Training: every dataset is an endless, resampled stream of its train shards (seeded by seed, rank,
+dataloader worker and epoch), and every batch is composed from per-dataset quotas. The quotas come from
+the manifests' label coverage (each dataset labels only some tasks) and solve a small linear programme:
+maximise the smallest ratio "expected labelled examples of task t per batch / target share of t".
+An epoch is a fixed number of steps, the same on every rank, so no rank runs dry before another.
+
+Evaluation: each split is read once, in order; sample i of a dataset goes to reader
+``i mod (world_size x loader_workers)``, so every sample is seen exactly once across ranks and workers.
+Images leave the loader as uint8 (4x less to move between processes); :func:`normalize_images` turns
+them into floats on the training device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from scipy.optimize import linprog
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+
+from pipeline.config import AugmentConfig
+from pipeline.schema import get_task
+
+# torchvision 0.29 deprecates its JPEG decoder in favour of torchcodec; it is still ~2x faster than Pillow
+# for our small crops (bench/loader_throughput.py), so we keep it until torchcodec is a dependency.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataConfigError(ValueError):
+    """Datasets and tasks that cannot be combined into a training stream."""
+
+
+# ---------------------------------------------------------------- shard folders
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """One dataset as ``pipeline.shard`` wrote it: its wids indices and its summary."""
+
+    name: str
+    root: Path
+    summary: dict
+
+    def urls(self, split: str) -> list[str]:
+        index_path = self.root / f"{split}.json"
+        if not index_path.exists():
+            return []
+        index = json.loads(index_path.read_text())
+        return [str(self.root / entry["url"]) for entry in index["shardlist"]]
+
+    def num_samples(self, split: str) -> int:
+        return int(self.summary["samples_per_split"].get(split, 0))
+
+    def labelled_fraction(self, task: str, split: str = "train") -> float:
+        """Share of this split's samples that carry a label for ``task`` (0 when none do)."""
+        total = self.num_samples(split)
+        labelled = self.summary["labelled_per_task"].get(task, {}).get(split, 0)
+        return labelled / total if total else 0.0
+
+
+def open_shard_set(path: str | Path) -> ShardSet:
+    root = Path(path)
+    summary_path = root / "summary.json"
+    if not summary_path.exists():
+        raise DataConfigError(f"{root} is not a shard folder (no summary.json); create it with python -m pipeline.shard")
+    summary = json.loads(summary_path.read_text())
+    return ShardSet(summary["dataset"], root, summary)
+
+
+def resolve_tasks(shard_sets: Sequence[ShardSet], requested: Sequence[str]) -> list[str]:
+    """The requested tasks (or every task some dataset labels), checked against the datasets."""
+    covered = {task for s in shard_sets for task in s.summary["labelled_per_task"] if s.labelled_fraction(task) > 0}
+    tasks = list(requested) or [t for t in ("age", "gender", "race", "smile", "young", "emotion") if t in covered]
+    for task in tasks:
+        get_task(task)
+        if task not in covered:
+            names = ", ".join(s.name for s in shard_sets)
+            raise DataConfigError(f"task {task!r} has no labelled training sample in any dataset ({names})")
+    return tasks
+
+
+# ---------------------------------------------------------------- the task-balanced sampler
+
+
+def compute_quotas(
+    coverage: Mapping[str, Mapping[str, float]],
+    tasks: Sequence[str],
+    batch_size: int,
+    task_shares: Mapping[str, float] | None = None,
+) -> dict[str, int]:
+    """Samples per batch from each dataset so that every task gets its share of labelled examples.
+
+    ``coverage[d][t]`` is the fraction of dataset d's samples labelled for task t. With ``n_d`` samples
+    from dataset d, task t expects ``E_t = sum_d n_d coverage[d][t]`` labelled examples per batch. We
+    maximise ``z`` subject to ``E_t >= z * share_t`` for every task and ``sum_d n_d = batch_size``, then
+    round to integers by largest remainder. Datasets that cover no requested task are an error, as are
+    tasks no dataset covers.
+    """
+    datasets = list(coverage)
+    shares = np.array([float((task_shares or {}).get(t, 1.0)) for t in tasks])
+    if (shares <= 0).any():
+        raise DataConfigError(f"task shares must be positive, got {dict(zip(tasks, shares))}")
+    shares = shares / shares.sum()
+    matrix = np.array([[float(coverage[d].get(t, 0.0)) for d in datasets] for t in tasks])  # tasks x datasets
+    for d, name in enumerate(datasets):
+        if not matrix[:, d].any():
+            raise DataConfigError(f"dataset {name!r} labels none of the tasks {list(tasks)}; remove it or add its tasks")
+    for t, task in enumerate(tasks):
+        if not matrix[t].any():
+            raise DataConfigError(f"no dataset labels task {task!r}")
+    # variables: n_1..n_D, z ; minimise -z
+    num = len(datasets)
+    objective = np.zeros(num + 1)
+    objective[-1] = -1.0
+    upper = np.hstack([-matrix, shares[:, None]])  # z*share_t - E_t <= 0
+    equality = np.hstack([np.ones((1, num)), np.zeros((1, 1))])
+    solution = linprog(objective, A_ub=upper, b_ub=np.zeros(len(tasks)), A_eq=equality, b_eq=[batch_size],
+                       bounds=[(0, None)] * (num + 1), method="highs")
+    if not solution.success:
+        raise DataConfigError(f"cannot compute batch quotas: {solution.message}")
+    fractional = solution.x[:num]
+    quotas = np.floor(fractional + 1e-9).astype(int)
+    for index in np.argsort(-(fractional - quotas), kind="stable")[: batch_size - quotas.sum()]:
+        quotas[index] += 1
+    return {name: int(q) for name, q in zip(datasets, quotas)}
+
+
+def expected_labelled_per_batch(
+    quotas: Mapping[str, int], coverage: Mapping[str, Mapping[str, float]], tasks: Sequence[str]
+) -> dict[str, float]:
+    return {t: sum(q * coverage[d].get(t, 0.0) for d, q in quotas.items()) for t in tasks}
+
+
+def describe_quotas(quotas: Mapping[str, int], coverage: Mapping[str, Mapping[str, float]], tasks: Sequence[str]) -> str:
+    expected = expected_labelled_per_batch(quotas, coverage, tasks)
+    lines = ["batch composition (samples per batch from each dataset):"]
+    lines += [f"  {name:<20} {quota:>4}" for name, quota in quotas.items()]
+    lines.append("expected labelled examples per batch:")
+    lines += [f"  {task:<20} {count:>7.1f}" for task, count in expected.items()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def stream_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (seed, rank, worker, epoch, dataset), stable across processes."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+def label_vectors(labels: Mapping[str, object], tasks: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    values = [labels.get(task) for task in tasks]
+    mask = torch.tensor([v is not None for v in values], dtype=torch.bool)
+    target = torch.tensor([float(v) if v is not None else 0.0 for v in values], dtype=torch.float32)
+    return target, mask
+
+
+def build_augment(config: AugmentConfig, image_size: int) -> v2.Transform:
+    steps: list[v2.Transform] = []
+    if config.enabled:
+        steps.append(v2.RandomResizedCrop(image_size, scale=tuple(config.crop_scale), ratio=(0.9, 1.1), antialias=True))
+        if config.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if config.color_jitter > 0:
+            strength = config.color_jitter
+            steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
+    else:
+        steps.append(v2.Resize(image_size, antialias=True))
+    return v2.Compose(steps)
+
+
+def decode_image(jpeg: bytes, image_size: int) -> torch.Tensor:
+    """uint8 CHW RGB, resized to ``image_size`` when the shard stores another size."""
+    image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if image.shape[-1] != image_size or image.shape[-2] != image_size:
+        image = v2.functional.resize(image, [image_size, image_size], antialias=True)
+    return image
+
+
+def normalize_images(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 NCHW -> float, ImageNet mean/std (what torchvision backbones and weight files expect)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    images = (images.float() - mean) / std
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+# ---------------------------------------------------------------- training stream
+
+
+class TaskBalancedStream(IterableDataset):
+    """Endless batches composed from per-dataset quotas; one independent stream per loader worker."""
+
+    def __init__(
+        self,
+        shard_sets: Sequence[ShardSet],
+        quotas: Mapping[str, int],
+        tasks: Sequence[str],
+        image_size: int,
+        augment: AugmentConfig,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int = 0,
+        epoch: int = 0,
+    ) -> None:
+        self.sources = [(s.name, s.urls("train")) for s in shard_sets if quotas.get(s.name, 0) > 0]
+        for name, urls in self.sources:
+            if not urls:
+                raise DataConfigError(f"dataset {name!r} has no train shards")
+        self.quotas = dict(quotas)
+        self.tasks = list(tasks)
+        self.image_size = image_size
+        self.augment_config = augment
+        self.shuffle_buffer = shuffle_buffer
+        self.seed, self.rank, self.epoch = seed, rank, epoch
+
+    def _samples(self, name: str, urls: list[str], worker: int) -> Iterator[dict]:
+        seed = stream_seed(self.seed, self.rank, worker, self.epoch, name)
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(urls, seed=seed, worker_seed=lambda: 0, deterministic=True),
+            wds.tarfile_to_samples(),
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed),
+        )
+        return iter(pipeline)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info else 0
+        torch.manual_seed(stream_seed(self.seed, self.rank, worker, self.epoch, "augment"))
+        augment = build_augment(self.augment_config, self.image_size)
+        streams = [(index, self.quotas[name], self._samples(name, urls, worker)) for index, (name, urls) in enumerate(self.sources)]
+        while True:
+            images, targets, masks, sources = [], [], [], []
+            for source_index, quota, stream in streams:
+                for _ in range(quota):
+                    sample = next(stream)
+                    images.append(augment(decode_image(sample["jpg"], self.image_size)))
+                    target, mask = label_vectors(json.loads(sample["json"])["labels"], self.tasks)
+                    targets.append(target)
+                    masks.append(mask)
+                    sources.append(source_index)
+            yield {
+                "images": torch.stack(images),
+                "labels": torch.stack(targets),
+                "mask": torch.stack(masks),
+                "source": torch.tensor(sources),
+            }
+
+
+def train_loader(stream: TaskBalancedStream, loader_workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        stream, batch_size=None, num_workers=loader_workers, pin_memory=pin_memory,
+        prefetch_factor=4 if loader_workers else None, persistent_workers=False,
+    )
+
+
+def default_steps_per_epoch(shard_sets: Sequence[ShardSet], global_batch: int) -> int:
+    """One epoch = every train sample once in expectation: train samples / global batch size."""
+    return max(1, math.ceil(sum(s.num_samples("train") for s in shard_sets) / global_batch))
+
+
+# ---------------------------------------------------------------- evaluation stream
+
+
+class EvalStream(IterableDataset):
+    """Every sample of one split of every dataset exactly once across ranks x loader workers, in order."""
+
+    def __init__(self, shard_sets: Sequence[ShardSet], split: str, tasks: Sequence[str], image_size: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.sources = [(s.name, s.urls(split)) for s in shard_sets]
+        self.tasks, self.image_size = list(tasks), image_size
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        readers, reader = self.world_size * workers, self.rank * workers + worker
+        for source_index, (_, urls) in enumerate(self.sources):
+            position = 0
+            for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()) if urls else ():
+                mine = position % readers == reader
+                position += 1
+                if not mine:
+                    continue  # skipped before decoding: a reader pays only for its own samples
+                target, mask = label_vectors(json.loads(sample["json"])["labels"], self.tasks)
+                yield {
+                    "images": decode_image(sample["jpg"], self.image_size),
+                    "labels": target,
+                    "mask": mask,
+                    "source": source_index,
+                    "key": sample["__key__"],
+                }
+
+
+def eval_loader(stream: EvalStream, batch_size: int, loader_workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(stream, batch_size=batch_size, num_workers=loader_workers, pin_memory=pin_memory)

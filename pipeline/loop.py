@@ -1,0 +1,373 @@
+"""The per-worker training loop: task-balanced batches -> MultiTaskNet -> weighted losses -> Early Freeze.
+
+``train_loop`` is what every rank runs (Ray Train's ``train_loop_per_worker``, launched by
+``pipeline.train``); distribution enters only
+through :class:`WorkerContext` (rank, world size, all-reduce, DDP wrapping) and the ``report`` callback
+(metrics + checkpoint each epoch), so the loop reads the same in one process and on a cluster.
+
+Per epoch: ``steps_per_epoch`` training steps; validation over the whole val split (sums all-reduced);
+the learning rate ÷10 when the total validation loss plateaus (thesis 3.6.2); Early Freeze decides on the
+all-reduced per-task validation losses, so every rank takes the same decision; the best model (lowest
+total validation loss) is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.config import TrainConfig, to_dict
+from pipeline.data import (
+    EvalStream,
+    ShardSet,
+    TaskBalancedStream,
+    compute_quotas,
+    default_steps_per_epoch,
+    describe_quotas,
+    eval_loader,
+    normalize_images,
+    open_shard_set,
+    resolve_tasks,
+    train_loader,
+)
+from pipeline.freeze import EarlyFreeze, SnapshotStore, apply_decision
+from pipeline.losses import LossWeighting, build_weighting, masked_task_losses, predict_age
+from pipeline.metrics import MetricSums
+from pipeline.model import MultiTaskNet
+from pipeline.schema import TaskSpec, get_task
+
+# ---------------------------------------------------------------- the objective: model + loss weighting
+
+
+class MultiTaskObjective(nn.Module):
+    """The network and its loss weighting as one module, so that DDP synchronises both."""
+
+    def __init__(self, net: MultiTaskNet, weighting: LossWeighting, tasks: Sequence[TaskSpec], config: TrainConfig) -> None:
+        super().__init__()
+        self.net, self.weighting, self.tasks = net, weighting, list(tasks)
+        self.age_scale, self.regression_loss = config.loss.age_scale, config.loss.regression_loss
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, loss_tasks: Sequence[str]):
+        outputs = self.net(images)
+        task_losses = masked_task_losses(outputs, labels, mask, self.tasks, self.age_scale, self.regression_loss)
+        contributing = {t: loss for t, loss in task_losses.items() if t in loss_tasks}
+        total = self.weighting.combine(contributing)
+        # Heads without a labelled sample in this batch still join the graph with weight 0, so DDP sees
+        # a gradient (zero) for every trainable parameter and needs no find_unused_parameters.
+        idle = [outputs[t].sum() * 0.0 for t in outputs if t not in contributing and outputs[t].requires_grad]
+        if idle:
+            total = total + torch.stack(idle).sum()
+        return total, task_losses, outputs
+
+
+# ---------------------------------------------------------------- distribution at the edge
+
+
+@dataclass
+class WorkerContext:
+    """Where this loop runs: rank, world size, device. A single process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            return tensor
+        reduced = tensor.to(self.device if dist.get_backend() == "nccl" else "cpu").clone()
+        dist.all_reduce(reduced)
+        return reduced.cpu()
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """DDP over the trainable parameters (frozen ones are left out by DDP itself)."""
+        if not self.distributed:
+            return module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs by default; fp32 on CPU (where autocast buys nothing here)."""
+    if device.type != "cuda":
+        return None
+    return {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[config.precision]
+
+
+# ---------------------------------------------------------------- state that a checkpoint holds
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run needs besides the modules' weights."""
+
+    epoch: int = 0  # next epoch to run
+    best_total_val_loss: float = math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_optimizer(objective: MultiTaskObjective, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters only: frozen ones are not held (and so never stepped)."""
+    net_params = [p for p in objective.net.parameters() if p.requires_grad]
+    groups = [{"params": net_params, "lr": config.optim.lr, "name": "net"}]
+    weighting_params = [p for p in objective.weighting.parameters() if p.requires_grad]
+    if weighting_params:
+        groups.append({"params": weighting_params, "lr": config.optim.weighting_lr or config.optim.lr, "name": "weighting"})
+    return torch.optim.Adam(groups, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay)
+
+
+def rebuild_optimizer(old: torch.optim.Optimizer, objective: MultiTaskObjective, config: TrainConfig) -> torch.optim.Optimizer:
+    """A new optimizer over what is still trainable, keeping Adam's moments and current lr for those."""
+    new = build_optimizer(objective, config)
+    for new_group, old_group in zip(new.param_groups, old.param_groups):
+        new_group["lr"] = old_group["lr"]
+    for param in (p for g in new.param_groups for p in g["params"]):
+        if param in old.state:
+            new.state[param] = old.state[param]
+    return new
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    tasks: Sequence[TaskSpec],
+    loss_tasks: Sequence[str],
+    context: WorkerContext,
+    config: TrainConfig,
+) -> dict[str, float]:
+    """``steps`` optimizer steps; returns mean task losses, labelled examples per batch and images/s."""
+    model.train()
+    amp_dtype = autocast_dtype(config, context.device)
+    loss_sum = {t.name: 0.0 for t in tasks}
+    loss_batches = {t.name: 0 for t in tasks}
+    labelled = torch.zeros(len(tasks))
+    images_seen, total_sum = 0, 0.0
+    started = time.perf_counter()
+    for _ in range(steps):
+        batch = next(batches)
+        images = normalize_images(batch["images"].to(context.device, non_blocking=True), config.model.channels_last)
+        labels = batch["labels"].to(context.device, non_blocking=True)
+        mask = batch["mask"].to(context.device, non_blocking=True)
+        autocast = torch.autocast(context.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        with autocast:
+            total, task_losses, _ = model(images, labels, mask, loss_tasks)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        for task, loss in task_losses.items():
+            loss_sum[task] += float(loss)
+            loss_batches[task] += 1
+        labelled += batch["mask"].sum(dim=0).float()
+        images_seen += images.shape[0]
+        total_sum += float(total)
+    seconds = time.perf_counter() - started
+    metrics = {f"train/{t}/loss": loss_sum[t] / loss_batches[t] for t in loss_sum if loss_batches[t]}
+    metrics |= {f"train/{t.name}/labelled_per_batch": float(labelled[i] / steps) for i, t in enumerate(tasks)}
+    metrics |= {"train/total_loss": total_sum / steps, "train/images_per_s": images_seen * context.world_size / seconds}
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_split(
+    net: MultiTaskNet, loader, tasks: Sequence[TaskSpec], context: WorkerContext, config: TrainConfig
+) -> dict[str, dict[str, float]]:
+    """Per-task loss and metrics over a whole split, summed on every rank and all-reduced."""
+    net.eval()
+    sums = MetricSums(tasks)
+    for batch in loader:
+        images = normalize_images(batch["images"].to(context.device), config.model.channels_last)
+        labels, mask = batch["labels"].to(context.device), batch["mask"].to(context.device)
+        outputs = net(images)
+        losses = masked_task_losses(outputs, labels, mask, tasks, config.loss.age_scale, config.loss.regression_loss)
+        counts = {t: int(mask[:, i].sum()) for i, t in enumerate(net.task_names)}
+        sums.add_losses(losses, counts)
+        for index, task in enumerate(tasks):
+            rows = mask[:, index]
+            if not rows.any():
+                continue
+            output = outputs[task.name][rows].float()
+            if task.kind == "regression":
+                predicted = predict_age(output, config.loss.age_scale)
+            elif output.shape[1] == 1:
+                predicted = (output[:, 0] > 0).long()
+            else:
+                predicted = output.argmax(dim=1)
+            sums.add_predictions(task, predicted.cpu(), labels[rows, index].cpu())
+    sums.load_tensor(context.all_reduce_sum(sums.as_tensor()))
+    return sums.summary()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainingSetup:
+    """What the loop derives from the config and the shard folders before the first step."""
+
+    shard_sets: list[ShardSet]
+    tasks: list[TaskSpec]
+    quotas: dict[str, int]
+    steps_per_epoch: int
+    description: str
+
+
+def prepare(config: TrainConfig, world_size: int) -> TrainingSetup:
+    """Open the datasets, check tasks against their labels, compute batch quotas and the epoch length."""
+    if not config.data.datasets:
+        raise ValueError("data.datasets is empty: name at least one shard folder")
+    shard_sets = [open_shard_set(path) for path in config.data.datasets]
+    task_names = resolve_tasks(shard_sets, config.data.tasks)
+    coverage = {s.name: {t: s.labelled_fraction(t) for t in task_names} for s in shard_sets}
+    quotas = compute_quotas(coverage, task_names, config.data.batch_size, config.data.task_shares)
+    steps = config.data.steps_per_epoch or default_steps_per_epoch(shard_sets, config.data.batch_size * world_size)
+    return TrainingSetup(shard_sets, [get_task(t) for t in task_names], quotas, steps, describe_quotas(quotas, coverage, task_names))
+
+
+Reporter = Callable[[dict[str, Any], dict[str, Any]], None]  # (metrics, checkpoint payload) -> None
+
+
+def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, resume: dict[str, Any] | None = None) -> RunState:
+    """Train until every task is frozen/stopped or ``max_epochs``; ``report`` is called once per epoch."""
+    torch.manual_seed(config.seed)
+    setup = prepare(config, context.world_size)
+    if context.rank == 0:
+        print(setup.description, flush=True)
+        print(f"{setup.steps_per_epoch} steps per epoch, {context.world_size} worker(s), device {context.device}", flush=True)
+    net = MultiTaskNet(
+        setup.tasks, config.model.backbone, config.model.shared_dims, config.model.head_hidden, config.model.dropout,
+        config.model.weights_path, config.model.binary_outputs,
+    )
+    weighting = build_weighting(config.loss.weighting, [t.name for t in setup.tasks], **weighting_options(config))
+    objective = MultiTaskObjective(net, weighting, setup.tasks, config).to(context.device)
+    if config.model.channels_last:
+        objective = objective.to(memory_format=torch.channels_last)
+    freezer = EarlyFreeze([t.name for t in setup.tasks], config.freeze.patience, config.freeze.min_delta, config.freeze.mode)
+    snapshots = SnapshotStore()
+    state = RunState()
+    optimizer = build_optimizer(objective, config)
+    if resume is not None:
+        objective.load_state_dict(resume["objective"])
+        freezer.load_state_dict(resume["freeze"])
+        snapshots.load_state_dict(resume["snapshots"])
+        net.apply_frozen_parts(resume["frozen_parts"])
+        optimizer = build_optimizer(objective, config)
+        optimizer.load_state_dict(resume["optimizer"])
+        state = RunState(**resume["run_state"])
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=config.optim.plateau_factor, patience=config.optim.plateau_patience
+    )
+    if resume is not None:
+        scheduler.load_state_dict(resume["scheduler"])
+    model = context.wrap(objective)
+    val_loader = eval_loader(
+        EvalStream(setup.shard_sets, "val", [t.name for t in setup.tasks], config.data.image_size, context.rank, context.world_size),
+        config.data.batch_size, config.data.loader_workers, pin_memory=context.device.type == "cuda",
+    )
+
+    while state.epoch < config.max_epochs and not freezer.all_done:
+        epoch = state.epoch
+        stream = TaskBalancedStream(
+            setup.shard_sets, setup.quotas, [t.name for t in setup.tasks], config.data.image_size, config.data.augment,
+            config.data.shuffle_buffer, config.seed, context.rank, epoch,
+        )
+        batches = iter(train_loader(stream, config.data.loader_workers, pin_memory=context.device.type == "cuda"))
+        started = time.perf_counter()
+        metrics: dict[str, Any] = {"epoch": epoch}
+        metrics |= train_one_epoch(model, batches, setup.steps_per_epoch, optimizer, setup.tasks, freezer.loss_tasks(), context, config)
+        del batches
+        val = evaluate_split(net, val_loader, setup.tasks, context, config)
+        val_loss_by_task = {task: values["loss"] for task, values in val.items()}
+        total_val_loss = sum(val_loss_by_task.values())
+        for task, values in val.items():
+            metrics |= {f"val/{task}/{name}": value for name, value in values.items()}
+        metrics["val/total_loss"] = total_val_loss
+        metrics |= {f"weights/{task}": w for task, w in weighting.weights().items()}
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+
+        decisions = freezer.update(epoch, val_loss_by_task)
+        if epoch in freezer.needed_snapshot_epochs():
+            snapshots.put(epoch, net, freezer)
+        for decision in decisions:
+            apply_decision(net, decision, snapshots)
+        if decisions:
+            optimizer = rebuild_optimizer(optimizer, objective, config)
+            scheduler.optimizer = optimizer
+            model = context.wrap(objective)
+        snapshots.prune(freezer.needed_snapshot_epochs())
+        scheduler.step(total_val_loss)
+
+        metrics["freeze/events"] = [f"{d.kind}:{d.task}@{d.epoch}->{d.restore_epoch}" for d in decisions]
+        metrics["freeze/frozen_tasks"] = list(freezer.frozen_tasks) + list(freezer.stopped_tasks)
+        metrics["freeze/trunk_frozen"] = freezer.trunk_frozen
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        is_best = total_val_loss < state.best_total_val_loss
+        if is_best:
+            state.best_total_val_loss = total_val_loss
+        metrics["is_best"] = is_best
+        state.history.append(_plain_metrics(metrics))
+        state.epoch = epoch + 1
+        if context.rank == 0:
+            print(format_epoch_line(metrics, setup.tasks), flush=True)
+        report(
+            metrics,
+            {
+                "objective": objective.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "freeze": freezer.state_dict(),
+                "snapshots": snapshots.state_dict(),
+                "frozen_parts": net.frozen_parts(),
+                "run_state": {"epoch": state.epoch, "best_total_val_loss": state.best_total_val_loss, "history": state.history},
+                "config": to_dict(config),
+                "tasks": [t.name for t in setup.tasks],
+                "is_best": is_best,
+            },
+        )
+    return state
+
+
+def weighting_options(config: TrainConfig) -> dict[str, Any]:
+    if config.loss.weighting == "learned":
+        return {"lam": config.loss.lam}
+    if config.loss.weighting == "fixed":
+        return {"weights": config.loss.fixed_weights}
+    return {}
+
+
+def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(metrics, default=str))
+
+
+def format_epoch_line(metrics: dict[str, Any], tasks: Sequence[TaskSpec]) -> str:
+    parts = [f"epoch {metrics['epoch']:>3}", f"train {metrics['train/total_loss']:.3f}", f"val {metrics['val/total_loss']:.3f}"]
+    for task in tasks:
+        key = f"val/{task.name}/mae" if task.kind == "regression" else f"val/{task.name}/accuracy"
+        unit = "MAE" if task.kind == "regression" else "acc"
+        parts.append(f"{task.name} {unit} {metrics[key]:.3f}")
+    parts.append(f"{metrics['train/images_per_s']:.0f} img/s")
+    if metrics["freeze/events"]:
+        parts.append("freeze " + ", ".join(metrics["freeze/events"]))
+    return " | ".join(parts)

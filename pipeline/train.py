@@ -1,0 +1,146 @@
+"""``python -m pipeline.train``: run the per-worker loop as a Ray ``TorchTrainer`` (DDP), or in this process.
+
+    python -m pipeline.train --config configs/demo.yaml                     # local Ray, config's num_workers
+    python -m pipeline.train --config configs/demo.yaml num_workers=2 max_epochs=3
+    RAY_ADDRESS=head:6379 python -m pipeline.train --config ...            # join a cluster (jobs/train_mtl.sh)
+    python -m pipeline.train --config configs/demo.yaml --local             # one process, no Ray (debugging)
+
+A run is ``runs_dir/name``. Starting a run again with the same name resumes from its last checkpoint
+(Ray Train restores it); a worker that dies is restarted by Ray from the last checkpoint, up to
+``max_failures`` times. Checkpoints hold model, optimizer, scheduler, loss weights, Early Freeze state and
+its snapshots, the epoch and the metric history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from pipeline.run_records import (
+    BEST_MODEL_FILE,
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    LocalRun,
+    RunRecorder,
+    best_model_payload,
+    load_checkpoint,
+    save_atomically,
+)
+
+
+def ray_worker_entry(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: the same loop on every rank; rank 0 writes checkpoint and records."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from pipeline.config import load_config_dict
+    from pipeline.loop import WorkerContext, train_loop
+
+    config = load_config_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    ray_context = ray.train.get_context()
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    context = WorkerContext(ray_context.get_world_rank(), ray_context.get_world_size(), device)
+    recorder = RunRecorder(run_dir) if context.rank == 0 else None
+
+    def report(metrics: dict[str, Any], payload: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="facemtl-ckpt-") as folder:
+            checkpoint = None
+            if recorder is not None:
+                save_atomically(payload, Path(folder) / CHECKPOINT_FILE)
+                if payload["is_best"]:
+                    save_atomically(best_model_payload(payload, metrics["epoch"]), run_dir / BEST_MODEL_FILE)
+                recorder.record_epoch(metrics, payload["run_state"]["history"])
+                checkpoint = Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(Path(folder))
+        if context.rank == 0:
+            print(f"resuming from {checkpoint.path} at epoch {resume['run_state']['epoch']}", flush=True)
+    train_loop(config, context, report, resume)
+    if recorder is not None:
+        recorder.close()
+
+
+def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
+    """Build and run the TorchTrainer; joins ``RAY_ADDRESS`` when set, else starts a local Ray."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers * (1 + config.data.loader_workers)),
+                     include_dashboard=False)
+    run_dir = config.run_dir.resolve()
+    trainer = TorchTrainer(
+        ray_worker_entry,
+        train_loop_config={"config": to_dict(config), "run_dir": str(run_dir)},
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": 1 + config.data.loader_workers, **({"GPU": 1} if config.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=config.name, storage_path=str(run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def run_locally(config: TrainConfig) -> None:
+    from pipeline.loop import WorkerContext, resolve_device, train_loop
+
+    run = LocalRun(config.run_dir)
+    resume = run.resume_payload()
+    if resume is not None:
+        print(f"resuming {config.run_dir} at epoch {resume['run_state']['epoch']}")
+    train_loop(config, WorkerContext(device=resolve_device(config)), run.report, resume)
+    run.recorder.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. num_workers=2 optim.lr=1e-3")
+    parser.add_argument("--local", action="store_true", help="one process, no Ray")
+    parser.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ConfigError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    save_config(config, config.run_dir / CONFIG_FILE)
+    print(f"run folder: {config.run_dir.resolve()}\nconfig:\n{Path(config.run_dir / CONFIG_FILE).read_text()}", flush=True)
+    started = time.perf_counter()
+    if args.local:
+        run_locally(config)
+    else:
+        result = fit_with_ray(config, args.max_failures)
+        if result.error is not None:
+            print(f"training failed: {result.error}", file=sys.stderr)
+            return 1
+    print(f"\ndone in {time.perf_counter() - started:.0f} s. Results in {config.run_dir.resolve()}:")
+    print(f"  best model {BEST_MODEL_FILE}, metrics.parquet, tensorboard/ (tensorboard --logdir {config.run_dir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

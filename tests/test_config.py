@@ -1,0 +1,43 @@
+"""Configs: YAML + key=value overrides into dataclasses; unknown keys and bad values are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, load_config_dict, save_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_loads_and_overrides_reach_nested_keys() -> None:
+    config = load_config(REPO / "configs" / "demo.yaml", ["optim.lr=0.01", "freeze.patience=5", "data.tasks=age,gender"])
+    assert config.optim.lr == 0.01 and config.freeze.patience == 5
+    assert config.data.tasks == ["age", "gender"]
+    assert config.data.batch_size == 48 and config.model.backbone == "resnet18"
+
+
+def test_unknown_keys_are_errors_that_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="unknown key.*optim.learning_rate"):
+        load_config(None, ["optim.learning_rate=0.1"])
+    with pytest.raises(ConfigError, match="unknown key.*bogus"):
+        load_config(None, ["bogus=1"])
+
+
+def test_bad_values_are_errors_that_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        load_config(None, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match="max_epochs: expected int"):
+        load_config(None, ["max_epochs=many"])
+    with pytest.raises(ConfigError, match="freeze.mode 'sometimes' unknown"):
+        load_config(None, ["freeze.mode=sometimes"])
+    with pytest.raises(ConfigError, match="is not key=value"):
+        load_config(None, ["max_epochs"])
+
+
+def test_saved_config_reloads_to_the_same_values(tmp_path: Path) -> None:
+    config = load_config(REPO / "configs" / "demo.yaml", ["data.augment.crop_scale=[0.5, 0.9]"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert load_config_dict(to_dict(config)) == config

@@ -1,0 +1,97 @@
+"""The task-balanced sampler and the evaluation stream."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import AugmentConfig
+from pipeline.data import (
+    DataConfigError,
+    EvalStream,
+    TaskBalancedStream,
+    compute_quotas,
+    eval_loader,
+    expected_labelled_per_batch,
+    open_shard_set,
+    resolve_tasks,
+    train_loader,
+)
+
+TASKS = ["age", "gender", "race", "smile", "young", "emotion"]
+DISJOINT = {"utk": {"age": 1, "gender": 1, "race": 1}, "fer": {"emotion": 1}, "celeba": {"gender": 1, "smile": 1, "young": 1}}
+
+
+def test_quotas_give_every_task_an_equal_floor_of_labelled_examples() -> None:
+    quotas = compute_quotas(DISJOINT, TASKS, 60)
+    # age only in utk, emotion only in fer, smile only in celeba: the best floor is 20 each.
+    assert quotas == {"utk": 20, "fer": 20, "celeba": 20}
+    expected = expected_labelled_per_batch(quotas, DISJOINT, TASKS)
+    assert expected["gender"] == 40 and min(expected.values()) == 20
+
+
+def test_quotas_follow_target_shares_and_partial_coverage() -> None:
+    quotas = compute_quotas({"a": {"age": 1.0}, "b": {"emotion": 0.5}}, ["age", "emotion"], 30)
+    assert quotas == {"a": 10, "b": 20}  # b labels emotion on half its samples: 10 = 20 * 0.5
+    shares = compute_quotas({"a": {"age": 1.0}, "b": {"emotion": 1.0}}, ["age", "emotion"], 40, {"age": 3, "emotion": 1})
+    assert shares == {"a": 30, "b": 10}
+
+
+def test_quotas_always_sum_to_the_batch_size() -> None:
+    for batch in (7, 31, 64, 100):
+        assert sum(compute_quotas(DISJOINT, TASKS, batch).values()) == batch
+
+
+def test_a_dataset_without_requested_tasks_or_a_task_without_dataset_is_an_error() -> None:
+    with pytest.raises(DataConfigError, match="dataset 'fer' labels none of the tasks"):
+        compute_quotas(DISJOINT, ["age", "gender"], 32)
+    with pytest.raises(DataConfigError, match="no dataset labels task 'emotion'"):
+        compute_quotas({"utk": DISJOINT["utk"]}, ["age", "emotion"], 32)
+
+
+def test_resolve_tasks_names_the_uncovered_task(synthetic_shards: dict[str, Path]) -> None:
+    sets = [open_shard_set(synthetic_shards["fer"])]
+    assert resolve_tasks(sets, []) == ["emotion"]
+    with pytest.raises(DataConfigError, match="task 'age' has no labelled training sample"):
+        resolve_tasks(sets, ["age"])
+
+
+def test_achieved_task_shares_match_the_quotas_over_many_batches(synthetic_shards: dict[str, Path]) -> None:
+    sets = [open_shard_set(p) for p in synthetic_shards.values()]
+    coverage = {s.name: {t: s.labelled_fraction(t) for t in TASKS} for s in sets}
+    quotas = compute_quotas(coverage, TASKS, 30)
+    stream = TaskBalancedStream(sets, quotas, TASKS, 32, AugmentConfig(), shuffle_buffer=50, seed=0)
+    labelled = torch.zeros(len(TASKS))
+    sources = torch.zeros(len(sets))
+    batches = list(itertools.islice(iter(train_loader(stream, loader_workers=2)), 40))
+    for batch in batches:
+        assert batch["images"].shape == (30, 3, 32, 32) and batch["images"].dtype == torch.uint8
+        labelled += batch["mask"].sum(dim=0)
+        sources += torch.bincount(batch["source"], minlength=len(sets))
+    assert sources.tolist() == [q * 40 for q in quotas.values()]  # every batch exactly the quotas
+    expected = expected_labelled_per_batch(quotas, coverage, TASKS)
+    assert (labelled / 40).tolist() == pytest.approx([expected[t] for t in TASKS], abs=1e-6)
+
+
+def test_streams_differ_by_rank_and_epoch_and_repeat_for_the_same_seed(synthetic_shards: dict[str, Path]) -> None:
+    sets = [open_shard_set(synthetic_shards["utk"])]
+    def first_batch(rank: int, epoch: int) -> torch.Tensor:
+        stream = TaskBalancedStream(sets, {"utk": 8}, ["age"], 32, AugmentConfig(enabled=False), 50, seed=3, rank=rank, epoch=epoch)
+        return next(iter(stream))["labels"]
+    assert torch.equal(first_batch(0, 0), first_batch(0, 0))
+    assert not torch.equal(first_batch(0, 0), first_batch(1, 0))
+    assert not torch.equal(first_batch(0, 0), first_batch(0, 1))
+
+
+def test_validation_reads_every_sample_exactly_once_across_two_ranks_and_two_workers(synthetic_shards: dict[str, Path]) -> None:
+    sets = [open_shard_set(p) for p in synthetic_shards.values()]
+    expected = sum(s.num_samples("val") for s in sets)
+    keys: list[str] = []
+    for rank in range(2):
+        loader = eval_loader(EvalStream(sets, "val", TASKS, 32, rank=rank, world_size=2), batch_size=16, loader_workers=2)
+        for batch in loader:
+            keys.extend(batch["key"])
+    assert len(keys) == expected and len(set(keys)) == expected

@@ -1,0 +1,213 @@
+"""Masked per-task losses and the loss weightings, checked against small hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.losses import (
+    WEIGHTINGS,
+    LearnedWeighting,
+    build_weighting,
+    masked_task_losses,
+    predict_age,
+)
+from pipeline.schema import TASKS
+
+NAN = math.nan
+AGE_GENDER_RACE = [TASKS["age"], TASKS["gender"], TASKS["race"]]
+
+
+def toy_batch() -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Four rows; age labelled on rows 0 and 2, gender (one-logit head) on 0 and 1, race on 1 and 3."""
+    outputs = {
+        "age": torch.tensor([[0.30], [0.50], [0.20], [0.90]]),
+        "gender": torch.tensor([[0.0], [2.0], [-1.0], [5.0]]),
+        "race": torch.tensor([[3.0, 3.0, 3.0, 3.0, 3.0], [1.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 5, [0.0, 0.0, 0.0, 0.0, 2.0]]),
+    }
+    labels = torch.tensor([[25.0, 1.0, NAN], [NAN, 0.0, 2.0], [40.0, NAN, NAN], [NAN, NAN, 4.0]])
+    return outputs, labels, ~labels.isnan()
+
+
+def test_masked_losses_equal_hand_computed_losses_over_labelled_rows_only() -> None:
+    outputs, labels, mask = toy_batch()
+    losses = masked_task_losses(outputs, labels, mask, AGE_GENDER_RACE, age_scale=100.0)
+
+    age_mse = ((0.30 - 0.25) ** 2 + (0.20 - 0.40) ** 2) / 2
+    gender_bce = (math.log(2.0) + math.log(1.0 + math.e**2)) / 2  # -log σ(0) and -log(1 - σ(2))
+    race_ce = ((math.log(math.e + 4.0) - 0.0) + (math.log(4.0 + math.e**2) - 2.0)) / 2
+    assert set(losses) == {"age", "gender", "race"}
+    assert losses["age"].item() == pytest.approx(age_mse, rel=1e-6)
+    assert losses["gender"].item() == pytest.approx(gender_bce, rel=1e-6)
+    assert losses["race"].item() == pytest.approx(race_ce, rel=1e-6)
+
+
+def test_l1_age_loss_is_mean_absolute_error_in_scaled_units() -> None:
+    outputs, labels, mask = toy_batch()
+    losses = masked_task_losses(outputs, labels, mask, AGE_GENDER_RACE, age_scale=100.0, regression_loss="l1")
+    assert losses["age"].item() == pytest.approx((0.05 + 0.20) / 2, rel=1e-6)
+
+
+def test_two_output_binary_head_uses_cross_entropy() -> None:
+    outputs = {"gender": torch.tensor([[0.0, 1.0], [2.0, 0.0]])}
+    losses = masked_task_losses(outputs, torch.tensor([[1.0], [1.0]]), torch.tensor([[True], [True]]), [TASKS["gender"]])
+    expected = ((math.log(1 + math.e) - 1.0) + (math.log(math.e**2 + 1) - 0.0)) / 2
+    assert losses["gender"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_task_without_labelled_rows_is_absent_and_leaves_other_losses_unchanged() -> None:
+    outputs, labels, mask = toy_batch()
+    mask[:, 2] = False
+    with_race_column = masked_task_losses(outputs, labels, mask, AGE_GENDER_RACE)
+    without_race = masked_task_losses(outputs, labels[:, :2], mask[:, :2], AGE_GENDER_RACE[:2])
+    assert "race" not in with_race_column
+    assert with_race_column.keys() == without_race.keys()
+    for task in without_race:
+        assert torch.equal(with_race_column[task], without_race[task])
+
+
+def test_gradient_reaches_only_labelled_rows() -> None:
+    outputs, labels, mask = toy_batch()
+    age_output = outputs["age"].requires_grad_()
+    masked_task_losses(outputs, labels, mask, AGE_GENDER_RACE)["age"].backward()
+    assert age_output.grad[[1, 3]].abs().sum() == 0 and age_output.grad[[0, 2]].abs().min() > 0
+
+
+def test_predict_age_turns_scaled_output_into_years() -> None:
+    assert torch.allclose(predict_age(torch.tensor([[0.25], [0.5]]), 80.0), torch.tensor([20.0, 40.0]))
+
+
+def test_unknown_regression_loss_is_an_error_naming_the_known_ones() -> None:
+    outputs, labels, mask = toy_batch()
+    with pytest.raises(ValueError, match="huber.*mse, l1"):
+        masked_task_losses(outputs, labels, mask, AGE_GENDER_RACE, regression_loss="huber")
+
+
+# ---------------------------------------------------------------- weightings
+
+
+def test_registry_names_every_strategy_and_unknown_name_lists_them() -> None:
+    assert set(WEIGHTINGS) == {"learned", "equal", "fixed", "uncertainty"}
+    with pytest.raises(ValueError, match="unknown loss weighting 'gradnorm'; known: learned, equal, fixed, uncertainty"):
+        build_weighting("gradnorm", ["a", "b"])
+    with pytest.raises(ValueError, match="bad options.*'equal'"):
+        build_weighting("equal", ["a", "b"], lam=0.1)
+
+
+def test_learned_weights_start_random_on_the_simplex() -> None:
+    torch.manual_seed(0)
+    weights = build_weighting("learned", ["a", "b", "c"]).weights()
+    torch.manual_seed(0)
+    assert build_weighting("learned", ["a", "b", "c"]).weights() == weights
+    assert sum(weights.values()) == pytest.approx(1.0) and min(weights.values()) >= 0
+    assert len(set(weights.values())) == 3
+
+
+def test_learned_total_is_weighted_sum_plus_lam_times_squared_norm() -> None:
+    weighting = build_weighting("learned", ["a", "b", "c"], lam=0.3)
+    w = weighting.weights()
+    regulariser = 0.3 * sum(value**2 for value in w.values())
+    assert weighting.combine({}).item() == pytest.approx(regulariser, rel=1e-6)
+    total = weighting.combine({"a": torch.tensor(2.0), "c": torch.tensor(5.0)})  # b absent: no term
+    assert total.item() == pytest.approx(w["a"] * 2.0 + w["c"] * 5.0 + regulariser, rel=1e-6)
+
+
+def set_logits(weighting: LearnedWeighting, logits: list[float]) -> None:
+    with torch.no_grad():
+        weighting.logits.copy_(torch.tensor(logits))
+
+
+def test_one_sgd_step_on_learned_weights_follows_the_softmax_gradient() -> None:
+    lam, lr, losses = 0.1, 0.5, [10.0, 1.0]
+    weighting = build_weighting("learned", ["dominant", "small"], lam=lam)
+    set_logits(weighting, [0.2, -0.1])
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=lr)
+    weighting.combine({"dominant": torch.tensor(losses[0]), "small": torch.tensor(losses[1])}).backward()
+
+    # d/dθ_k [Σ w_i L_i + λ Σ w_i²] with w = softmax(θ): w_k (L_k - Σ w_i L_i) + 2λ w_k (w_k - Σ w_i²)
+    exps = [math.exp(0.2), math.exp(-0.1)]
+    w = [e / sum(exps) for e in exps]
+    mean_loss = sum(wi * li for wi, li in zip(w, losses))
+    squared_norm = sum(wi**2 for wi in w)
+    gradient = [w[k] * (losses[k] - mean_loss) + 2 * lam * w[k] * (w[k] - squared_norm) for k in range(2)]
+    assert weighting.logits.grad.tolist() == pytest.approx(gradient, rel=1e-5)
+    assert gradient[0] > 0 > gradient[1]
+
+    optimizer.step()
+    assert weighting.logits.tolist() == pytest.approx([0.2 - lr * gradient[0], -0.1 - lr * gradient[1]], rel=1e-5)
+    assert weighting.weights()["dominant"] < w[0]
+
+
+def train_learned_weights(lam: float, steps: int, losses: tuple[float, float] = (10.0, 1.0)) -> list[float]:
+    """SGD on the weights alone, for constant task losses; the weight after every step."""
+    weighting = build_weighting("learned", ["dominant", "small"], lam=lam)
+    set_logits(weighting, [0.3, -0.3])
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    history = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        weighting.combine({"dominant": torch.tensor(losses[0]), "small": torch.tensor(losses[1])}).backward()
+        optimizer.step()
+        history.append(weighting.weights()["dominant"])
+    return history
+
+
+def test_learned_weight_moves_steadily_away_from_the_dominant_loss() -> None:
+    history = train_learned_weights(lam=0.1, steps=5)
+    assert all(later < earlier for earlier, later in zip(history, history[1:]))
+
+
+def test_regulariser_keeps_learned_weights_closer_to_uniform() -> None:
+    unregularised = train_learned_weights(lam=0.0, steps=400)[-1]
+    regularised = train_learned_weights(lam=10.0, steps=400)[-1]
+    assert abs(regularised - 0.5) < abs(unregularised - 0.5)
+    # The minimum of 10 w + 1 (1 - w) + 10 (w² + (1 - w)²) over w in [0, 1] is at w = 11/40.
+    assert regularised == pytest.approx(11 / 40, abs=1e-3)
+    assert unregularised < 0.05
+
+
+def test_equal_weighting_is_the_mean_over_all_tasks_with_absent_ones_contributing_zero() -> None:
+    weighting = build_weighting("equal", ["a", "b", "c"])
+    assert weighting.weights() == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    total = weighting.combine({"a": torch.tensor(2.0), "b": torch.tensor(4.0)})
+    assert total.item() == pytest.approx((2.0 + 4.0 + 0.0) / 3, rel=1e-6)
+    assert weighting.combine({}).item() == 0.0
+
+
+def test_fixed_one_hot_weighting_equals_the_single_task_loss_exactly() -> None:
+    weighting = build_weighting("fixed", ["a", "b", "c"], weights={"b": 1.0})
+    loss_b = torch.tensor(0.123456789, requires_grad=True) * 3.0
+    total = weighting.combine({"a": torch.tensor(7.0), "b": loss_b, "c": torch.tensor(NAN)})
+    assert torch.equal(total, loss_b)
+    assert weighting.weights() == {"a": 0.0, "b": 1.0, "c": 0.0}
+
+
+def test_fixed_weights_must_name_known_tasks_and_be_positive_somewhere() -> None:
+    with pytest.raises(ValueError, match="unknown tasks \\['z'\\]"):
+        build_weighting("fixed", ["a", "b"], weights={"z": 1.0})
+    with pytest.raises(ValueError, match="positive weight"):
+        build_weighting("fixed", ["a", "b"], weights={})
+
+
+def test_uncertainty_total_matches_hand_computation() -> None:
+    weighting = build_weighting("uncertainty", ["a", "b", "c"])
+    with torch.no_grad():
+        weighting.log_variances.copy_(torch.tensor([0.3, -0.2, 5.0]))
+    total = weighting.combine({"a": torch.tensor(2.0), "b": torch.tensor(0.5)})  # c absent: no term at all
+    expected = 2.0 / (2 * math.exp(0.3)) + 0.3 / 2 + 0.5 / (2 * math.exp(-0.2)) - 0.2 / 2
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert weighting.weights()["b"] == pytest.approx(1 / (2 * math.exp(-0.2)), rel=1e-6)
+
+
+def test_uncertainty_gradient_at_zero_log_variance_is_one_minus_loss_over_two() -> None:
+    weighting = build_weighting("uncertainty", ["a", "b", "c"])
+    assert weighting.weights() == {"a": 0.5, "b": 0.5, "c": 0.5}
+    weighting.combine({"a": torch.tensor(2.0), "b": torch.tensor(0.5)}).backward()
+    assert weighting.log_variances.grad.tolist() == pytest.approx([(1 - 2.0) / 2, (1 - 0.5) / 2, 0.0])
+
+
+def test_losses_for_unknown_tasks_are_an_error() -> None:
+    with pytest.raises(KeyError, match="unknown tasks \\['z'\\]"):
+        build_weighting("learned", ["a"]).combine({"z": torch.tensor(1.0)})
