@@ -84,6 +84,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
+    keep_checkpoints: int = 0  # Ray Train checkpoints kept (one per epoch); 0 = all
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

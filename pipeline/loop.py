@@ -178,11 +178,11 @@ def train_one_epoch(
         total.backward()
         optimizer.step()
         for task, loss in task_losses.items():
-            loss_sum[task] += float(loss)
+            loss_sum[task] += loss.detach().item()
             loss_batches[task] += 1
         labelled += batch["mask"].sum(dim=0).float()
         images_seen += images.shape[0]
-        total_sum += float(total)
+        total_sum += total.detach().item()
     seconds = time.perf_counter() - started
     metrics = {f"train/{t}/loss": loss_sum[t] / loss_batches[t] for t in loss_sum if loss_batches[t]}
     metrics |= {f"train/{t.name}/labelled_per_batch": float(labelled[i] / steps) for i, t in enumerate(tasks)}

@@ -76,7 +76,7 @@ def ray_worker_entry(loop_config: dict[str, Any]) -> None:
 def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
     """Build and run the TorchTrainer; joins ``RAY_ADDRESS`` when set, else starts a local Ray."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
@@ -97,8 +97,9 @@ def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
         ),
         run_config=RunConfig(
             name=config.name, storage_path=str(run_dir.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints or None),
             failure_config=FailureConfig(max_failures=max_failures),
+            logging_config=LoggingConfig(log_level=os.environ.get("FACEMTL_RAY_LOG_LEVEL", "WARNING")),
         ),
     )
     return trainer.fit()

@@ -1,0 +1,91 @@
+"""Ray Train for real: 2 DDP workers on CPU (gloo), freezing mid-DDP, resume by name, a killed worker."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.train import main as train_main
+from tests.test_train import tiny_overrides
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ("age", "gender", "race", "smile", "young", "emotion")
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return pq.read_table(run_dir / "metrics.parquet").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_two_workers_train_freeze_mid_ddp_and_resume_by_name(local_ray, synthetic_shards, tmp_path: Path) -> None:
+    # patience 1 + a huge min_delta: the trunk freezes at epoch 1 and DDP is rebuilt without it on both ranks.
+    args = tiny_overrides(synthetic_shards, tmp_path, "ddp", "num_workers=2", "max_epochs=3",
+                          "freeze.patience=1", "freeze.min_delta=1e9")
+    assert train_main(args) == 0
+    run = tmp_path / "ddp"
+    rows = metric_rows(run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert json.loads(rows[1]["freeze/events"]) == ["freeze_trunk:age@1->0"]
+    for row in rows:
+        for task in TASKS:
+            assert row[f"val/{task}/count"] > 0 and math.isfinite(row[f"val/{task}/loss"])
+    # validation counts are all-reduced: both ranks together saw the whole val split exactly once
+    summaries = [json.loads((p / "summary.json").read_text()) for p in synthetic_shards.values()]
+    assert rows[0]["val/emotion/count"] == sum(s["labelled_per_task"].get("emotion", {}).get("val", 0) for s in summaries)
+    assert len(list(run.glob("checkpoint_*/checkpoint.pt"))) == 3  # one per epoch
+
+    assert train_main(args[:-3] + ["max_epochs=4", "freeze.patience=1", "freeze.min_delta=1e9"]) == 0
+    rows = metric_rows(run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]  # resumed at epoch 3, history kept
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_killed_worker_is_restarted_and_training_finishes_all_epochs(synthetic_shards, tmp_path: Path) -> None:
+    args = tiny_overrides(synthetic_shards, tmp_path, "kill", "num_workers=2", "max_epochs=4", "freeze.mode=none",
+                          "data.steps_per_epoch=6")
+    log = tmp_path / "train.log"
+    with log.open("w") as handle:
+        child = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, stdout=handle,
+                                 stderr=subprocess.STDOUT, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    metrics = tmp_path / "kill" / "metrics.parquet"
+    deadline = time.monotonic() + 240
+    while not metrics.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.5)
+    assert metrics.exists(), log.read_text()[-3000:]
+    victims = _train_worker_pids()
+    assert victims, "no RayTrainWorker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    assert child.wait(timeout=400) == 0, log.read_text()[-3000:]
+    rows = metric_rows(tmp_path / "kill")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert all(math.isfinite(r["val/total_loss"]) for r in rows)
+    assert "resuming from" in log.read_text()
