@@ -51,6 +51,12 @@ NUM_WORKERS=$(( PER_NODE * ${#NODES[@]} ))
 echo "facemtl: job $JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${#NODES[*]} node(s) [${NODES[*]}], head $HEAD_IP:$PORT," \
      "$CPUS CPUs and $GPUS GPUs per node, $NUM_WORKERS Ray Train workers"
 
+# Ray >= 2.59 authenticates cluster traffic with a token: one random token per job, passed to every
+# `ray start` (srun inherits the environment) and to the driver, never written to disk.
+export RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN="$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')"
+export RAY_AUTH_TOKEN
+
 RAY_STEPS=()
 TRAIN_PID=""
 stop_all() {

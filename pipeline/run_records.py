@@ -38,6 +38,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def latest_checkpoint(run_dir: Path, also: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable ``checkpoint_*/checkpoint.pt`` of a Ray run folder (and ``also``, if given).
+
+    Ray Train resumes a run from its own snapshot file, which its controller writes a moment after each
+    report; a job killed in between (preemption, requeue) would start over although the checkpoint is
+    on disk. Ray names checkpoint folders by time, so the newest name is the latest epoch; a folder
+    whose file is incomplete (killed while copying) is skipped.
+    """
+    candidates = sorted({*run_dir.glob("checkpoint_*/" + CHECKPOINT_FILE), *([also / CHECKPOINT_FILE] if also else [])},
+                        key=lambda path: path.parent.name, reverse=True)
+    for path in candidates:
+        try:
+            return path.parent, load_checkpoint(path)
+        except (OSError, RuntimeError, EOFError):
+            continue
+    return None
+
+
 def best_model_payload(payload: dict[str, Any], epoch: int) -> dict[str, Any]:
     """Only what inference needs: weights, config and task list."""
     return {"objective": payload["objective"], "config": payload["config"], "tasks": payload["tasks"],

@@ -29,7 +29,7 @@ from pipeline.run_records import (
     LocalRun,
     RunRecorder,
     best_model_payload,
-    load_checkpoint,
+    latest_checkpoint,
     save_atomically,
 )
 
@@ -55,19 +55,21 @@ def ray_worker_entry(loop_config: dict[str, Any]) -> None:
             checkpoint = None
             if recorder is not None:
                 save_atomically(payload, Path(folder) / CHECKPOINT_FILE)
-                if payload["is_best"]:
-                    save_atomically(best_model_payload(payload, metrics["epoch"]), run_dir / BEST_MODEL_FILE)
-                recorder.record_epoch(metrics, payload["run_state"]["history"])
                 checkpoint = Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
+        # Records after the checkpoint is persisted: an epoch in metrics.parquet can always be resumed from.
+        if recorder is not None:
+            if payload["is_best"]:
+                save_atomically(best_model_payload(payload, metrics["epoch"]), run_dir / BEST_MODEL_FILE)
+            recorder.record_epoch(metrics, payload["run_state"]["history"])
 
+    ray_checkpoint = ray.train.get_checkpoint()
+    found = latest_checkpoint(run_dir, Path(ray_checkpoint.path) if ray_checkpoint else None)
     resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_checkpoint(Path(folder))
+    if found is not None:
+        folder, resume = found
         if context.rank == 0:
-            print(f"resuming from {checkpoint.path} at epoch {resume['run_state']['epoch']}", flush=True)
+            print(f"resuming from {folder} at epoch {resume['run_state']['epoch']}", flush=True)
     train_loop(config, context, report, resume)
     if recorder is not None:
         recorder.close()
