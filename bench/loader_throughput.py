@@ -1,7 +1,8 @@
 """Samples/s of the training stream against torchvision ImageFolder and a decode-only floor, same images.
 
 Three readers of the same synthetic JPEGs (all measured in this run, 2 dataloader workers each):
-  * ours: ``TaskBalancedStream`` over the shards (tar read + decode + augment + labels + batching);
+  * ours: ``TaskBalancedStream`` over the shards (tar read + decode + labels + batching in the workers)
+    and ``augment_batch`` on each batch in the consuming process, as training does;
   * ImageFolder: the images extracted to ``class/`` folders, ``ImageFolder`` + ``DataLoader`` with the
     equivalent torchvision transforms (RandomResizedCrop, flip, ColorJitter, PILToTensor);
   * floor: a loop in one process per worker that only decodes the JPEG bytes (no augmentation, no
@@ -27,7 +28,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from pipeline.config import AugmentConfig
-from pipeline.data import TaskBalancedStream, decode_image, open_shard_set, train_loader
+from pipeline.data import TaskBalancedStream, augment_batch, decode_image, open_shard_set, train_loader
 from pipeline.shard import main as shard_main
 
 WORKERS = 2
@@ -75,8 +76,10 @@ def main() -> None:
 
         shard_set = open_shard_set(shards)
         stream = TaskBalancedStream([shard_set], {shard_set.name: args.batch}, ["age", "gender", "race"], args.size,
-                                    AugmentConfig(), shuffle_buffer=500, seed=0)
-        ours = timed_batches(train_loader(stream, WORKERS), args.batches, args.batch)
+                                    shuffle_buffer=500, seed=0)
+        generator = torch.Generator().manual_seed(0)
+        augmented = (augment_batch(batch["images"], AugmentConfig(), generator) for batch in train_loader(stream, WORKERS))
+        ours = timed_batches(augmented, args.batches, args.batch)
 
         transform = v2.Compose([
             v2.PILToTensor(), v2.RandomResizedCrop(args.size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
@@ -86,6 +89,10 @@ def main() -> None:
         baseline_loader = DataLoader(image_folder, batch_size=args.batch, shuffle=True, num_workers=WORKERS,
                                      prefetch_factor=4, persistent_workers=True)
         baseline = timed_batches(endless(baseline_loader), args.batches, args.batch)
+
+        in_process = iter(TaskBalancedStream([shard_set], {shard_set.name: args.batch}, ["age", "gender", "race"],
+                                             args.size, shuffle_buffer=500, seed=1))
+        one_process = timed_batches(in_process, args.batches, args.batch)
 
         count = min(len(jpegs), 2000)
         started = time.perf_counter()
@@ -99,11 +106,13 @@ def main() -> None:
 
         print(f"\n{args.samples} synthetic faces {args.size}x{args.size}, batch {args.batch}, {WORKERS} loader workers")
         print(f"{'reader':<44}{'samples/s':>10}{'ours / it':>11}")
-        for name, rate in (("ours: TaskBalancedStream (decode+augment)", ours),
+        for name, rate in (("ours: stream + batch augment", ours),
                            ("torchvision ImageFolder + DataLoader", baseline),
                            ("floor: decode only (torchvision), x workers", floor),
                            ("floor: decode only (Pillow), x workers", pil_floor)):
             print(f"{name:<44}{rate:>10.0f}{ours / rate:>11.2f}")
+        print(f"\none process, no workers: stream (tar + decode + labels + batching) {one_process:.0f} samples/s, "
+              f"{one_process / (floor / WORKERS):.2f} of decode-only")
     finally:
         shutil.rmtree(work)
 

@@ -20,7 +20,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ import webdataset as wds
 from scipy.optimize import linprog
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as transforms_functional
 
 from pipeline.config import AugmentConfig
 from pipeline.schema import get_task
@@ -170,25 +170,53 @@ def label_vectors(labels: Mapping[str, object], tasks: Sequence[str]) -> tuple[t
     return target, mask
 
 
-def build_augment(config: AugmentConfig, image_size: int) -> v2.Transform:
-    steps: list[v2.Transform] = []
-    if config.enabled:
-        steps.append(v2.RandomResizedCrop(image_size, scale=tuple(config.crop_scale), ratio=(0.9, 1.1), antialias=True))
-        if config.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if config.color_jitter > 0:
-            strength = config.color_jitter
-            steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
-    else:
-        steps.append(v2.Resize(image_size, antialias=True))
-    return v2.Compose(steps)
+def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random-resized crop, horizontal flip and colour jitter for a whole uint8 batch at once.
+
+    It runs where the batch is trained (on the GPU there), after the copy from the loader: one affine
+    grid per sample and a single ``grid_sample`` replace per-image transform calls, whose per-call
+    overhead costs more than the arithmetic on 64-128 px crops (bench/loader_throughput.py). The random
+    parameters come from ``generator`` (CPU), so a run is reproducible on any device.
+    Crop area fraction ~ U(crop_scale), aspect ratio ~ logU(0.9, 1.1), position uniform inside the image.
+    Colour jitter is one affine map per image: x' = A x + B grey(x) + C (brightness, contrast, saturation).
+    """
+    if not config.enabled:
+        return images
+    count = images.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(count, generator=generator)
+
+    area = uniform(*config.crop_scale)
+    ratio = torch.exp(uniform(math.log(0.9), math.log(1.1)))
+    width, height = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    centre_x, centre_y = uniform(-1.0, 1.0) * (1 - width), uniform(-1.0, 1.0) * (1 - height)
+    flip = torch.where(torch.rand(count, generator=generator) < 0.5, -1.0, 1.0) if config.hflip else torch.ones(count)
+    theta = torch.zeros(count, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    pixels = images.float()
+    grid = torch.nn.functional.affine_grid(theta.to(images.device), list(pixels.shape), align_corners=False)
+    pixels = torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if config.color_jitter > 0:
+        strength = config.color_jitter
+        brightness, contrast, saturation = (uniform(1 - strength, 1 + strength) for _ in range(3))
+        grey = torch.tensordot(torch.tensor([0.299, 0.587, 0.114], device=images.device), pixels, dims=([0], [1])).unsqueeze(1)
+        mean_grey = grey.mean(dim=(2, 3)).squeeze(1).cpu()
+        # brightness b, contrast c around the mean grey m, saturation s around the pixel's grey g:
+        # x' = b*s*c*x + b*c*(1-s)*g + b*(1-c)*m
+        scale_x = (brightness * contrast * saturation).view(-1, 1, 1, 1).to(images.device)
+        scale_grey = (brightness * contrast * (1 - saturation)).view(-1, 1, 1, 1).to(images.device)
+        offset = (brightness * (1 - contrast) * mean_grey).view(-1, 1, 1, 1).to(images.device)
+        pixels = pixels * scale_x + grey * scale_grey + offset
+    return pixels.clamp_(0, 255).round_().to(torch.uint8)
 
 
 def decode_image(jpeg: bytes, image_size: int) -> torch.Tensor:
     """uint8 CHW RGB, resized to ``image_size`` when the shard stores another size."""
     image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
     if image.shape[-1] != image_size or image.shape[-2] != image_size:
-        image = v2.functional.resize(image, [image_size, image_size], antialias=True)
+        image = transforms_functional.resize(image, [image_size, image_size], antialias=True)
     return image
 
 
@@ -200,11 +228,73 @@ def normalize_images(images: torch.Tensor, channels_last: bool = False) -> torch
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+# ---------------------------------------------------------------- reading tars
+
+TAR_BLOCK = 512
+
+
+def tar_members(data: bytes, url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, payload) of every regular file in an in-memory tar (ustar, GNU long names, pax skipped).
+
+    Python's ``tarfile`` spends ~100 us per member parsing headers, more than decoding a 64 px JPEG;
+    reading the headers' fixed fields directly is ~20x faster (bench/loader_throughput.py). A tar that
+    ends inside a member is an error that names the file.
+    """
+    offset, long_name = 0, None
+    while offset + TAR_BLOCK <= len(data):
+        header = data[offset : offset + TAR_BLOCK]
+        if not header.strip(b"\0"):
+            return  # end-of-archive blocks
+        size_field = header[124:136].split(b"\0", 1)[0].strip()
+        size = int(size_field, 8) if size_field else 0
+        kind = header[156:157]
+        start = offset + TAR_BLOCK
+        end = start + size
+        if end > len(data):
+            raise ValueError(f"{url}: truncated tar (member at byte {offset} needs {size} bytes)")
+        offset = start + -(-size // TAR_BLOCK) * TAR_BLOCK
+        if kind == b"L":  # GNU long name: the next member's name is this payload
+            long_name = data[start:end].split(b"\0", 1)[0].decode()
+            continue
+        if kind not in (b"0", b"\0"):
+            continue  # directories, pax headers, links
+        name = long_name or header[0:100].split(b"\0", 1)[0].decode()
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" and not long_name else b""
+        long_name = None
+        yield (f"{prefix.decode()}/{name}" if prefix else name), data[start:end]
+
+
+def tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
+    """webdataset pipeline stage: shard urls -> samples ``{"__key__", "__url__", "jpg", "json"}``.
+
+    Members are grouped by key (the file name up to its first dot), as webdataset does.
+    """
+    for shard in shards:
+        url = shard["url"]
+        with open(url, "rb") as handle:
+            data = handle.read()
+        sample: dict = {}
+        for name, payload in tar_members(data, url):
+            directory, _, base = name.rpartition("/")
+            key, _, suffix = base.partition(".")
+            key = f"{directory}/{key}" if directory else key
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            if not sample:
+                sample = {"__key__": key, "__url__": url}
+            sample[suffix] = payload
+        if sample:
+            yield sample
+
+
 # ---------------------------------------------------------------- training stream
 
 
 class TaskBalancedStream(IterableDataset):
-    """Endless batches composed from per-dataset quotas; one independent stream per loader worker."""
+    """Endless batches composed from per-dataset quotas; one independent stream per loader worker.
+
+    Batches are decoded, not augmented: :func:`augment_batch` runs on the training device."""
 
     def __init__(
         self,
@@ -212,7 +302,6 @@ class TaskBalancedStream(IterableDataset):
         quotas: Mapping[str, int],
         tasks: Sequence[str],
         image_size: int,
-        augment: AugmentConfig,
         shuffle_buffer: int,
         seed: int,
         rank: int = 0,
@@ -225,7 +314,6 @@ class TaskBalancedStream(IterableDataset):
         self.quotas = dict(quotas)
         self.tasks = list(tasks)
         self.image_size = image_size
-        self.augment_config = augment
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.rank, self.epoch = seed, rank, epoch
 
@@ -233,7 +321,7 @@ class TaskBalancedStream(IterableDataset):
         seed = stream_seed(self.seed, self.rank, worker, self.epoch, name)
         pipeline = wds.DataPipeline(
             wds.ResampledShards(urls, seed=seed, worker_seed=lambda: 0, deterministic=True),
-            wds.tarfile_to_samples(),
+            tar_samples,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed),
         )
         return iter(pipeline)
@@ -241,15 +329,13 @@ class TaskBalancedStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info else 0
-        torch.manual_seed(stream_seed(self.seed, self.rank, worker, self.epoch, "augment"))
-        augment = build_augment(self.augment_config, self.image_size)
         streams = [(index, self.quotas[name], self._samples(name, urls, worker)) for index, (name, urls) in enumerate(self.sources)]
         while True:
             images, targets, masks, sources = [], [], [], []
             for source_index, quota, stream in streams:
                 for _ in range(quota):
                     sample = next(stream)
-                    images.append(augment(decode_image(sample["jpg"], self.image_size)))
+                    images.append(decode_image(sample["jpg"], self.image_size))
                     target, mask = label_vectors(json.loads(sample["json"])["labels"], self.tasks)
                     targets.append(target)
                     masks.append(mask)
@@ -292,7 +378,7 @@ class EvalStream(IterableDataset):
         readers, reader = self.world_size * workers, self.rank * workers + worker
         for source_index, (_, urls) in enumerate(self.sources):
             position = 0
-            for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()) if urls else ():
+            for sample in wds.DataPipeline(wds.SimpleShardList(urls), tar_samples) if urls else ():
                 mine = position % readers == reader
                 position += 1
                 if not mine:

@@ -30,6 +30,7 @@ from pipeline.data import (
     EvalStream,
     ShardSet,
     TaskBalancedStream,
+    augment_batch,
     compute_quotas,
     default_steps_per_epoch,
     describe_quotas,
@@ -37,6 +38,7 @@ from pipeline.data import (
     normalize_images,
     open_shard_set,
     resolve_tasks,
+    stream_seed,
     train_loader,
 )
 from pipeline.freeze import EarlyFreeze, SnapshotStore, apply_decision
@@ -157,6 +159,7 @@ def train_one_epoch(
     loss_tasks: Sequence[str],
     context: WorkerContext,
     config: TrainConfig,
+    augment_generator: torch.Generator,
 ) -> dict[str, float]:
     """``steps`` optimizer steps; returns mean task losses, labelled examples per batch and images/s."""
     model.train()
@@ -168,7 +171,8 @@ def train_one_epoch(
     started = time.perf_counter()
     for _ in range(steps):
         batch = next(batches)
-        images = normalize_images(batch["images"].to(context.device, non_blocking=True), config.model.channels_last)
+        images = augment_batch(batch["images"].to(context.device, non_blocking=True), config.data.augment, augment_generator)
+        images = normalize_images(images, config.model.channels_last)
         labels = batch["labels"].to(context.device, non_blocking=True)
         mask = batch["mask"].to(context.device, non_blocking=True)
         autocast = torch.autocast(context.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -290,13 +294,16 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
     while state.epoch < config.max_epochs and not freezer.all_done:
         epoch = state.epoch
         stream = TaskBalancedStream(
-            setup.shard_sets, setup.quotas, [t.name for t in setup.tasks], config.data.image_size, config.data.augment,
+            setup.shard_sets, setup.quotas, [t.name for t in setup.tasks], config.data.image_size,
             config.data.shuffle_buffer, config.seed, context.rank, epoch,
         )
+        augment_generator = torch.Generator().manual_seed(stream_seed(config.seed, context.rank, epoch, "augment"))
         batches = iter(train_loader(stream, config.data.loader_workers, pin_memory=context.device.type == "cuda"))
         started = time.perf_counter()
         metrics: dict[str, Any] = {"epoch": epoch}
-        metrics |= train_one_epoch(model, batches, setup.steps_per_epoch, optimizer, setup.tasks, freezer.loss_tasks(), context, config)
+        metrics |= train_one_epoch(
+            model, batches, setup.steps_per_epoch, optimizer, setup.tasks, freezer.loss_tasks(), context, config, augment_generator
+        )
         del batches
         val = evaluate_split(net, val_loader, setup.tasks, context, config)
         val_loss_by_task = {task: values["loss"] for task, values in val.items()}

@@ -13,11 +13,14 @@ from pipeline.data import (
     DataConfigError,
     EvalStream,
     TaskBalancedStream,
+    augment_batch,
     compute_quotas,
     eval_loader,
     expected_labelled_per_batch,
     open_shard_set,
     resolve_tasks,
+    tar_members,
+    tar_samples,
     train_loader,
 )
 
@@ -63,7 +66,7 @@ def test_achieved_task_shares_match_the_quotas_over_many_batches(synthetic_shard
     sets = [open_shard_set(p) for p in synthetic_shards.values()]
     coverage = {s.name: {t: s.labelled_fraction(t) for t in TASKS} for s in sets}
     quotas = compute_quotas(coverage, TASKS, 30)
-    stream = TaskBalancedStream(sets, quotas, TASKS, 32, AugmentConfig(), shuffle_buffer=50, seed=0)
+    stream = TaskBalancedStream(sets, quotas, TASKS, 32, shuffle_buffer=50, seed=0)
     labelled = torch.zeros(len(TASKS))
     sources = torch.zeros(len(sets))
     batches = list(itertools.islice(iter(train_loader(stream, loader_workers=2)), 40))
@@ -79,7 +82,7 @@ def test_achieved_task_shares_match_the_quotas_over_many_batches(synthetic_shard
 def test_streams_differ_by_rank_and_epoch_and_repeat_for_the_same_seed(synthetic_shards: dict[str, Path]) -> None:
     sets = [open_shard_set(synthetic_shards["utk"])]
     def first_batch(rank: int, epoch: int) -> torch.Tensor:
-        stream = TaskBalancedStream(sets, {"utk": 8}, ["age"], 32, AugmentConfig(enabled=False), 50, seed=3, rank=rank, epoch=epoch)
+        stream = TaskBalancedStream(sets, {"utk": 8}, ["age"], 32, 50, seed=3, rank=rank, epoch=epoch)
         return next(iter(stream))["labels"]
     assert torch.equal(first_batch(0, 0), first_batch(0, 0))
     assert not torch.equal(first_batch(0, 0), first_batch(1, 0))
@@ -95,3 +98,45 @@ def test_validation_reads_every_sample_exactly_once_across_two_ranks_and_two_wor
         for batch in loader:
             keys.extend(batch["key"])
     assert len(keys) == expected and len(set(keys)) == expected
+
+
+def test_augment_batch_is_seeded_keeps_shape_and_is_the_identity_when_off() -> None:
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    config = AugmentConfig()
+    first = augment_batch(images, config, torch.Generator().manual_seed(1))
+    assert first.shape == images.shape and first.dtype == torch.uint8
+    assert torch.equal(first, augment_batch(images, config, torch.Generator().manual_seed(1)))
+    assert not torch.equal(first, augment_batch(images, config, torch.Generator().manual_seed(2)))
+    assert torch.equal(augment_batch(images, AugmentConfig(enabled=False), torch.Generator()), images)
+    still = AugmentConfig(crop_scale=(1.0, 1.0), hflip=False, color_jitter=0.0)
+    # full-area crop with aspect 0.9-1.1 clamps to the whole image: (nearly) the input
+    assert (augment_batch(images, still, torch.Generator()).int() - images.int()).abs().float().mean() < 40
+
+
+def test_augment_batch_flips_exactly_when_the_crop_is_the_whole_image() -> None:
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4) * 2
+    config = AugmentConfig(crop_scale=(1.0, 1.0), hflip=True, color_jitter=0.0)
+    generator = torch.Generator().manual_seed(0)
+    out = augment_batch(images, config, generator)
+    for index in range(2):
+        assert torch.equal(out[index], images[index]) or torch.equal(out[index], images[index].flip(-1))
+
+
+def test_tar_reader_agrees_with_tarfile_and_names_a_truncated_shard(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, payload in (("a.jpg", b"x" * 700), ("a.json", b"{}"), ("k" * 150 + ".jpg", b"long"), ("b.jpg", b"")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    data = buffer.getvalue()
+    assert list(tar_members(data, "t.tar")) == [("a.jpg", b"x" * 700), ("a.json", b"{}"), ("k" * 150 + ".jpg", b"long"), ("b.jpg", b"")]
+    path = tmp_path / "t.tar"
+    path.write_bytes(data)
+    assert [s["__key__"] for s in tar_samples([{"url": str(path)}])] == ["a", "k" * 150, "b"]
+    path.write_bytes(data[:1000])
+    with pytest.raises(ValueError, match="t.tar: truncated tar"):
+        list(tar_samples([{"url": str(path)}]))
