@@ -223,3 +223,15 @@ def _plain(value: Any) -> Any:
 def save_config(config: TrainConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def with_absolute_paths(config: TrainConfig, base: Path | None = None) -> TrainConfig:
+    """Paths resolved against ``base`` (the launching directory): Ray workers run in folders of their own."""
+    base = base or Path.cwd()
+
+    def absolute(path: str) -> str:
+        return str((base / path).resolve()) if not Path(path).is_absolute() else path
+
+    data = dataclasses.replace(config.data, datasets=[absolute(p) for p in config.data.datasets])
+    model = dataclasses.replace(config.model, weights_path=absolute(config.model.weights_path) if config.model.weights_path else None)
+    return dataclasses.replace(config, runs_dir=absolute(config.runs_dir), data=data, model=model)

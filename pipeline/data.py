@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from scipy.optimize import linprog
@@ -65,6 +66,16 @@ class ShardSet:
 
     def num_samples(self, split: str) -> int:
         return int(self.summary["samples_per_split"].get(split, 0))
+
+    def labels(self, task: str, split: str = "train") -> list[float]:
+        """A task's non-null labels in a split, read from the manifest's label column only."""
+        table = pq.read_table(self.root / "manifest.parquet", columns=["split", task], filters=[("split", "=", split)])
+        return [v for v in table.column(task).to_pylist() if v is not None]
+
+    def label_mean(self, task: str, split: str = "train") -> tuple[float, int]:
+        """(mean, count) of a task's labels in a split."""
+        values = self.labels(task, split)
+        return (sum(values) / len(values) if values else 0.0), len(values)
 
     def labelled_fraction(self, task: str, split: str = "train") -> float:
         """Share of this split's samples that carry a label for ``task`` (0 when none do)."""

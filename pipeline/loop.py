@@ -172,7 +172,7 @@ def train_one_epoch(
     for _ in range(steps):
         batch = next(batches)
         images = augment_batch(batch["images"].to(context.device, non_blocking=True), config.data.augment, augment_generator)
-        images = normalize_images(images, config.model.channels_last)
+        images = normalize_images(images, uses_channels_last(config, context))
         labels = batch["labels"].to(context.device, non_blocking=True)
         mask = batch["mask"].to(context.device, non_blocking=True)
         autocast = torch.autocast(context.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -202,7 +202,7 @@ def evaluate_split(
     net.eval()
     sums = MetricSums(tasks)
     for batch in loader:
-        images = normalize_images(batch["images"].to(context.device), config.model.channels_last)
+        images = normalize_images(batch["images"].to(context.device), uses_channels_last(config, context))
         labels, mask = batch["labels"].to(context.device), batch["mask"].to(context.device)
         outputs = net(images)
         losses = masked_task_losses(outputs, labels, mask, tasks, config.loss.age_scale, config.loss.regression_loss)
@@ -236,6 +236,7 @@ class TrainingSetup:
     quotas: dict[str, int]
     steps_per_epoch: int
     description: str
+    regression_means: dict[str, float]  # mean training label of each regression task (initial head bias)
 
 
 def prepare(config: TrainConfig, world_size: int) -> TrainingSetup:
@@ -247,7 +248,18 @@ def prepare(config: TrainConfig, world_size: int) -> TrainingSetup:
     coverage = {s.name: {t: s.labelled_fraction(t) for t in task_names} for s in shard_sets}
     quotas = compute_quotas(coverage, task_names, config.data.batch_size, config.data.task_shares)
     steps = config.data.steps_per_epoch or default_steps_per_epoch(shard_sets, config.data.batch_size * world_size)
-    return TrainingSetup(shard_sets, [get_task(t) for t in task_names], quotas, steps, describe_quotas(quotas, coverage, task_names))
+    tasks = [get_task(t) for t in task_names]
+    regression_means = {}
+    for task in (t.name for t in tasks if t.kind == "regression"):
+        sums = [s.label_mean(task) for s in shard_sets]
+        count = sum(n for _, n in sums)
+        regression_means[task] = sum(mean * n for mean, n in sums) / count
+    return TrainingSetup(shard_sets, tasks, quotas, steps, describe_quotas(quotas, coverage, task_names), regression_means)
+
+
+def uses_channels_last(config: TrainConfig, context: WorkerContext) -> bool:
+    """channels_last pays on GPUs (tensor cores); on CPU it only costs conversions, so it switches off."""
+    return config.model.channels_last and context.device.type == "cuda"
 
 
 Reporter = Callable[[dict[str, Any], dict[str, Any]], None]  # (metrics, checkpoint payload) -> None
@@ -265,8 +277,10 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
         config.model.weights_path, config.model.binary_outputs,
     )
     weighting = build_weighting(config.loss.weighting, [t.name for t in setup.tasks], **weighting_options(config))
+    for task, mean in setup.regression_means.items():
+        net.set_output_bias(task, mean / config.loss.age_scale)
     objective = MultiTaskObjective(net, weighting, setup.tasks, config).to(context.device)
-    if config.model.channels_last:
+    if uses_channels_last(config, context):
         objective = objective.to(memory_format=torch.channels_last)
     freezer = EarlyFreeze([t.name for t in setup.tasks], config.freeze.patience, config.freeze.min_delta, config.freeze.mode)
     snapshots = SnapshotStore()

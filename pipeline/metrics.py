@@ -125,3 +125,15 @@ def normalized_score(task: TaskSpec, metrics: Mapping[str, float], age_scale: fl
     if task.kind == "regression":
         return max(0.0, 1.0 - metrics["mae"] / age_scale)
     return metrics["accuracy"]
+
+
+def chance_level(task: TaskSpec, train_labels: Sequence[float], eval_labels: Sequence[float]) -> float:
+    """What a model that ignores the image scores: the most frequent training class's accuracy, or the
+    MAE of always predicting the mean training age. The bar a trained model must clear."""
+    if not eval_labels:
+        return float("nan")
+    if task.kind == "regression":
+        mean = sum(train_labels) / len(train_labels)
+        return sum(abs(value - mean) for value in eval_labels) / len(eval_labels)
+    majority = max(set(train_labels), key=list(train_labels).count)
+    return sum(value == majority for value in eval_labels) / len(eval_labels)

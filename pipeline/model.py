@@ -161,6 +161,11 @@ class MultiTaskNet(nn.Module):
                 outputs[task] = head(features)
         return outputs
 
+    def set_output_bias(self, task: str, value: float) -> None:
+        """Start a regression head at ``value`` (e.g. the mean scaled age): Adam moves a bias by about lr
+        per step, so starting at 0 would spend hundreds of steps just reaching the mean."""
+        self._head(task)[-1].bias.data.fill_(value)
+
     def train(self, mode: bool = True) -> MultiTaskNet:
         """As ``nn.Module.train``, except that frozen parts stay in eval mode."""
         super().train(mode)

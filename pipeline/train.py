@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from pipeline.config import ConfigError, TrainConfig, load_config, save_config, to_dict, with_absolute_paths
 from pipeline.run_records import (
     BEST_MODEL_FILE,
     CHECKPOINT_FILE,
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = with_absolute_paths(load_config(args.config, args.overrides))
     except (ConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
