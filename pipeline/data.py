@@ -33,6 +33,7 @@ from torchvision.transforms.v2 import functional as transforms_functional
 
 from pipeline.config import AugmentConfig
 from pipeline.schema import get_task
+from pipeline.tar_format import tar_members
 
 # torchvision 0.29 deprecates its JPEG decoder in favour of torchcodec; it is still ~2x faster than Pillow
 # for our small crops (bench/loader_throughput.py), so we keep it until torchcodec is a dependency.
@@ -240,39 +241,6 @@ def normalize_images(images: torch.Tensor, channels_last: bool = False) -> torch
 
 
 # ---------------------------------------------------------------- reading tars
-
-TAR_BLOCK = 512
-
-
-def tar_members(data: bytes, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, payload) of every regular file in an in-memory tar (ustar, GNU long names, pax skipped).
-
-    Python's ``tarfile`` spends ~100 us per member parsing headers, more than decoding a 64 px JPEG;
-    reading the headers' fixed fields directly is ~20x faster (bench/loader_throughput.py). A tar that
-    ends inside a member is an error that names the file.
-    """
-    offset, long_name = 0, None
-    while offset + TAR_BLOCK <= len(data):
-        header = data[offset : offset + TAR_BLOCK]
-        if not header.strip(b"\0"):
-            return  # end-of-archive blocks
-        size_field = header[124:136].split(b"\0", 1)[0].strip()
-        size = int(size_field, 8) if size_field else 0
-        kind = header[156:157]
-        start = offset + TAR_BLOCK
-        end = start + size
-        if end > len(data):
-            raise ValueError(f"{url}: truncated tar (member at byte {offset} needs {size} bytes)")
-        offset = start + -(-size // TAR_BLOCK) * TAR_BLOCK
-        if kind == b"L":  # GNU long name: the next member's name is this payload
-            long_name = data[start:end].split(b"\0", 1)[0].decode()
-            continue
-        if kind not in (b"0", b"\0"):
-            continue  # directories, pax headers, links
-        name = long_name or header[0:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" and not long_name else b""
-        long_name = None
-        yield (f"{prefix.decode()}/{name}" if prefix else name), data[start:end]
 
 
 def tar_samples(shards: Iterable[dict]) -> Iterator[dict]:

@@ -307,10 +307,13 @@ class SnapshotStore:
 
 
 def apply_decision(model: nn.Module, decision: FreezeDecision, store: SnapshotStore) -> None:
-    """Restore the snapshot ``decision`` names and freeze what it says; "stop" leaves the model alone."""
-    if decision.kind == "stop":
-        return
-    restore_from_snapshot(model, store.get(decision.restore_epoch), decision.restore_scope, decision.task)
+    """Restore the snapshot ``decision`` names and freeze what it says.
+
+    "stop" (the early-stopping baseline) restores nothing and leaves the trunk training; the stopped
+    task's head is frozen where it is, so that weight decay and Adam's momentum do not move it further.
+    """
+    if decision.kind != "stop":
+        restore_from_snapshot(model, store.get(decision.restore_epoch), decision.restore_scope, decision.task)
     if decision.kind == "freeze_trunk":
         model.freeze_trunk()
     model.freeze_head(decision.task)

@@ -164,6 +164,7 @@ def train_one_epoch(
     """``steps`` optimizer steps; returns mean task losses, labelled examples per batch and images/s."""
     model.train()
     amp_dtype = autocast_dtype(config, context.device)
+    grad_scaler = torch.amp.GradScaler(context.device.type, enabled=amp_dtype == torch.float16)
     loss_sum = {t.name: 0.0 for t in tasks}
     loss_batches = {t.name: 0 for t in tasks}
     labelled = torch.zeros(len(tasks))
@@ -179,8 +180,9 @@ def train_one_epoch(
         with autocast:
             total, task_losses, _ = model(images, labels, mask, loss_tasks)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        grad_scaler.scale(total).backward()  # a no-op scale unless fp16, whose small gradients underflow
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
         for task, loss in task_losses.items():
             loss_sum[task] += loss.detach().item()
             loss_batches[task] += 1

@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.schema import TASKS
 from pipeline.sources.base import Rejection, SourceRecord
+from pipeline.tar_format import tar_end, tar_member_bytes
 
 PARTS_DIR = "_parts"
 
@@ -109,16 +109,6 @@ def manifest_schema() -> pa.Schema:
     )
 
 
-def _tar_member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0  # fixed metadata: same input, byte-identical tar
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info, io.BytesIO(payload)
-
-
 def _stage(final: Path, payload: bytes) -> tuple[Path, Path]:
     """Write ``payload`` durably under ``<final>.tmp``; return (temporary, final) for the rename."""
     temporary = final.with_name(final.name + ".tmp")
@@ -152,31 +142,30 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
     tar_name = f"{plan.name}.tar"
     rejections: list[Rejection] = []
     manifest_rows: list[dict[str, object]] = []
-    tar_buffer = io.BytesIO()
-    with tarfile.open(fileobj=tar_buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for record in plan.records:
-            try:
-                image = fit_image(record.image.load(), settings.image_size)
-                jpeg = encode_jpeg(image, settings.jpeg_quality)
-            except Exception as error:  # any decoder failure is a property of that one input file
-                rejections.append(Rejection(record.source_id, "image", describe_image_error(error)))
-                continue
-            for suffix, payload in (("jpg", jpeg), ("json", sample_metadata(record, dataset))):
-                tar.addfile(*_tar_member(f"{record.key}.{suffix}", payload))
-            manifest_rows.append(
-                {
-                    "key": record.key,
-                    "dataset": dataset,
-                    "split": plan.split,
-                    "shard": tar_name,
-                    "source_id": record.source_id,
-                    **record.labels,
-                    "extras": json.dumps(record.extras, sort_keys=True) if record.extras else None,
-                    "image": jpeg,
-                    "sha256": hashlib.sha256(jpeg).hexdigest(),
-                }
-            )
-    tar_bytes = tar_buffer.getvalue()
+    tar_parts: list[bytes] = []
+    for record in plan.records:
+        try:
+            image = fit_image(record.image.load(), settings.image_size)
+            jpeg = encode_jpeg(image, settings.jpeg_quality)
+        except Exception as error:  # any decoder failure is a property of that one input file
+            rejections.append(Rejection(record.source_id, "image", describe_image_error(error)))
+            continue
+        tar_parts.append(tar_member_bytes(f"{record.key}.jpg", jpeg))
+        tar_parts.append(tar_member_bytes(f"{record.key}.json", sample_metadata(record, dataset)))
+        manifest_rows.append(
+            {
+                "key": record.key,
+                "dataset": dataset,
+                "split": plan.split,
+                "shard": tar_name,
+                "source_id": record.source_id,
+                **record.labels,
+                "extras": json.dumps(record.extras, sort_keys=True) if record.extras else None,
+                "image": jpeg,
+                "sha256": hashlib.sha256(jpeg).hexdigest(),
+            }
+        )
+    tar_bytes = b"".join(tar_parts) + tar_end()
 
     parts_dir = out_dir / PARTS_DIR
     part_buffer = pa.BufferOutputStream()

@@ -19,7 +19,6 @@ from pipeline.data import (
     expected_labelled_per_batch,
     open_shard_set,
     resolve_tasks,
-    tar_members,
     tar_samples,
     train_loader,
 )
@@ -120,23 +119,3 @@ def test_augment_batch_flips_exactly_when_the_crop_is_the_whole_image() -> None:
     out = augment_batch(images, config, generator)
     for index in range(2):
         assert torch.equal(out[index], images[index]) or torch.equal(out[index], images[index].flip(-1))
-
-
-def test_tar_reader_agrees_with_tarfile_and_names_a_truncated_shard(tmp_path: Path) -> None:
-    import io
-    import tarfile
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, payload in (("a.jpg", b"x" * 700), ("a.json", b"{}"), ("k" * 150 + ".jpg", b"long"), ("b.jpg", b"")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    data = buffer.getvalue()
-    assert list(tar_members(data, "t.tar")) == [("a.jpg", b"x" * 700), ("a.json", b"{}"), ("k" * 150 + ".jpg", b"long"), ("b.jpg", b"")]
-    path = tmp_path / "t.tar"
-    path.write_bytes(data)
-    assert [s["__key__"] for s in tar_samples([{"url": str(path)}])] == ["a", "k" * 150, "b"]
-    path.write_bytes(data[:1000])
-    with pytest.raises(ValueError, match="t.tar: truncated tar"):
-        list(tar_samples([{"url": str(path)}]))

@@ -66,3 +66,15 @@ def test_early_freeze_in_the_loop_freezes_the_trunk_then_every_head_and_ends_ear
 def test_a_bad_config_is_refused_before_training(tmp_path: Path, capsys) -> None:
     assert train_main(["--local", "optim.lr=-1", f"runs_dir={tmp_path}"]) == 2
     assert "optim.lr must be > 0" in capsys.readouterr().err
+
+
+def test_early_stop_baseline_stops_tasks_without_restoring_and_keeps_the_trunk_training(synthetic_shards, tmp_path: Path) -> None:
+    args = tiny_overrides(synthetic_shards, tmp_path, "s", "max_epochs=5", "freeze.mode=early-stop", "freeze.patience=1",
+                          "freeze.min_delta=1e9", "data.tasks=[age,emotion]",
+                          "data.datasets=[" + f"{synthetic_shards['utk']},{synthetic_shards['fer']}" + "]")
+    assert train_main(["--local", *args]) == 0
+    rows = metric_rows(tmp_path / "s")
+    assert json.loads(rows[1]["freeze/events"]) == ["stop:age@1->None", "stop:emotion@1->None"]
+    assert len(rows) == 2
+    checkpoint = load_checkpoint(tmp_path / "s" / "checkpoint.pt")
+    assert checkpoint["frozen_parts"] == {"trunk": False, "heads": ["age", "emotion"]}
