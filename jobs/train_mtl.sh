@@ -64,7 +64,8 @@ stop_all() {
     kill -TERM "$TRAIN_PID" 2>/dev/null || true
     wait "$TRAIN_PID" 2>/dev/null || true
   fi
-  "$RAY" stop --force >/dev/null 2>&1 || true
+  # Stop this job's Ray nodes by ending their job steps; never `ray stop`, which would also stop the Ray
+  # nodes of other jobs sharing the machine.
   for pid in "${RAY_STEPS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }

@@ -287,19 +287,18 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
     freezer = EarlyFreeze([t.name for t in setup.tasks], config.freeze.patience, config.freeze.min_delta, config.freeze.mode)
     snapshots = SnapshotStore()
     state = RunState()
-    optimizer = build_optimizer(objective, config)
     if resume is not None:
         objective.load_state_dict(resume["objective"])
         freezer.load_state_dict(resume["freeze"])
         snapshots.load_state_dict(resume["snapshots"])
-        net.apply_frozen_parts(resume["frozen_parts"])
-        optimizer = build_optimizer(objective, config)
-        optimizer.load_state_dict(resume["optimizer"])
+        net.apply_frozen_parts(resume["frozen_parts"])  # before the optimizer: it holds trainable parameters only
         state = RunState(**resume["run_state"])
+    optimizer = build_optimizer(objective, config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=config.optim.plateau_factor, patience=config.optim.plateau_patience
     )
     if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
     model = context.wrap(objective)
     val_loader = eval_loader(
@@ -346,7 +345,9 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
         metrics["freeze/frozen_tasks"] = list(freezer.frozen_tasks) + list(freezer.stopped_tasks)
         metrics["freeze/trunk_frozen"] = freezer.trunk_frozen
         metrics["epoch_seconds"] = time.perf_counter() - started
-        is_best = total_val_loss < state.best_total_val_loss
+        # After a restore the weights are no longer the ones just evaluated: not a candidate for best model.
+        restored = any(d.restore_epoch is not None for d in decisions)
+        is_best = total_val_loss < state.best_total_val_loss and not restored
         if is_best:
             state.best_total_val_loss = total_val_loss
         metrics["is_best"] = is_best

@@ -57,16 +57,25 @@ def test_two_workers_train_freeze_mid_ddp_and_resume_by_name(local_ray, syntheti
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]  # resumed at epoch 3, history kept
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
+def _train_worker_pids(ancestor: int) -> list[int]:
+    """RayTrainWorker processes started (through its local Ray) by process ``ancestor`` only."""
+    parents, names = {}, {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                names[int(entry.name)] = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
                 continue
-    return pids
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == ancestor:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [pid for pid, cmdline in names.items() if b"RayTrainWorker" in cmdline and descends(pid)]
 
 
 def test_a_killed_worker_is_restarted_and_training_finishes_all_epochs(synthetic_shards, tmp_path: Path) -> None:
@@ -81,7 +90,7 @@ def test_a_killed_worker_is_restarted_and_training_finishes_all_epochs(synthetic
     while not metrics.exists() and time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.5)
     assert metrics.exists(), log.read_text()[-3000:]
-    victims = _train_worker_pids()
+    victims = _train_worker_pids(child.pid)
     assert victims, "no RayTrainWorker process found"
     os.kill(victims[-1], signal.SIGKILL)
     assert child.wait(timeout=400) == 0, log.read_text()[-3000:]
