@@ -175,11 +175,10 @@ def stream_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
 
 
-def label_vectors(labels: Mapping[str, object], tasks: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def label_values(labels: Mapping[str, object], tasks: Sequence[str]) -> tuple[list[float], list[bool]]:
+    """Targets (0.0 where unlabelled) and the labelled mask, in task order; tensors are made per batch."""
     values = [labels.get(task) for task in tasks]
-    mask = torch.tensor([v is not None for v in values], dtype=torch.bool)
-    target = torch.tensor([float(v) if v is not None else 0.0 for v in values], dtype=torch.float32)
-    return target, mask
+    return [float(v) if v is not None else 0.0 for v in values], [v is not None for v in values]
 
 
 def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
@@ -315,14 +314,14 @@ class TaskBalancedStream(IterableDataset):
                 for _ in range(quota):
                     sample = next(stream)
                     images.append(decode_image(sample["jpg"], self.image_size))
-                    target, mask = label_vectors(json.loads(sample["json"])["labels"], self.tasks)
+                    target, mask = label_values(json.loads(sample["json"])["labels"], self.tasks)
                     targets.append(target)
                     masks.append(mask)
                     sources.append(source_index)
             yield {
                 "images": torch.stack(images),
-                "labels": torch.stack(targets),
-                "mask": torch.stack(masks),
+                "labels": torch.tensor(targets, dtype=torch.float32),
+                "mask": torch.tensor(masks, dtype=torch.bool),
                 "source": torch.tensor(sources),
             }
 
@@ -362,11 +361,11 @@ class EvalStream(IterableDataset):
                 position += 1
                 if not mine:
                     continue  # skipped before decoding: a reader pays only for its own samples
-                target, mask = label_vectors(json.loads(sample["json"])["labels"], self.tasks)
+                target, mask = label_values(json.loads(sample["json"])["labels"], self.tasks)
                 yield {
                     "images": decode_image(sample["jpg"], self.image_size),
-                    "labels": target,
-                    "mask": mask,
+                    "labels": torch.tensor(target, dtype=torch.float32),
+                    "mask": torch.tensor(mask, dtype=torch.bool),
                     "source": source_index,
                     "key": sample["__key__"],
                 }
