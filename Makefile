@@ -23,6 +23,8 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) bench/shard_throughput.py
+	$(PY) bench/loader_throughput.py
+	$(PY) bench/ddp_overhead.py
 
 clean-shards:
 	find shards -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
