@@ -86,7 +86,8 @@ def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers * (1 + config.data.loader_workers)),
+            # address="local": a new Ray here, never another job's `ray start` cluster on this machine
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, config.num_workers * (1 + config.data.loader_workers)),
                      include_dashboard=False)
     run_dir = config.run_dir.resolve()
     trainer = TorchTrainer(

@@ -30,7 +30,7 @@ def metric_rows(run_dir: Path) -> list[dict]:
 def local_ray():
     import ray
 
-    ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=6, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
