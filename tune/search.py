@@ -1,0 +1,410 @@
+"""``python -m tune.search``: Ray Tune over lr, λ and Early-Freeze patience; every trial a Ray Train run.
+
+    python -m tune.search --config configs/demo.yaml --num-samples 8                  # ASHA, random search
+    python -m tune.search --config configs/demo.yaml --grid thesis --scheduler fifo    # λ ∈ {0.001, 0.01, 0.1, 1}
+    python -m tune.search --config configs/demo.yaml max_epochs=10 space.lr=[1e-4,1e-2] space.weighting=[learned,equal]
+
+Each trial trains the base config with its sampled values on a ``TorchTrainer`` of its own (the workers
+of ``pipeline.train``). The objective, reported every epoch, is the mean over tasks of
+``pipeline.metrics.normalized_score`` (accuracy; ``max(0, 1 - MAE/10)`` for age); ASHA stops trials whose
+objective trails the others at the same epoch. A search is ``runs_dir/name``:
+
+    <search>/config.yaml, space.yaml     the base training config and the search space
+    <search>/<trial_id>/                 Tune's results of one trial; its training run in train/
+    <search>/trials.parquet              one row per trial and epoch: hyperparameters, objective, val metrics
+    <search>/best_config.yaml            the best trial's config, for ``python -m pipeline.train --config``
+
+Starting a search again with the same name resumes it (``Tuner.restore``): finished trials are kept,
+unfinished ones continue from their last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from ray.train import UserCallback
+from ray.tune import Trainable
+from ray.tune.result import RESULT_DUPLICATE
+from ray.util.placement_group import remove_placement_group
+from ray.util.queue import Queue
+
+from pipeline.config import ConfigError, TrainConfig, load_config, load_config_dict, save_config, to_dict, with_absolute_paths
+from pipeline.metrics import normalized_score
+from pipeline.run_records import CONFIG_FILE, latest_checkpoint
+from pipeline.schema import get_task
+from tune.space import GRIDS, OVERRIDE_PREFIX, SearchSpace, apply_sample, check_against_config, load_space
+
+OBJECTIVE = "objective"
+EPOCHS_DONE = "epochs_done"  # ASHA's clock, in epochs
+TRIAL_RUN_NAME = "train"
+TRIALS_FILE = "trials.parquet"
+BEST_CONFIG_FILE = "best_config.yaml"
+SPACE_FILE = "space.yaml"
+
+
+def search_objective(metrics: dict[str, Any]) -> float:
+    """Mean over the validated tasks of their normalized score (higher is better, each in [0, 1])."""
+    tasks = sorted({key.split("/")[1] for key in metrics if key.startswith("val/") and key.endswith("/loss")})
+    return sum(normalized_score(get_task(task), _task_metrics(metrics, task)) for task in tasks) / len(tasks)
+
+
+def _task_metrics(metrics: dict[str, Any], task: str) -> dict[str, float]:
+    prefix = f"val/{task}/"
+    return {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
+
+
+def tune_result(epoch_metrics: dict[str, Any]) -> dict[str, Any]:
+    """What Tune hears of one epoch: the loop's metrics (lists as JSON, as in metrics.parquet) + the objective."""
+    result = {key: json.dumps(value) if isinstance(value, list) else value for key, value in epoch_metrics.items()}
+    return result | {OBJECTIVE: search_objective(result), EPOCHS_DONE: result["epoch"] + 1}
+
+
+class SearchTrial(Trainable):
+    """One trial: the base config with the sampled values, trained by a TorchTrainer in a thread of this
+    trial's actor; each ``step`` hands Tune one epoch.
+
+    A class and not a function trainable so that a trial Tune stops (ASHA) ends its Train run in
+    ``cleanup``. In Ray 2.60 the Train controller would otherwise die with this actor and leave behind its
+    workers' placement group, and a detached cleaner that waits for the dashboard's state API, which these
+    clusters do not run (ray-project/ray#54305): later trials would wait for those CPUs forever.
+    """
+
+    def setup(self, sample: dict[str, Any], base_document: dict[str, Any], search_dir: str) -> None:
+        # Into the search folder itself, not Tune's per-session staging folder: a resumed trial finds its
+        # checkpoints there, and nothing is copied twice.
+        trial_run = {"runs_dir": str(Path(search_dir) / self.trial_id), "name": TRIAL_RUN_NAME}
+        self.train_config = load_config_dict(apply_sample(base_document, sample) | trial_run)
+        save_config(self.train_config, self.train_config.run_dir / CONFIG_FILE)
+        # A trial resumed after an interruption tells Tune its finished epochs again, then trains on.
+        found = latest_checkpoint(self.train_config.run_dir)
+        self.finished_epochs = deque(found[1]["run_state"]["history"] if found else [])
+        self.events = Queue(actor_options={"num_cpus": 0})  # from the Train controller and rank 0
+        self.training: threading.Thread | None = None
+        self.workers_placement_group = None
+        self.epochs_done = 0
+
+    def step(self) -> dict[str, Any]:
+        if self.finished_epochs:
+            return self._epoch_result(self.finished_epochs.popleft())
+        if self.training is None:
+            self.training = threading.Thread(target=self._train, name="train-run", daemon=True)
+            self.training.start()
+        while True:
+            kind, payload = self.events.get()
+            if kind == "placement_group":
+                self.workers_placement_group = payload
+            elif kind == "epoch":
+                return self._epoch_result(payload)
+            elif kind == "failed":
+                raise payload
+            else:
+                return {RESULT_DUPLICATE: True}  # finished: Tune repeats the last epoch's result as final
+
+    def cleanup(self) -> None:
+        """Stopped while training: remove the workers, so that the Train run fails and shuts down itself.
+
+        A run stopped after its last epoch (ASHA's max_t) is already shutting down and is only waited for.
+        """
+        if self.training is None or not self.training.is_alive():
+            return
+        if self.workers_placement_group is not None and self.epochs_done < self.train_config.max_epochs:
+            remove_placement_group(self.workers_placement_group)
+        self.training.join(timeout=120)
+
+    def _epoch_result(self, epoch_metrics: dict[str, Any]) -> dict[str, Any]:
+        result = tune_result(epoch_metrics)
+        self.epochs_done = result[EPOCHS_DONE]
+        return result
+
+    def _train(self) -> None:
+        try:
+            build_trial_trainer(self.train_config, self.events).fit()
+        except Exception as error:  # Tune's retry resumes the trial from its last epoch checkpoint
+            self.events.put(("failed", error))
+        else:
+            self.events.put(("finished", None))
+
+
+class EpochsToTrial(UserCallback):
+    """Runs in the Train controller: hands rank 0's metrics of every epoch to the trial."""
+
+    def __init__(self, events: Queue) -> None:
+        self.events = events
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        self.events.put(("epoch", metrics[0]))
+
+
+def build_trial_trainer(config: TrainConfig, events: Queue):
+    """The TorchTrainer of ``pipeline.train.fit_with_ray``, reporting to the trial.
+
+    No Train-level restarts (max_failures 0): a worker failure fails the trial and Tune retries it, so a
+    trial has one worker group at a time, the one its cleanup removes.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        trial_worker_entry,
+        train_loop_config={"config": to_dict(config), "run_dir": str(config.run_dir), "events": events},
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=worker_resources(config),
+        ),
+        run_config=RunConfig(
+            name=config.name, storage_path=str(config.run_dir.parent),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints or None),
+            failure_config=FailureConfig(max_failures=0),
+            logging_config=LoggingConfig(log_level=os.environ.get("FACEMTL_RAY_LOG_LEVEL", "WARNING")),
+            callbacks=[EpochsToTrial(events)],
+        ),
+    )
+
+
+def trial_worker_entry(loop_config: dict[str, Any]) -> None:
+    """``pipeline.train.ray_worker_entry``, once rank 0 has told the trial where its workers are placed."""
+    import ray.train
+    from ray.util import get_current_placement_group
+
+    from pipeline.train import ray_worker_entry
+
+    if ray.train.get_context().get_world_rank() == 0:
+        loop_config["events"].put(("placement_group", get_current_placement_group()))
+    ray_worker_entry(loop_config)
+
+
+def worker_resources(config: TrainConfig) -> dict[str, float]:
+    return {"CPU": 1 + config.data.loader_workers, **({"GPU": 1} if config.use_gpu else {})}
+
+
+def cpus_per_trial(config: TrainConfig) -> int:
+    """The trial's actor (1 CPU, Tune's default) and the workers its TorchTrainer reserves."""
+    return 1 + config.num_workers * int(worker_resources(config)["CPU"])
+
+
+def trials_at_a_time(config: TrainConfig) -> int:
+    """As many trials as the cluster's CPUs (and GPUs) hold at once; at least one."""
+    import ray
+
+    resources = ray.cluster_resources()
+    fits = int(resources.get("CPU", 0)) // cpus_per_trial(config)
+    if config.use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0)) // config.num_workers)
+    return max(1, fits)
+
+
+def tune_param_space(space: SearchSpace) -> dict[str, Any]:
+    """The space as Tune domains: log-uniform lr and λ (or λ's grid), integer patience, weighting choice."""
+    from ray import tune
+
+    param_space = {
+        "lr": tune.loguniform(*space.lr),
+        "lam": tune.grid_search(space.lam_grid) if space.lam_grid else tune.loguniform(*space.lam),
+        "patience": tune.randint(space.patience[0], space.patience[1] + 1),  # randint excludes its upper end
+    }
+    if space.weighting is not None:
+        param_space["weighting"] = tune.choice(space.weighting)
+    return param_space
+
+
+def check_search_options(args: argparse.Namespace, space: SearchSpace, max_epochs: int) -> None:
+    """Scheduler and sampler options that cannot work, refused before Ray starts."""
+    if args.scheduler == "asha" and not 1 <= args.grace_period <= max_epochs:
+        raise ConfigError(f"--grace-period must be between 1 and max_epochs ({max_epochs}), got {args.grace_period}")
+    if args.reduction_factor <= 1:
+        raise ConfigError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+    if args.search == "optuna":
+        if space.lam_grid:
+            raise ConfigError("--search optuna samples λ itself: leave out --grid and space.lam_grid")
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("--search optuna needs optuna: pip install 'facemtl[tune]'") from None
+
+
+def build_search_algorithm(kind: str, seed: int, max_concurrent: int):
+    """Random search (Tune's variant generator, seeded) or Optuna, at most ``max_concurrent`` trials at a time."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if kind == "random":
+        return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
+    from ray.tune.search.optuna import OptunaSearch
+
+    return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=max_concurrent)
+
+
+def build_scheduler(args: argparse.Namespace, max_epochs: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if args.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=EPOCHS_DONE, max_t=max_epochs, grace_period=args.grace_period,
+                         reduction_factor=args.reduction_factor)
+
+
+def connect_ray(min_cpus: int) -> None:
+    """Join ``RAY_ADDRESS`` when set, else start a local Ray with this machine's CPUs, at least ``min_cpus``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # "local": a new Ray, even where another one (`ray start`) runs on this machine, which a plain
+        # ray.init() would join.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False)
+
+
+def trials_table(results, sampled_names: list[str]) -> pa.Table:
+    """One row per trial and epoch: trial_id, epoch, sampled hyperparameters, objective, val metrics.
+
+    A trial resumed after an interruption reports its last epochs again; the latest report wins.
+    """
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for result in results:
+        if result.metrics_dataframe is None:
+            continue
+        trial_id = result.metrics["trial_id"]
+        sample = {name: result.config[name] for name in sampled_names}
+        for report in result.metrics_dataframe.to_dict("records"):
+            measured = {key: value for key, value in report.items() if key.startswith(("val/", "weights/"))}
+            epoch = int(report["epoch"])
+            rows[trial_id, epoch] = {"trial_id": trial_id, "epoch": epoch, **sample, OBJECTIVE: report[OBJECTIVE], **measured}
+    return pa.Table.from_pylist([rows[key] for key in sorted(rows)])
+
+
+def best_trial_config(results, base_document: dict[str, Any], name: str) -> tuple[dict[str, Any], Any]:
+    """The base config with the best trial's values (highest objective at any epoch), run ``<name>-best``."""
+    best = results.get_best_result(metric=OBJECTIVE, mode="max", scope="all")
+    document = apply_sample(base_document, best.config) | {"name": f"{name}-best"}
+    return to_dict(load_config_dict(document)), best
+
+
+class SearchFailed(RuntimeError):
+    """No trial reported a single epoch."""
+
+
+def run_search(args: argparse.Namespace) -> Path:
+    """Validate, then run the search ``runs_dir/name`` or resume it; returns its folder.
+
+    Needs only a process that may start or join Ray, so a SLURM job (rank 0) can call it as well.
+    """
+    from ray import tune
+
+    base_document, space = _load_base_and_space(args)
+    base = load_config_dict(base_document)
+    search_dir = Path(base.runs_dir).resolve() / args.name
+    resuming = tune.Tuner.can_restore(search_dir)
+    if resuming:
+        print(f"resuming search {search_dir} with its own {CONFIG_FILE} and {SPACE_FILE}", flush=True)
+        base_document = yaml.safe_load((search_dir / CONFIG_FILE).read_text())
+        space = load_space(search_dir / SPACE_FILE)
+        base = load_config_dict(base_document)
+    check_search_options(args, space, base.max_epochs)
+
+    connect_ray(cpus_per_trial(base) * (args.max_concurrent or 1))
+    max_concurrent = args.max_concurrent or trials_at_a_time(base)
+    # Trials train in Ray's worker processes, whose working folders are not this one: absolute paths.
+    trial_document = to_dict(with_absolute_paths(base))
+    trainable = tune.with_parameters(SearchTrial, base_document=trial_document, search_dir=str(search_dir))
+    if resuming:
+        tuner = tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        search_dir.mkdir(parents=True, exist_ok=True)
+        save_config(base, search_dir / CONFIG_FILE)
+        (search_dir / SPACE_FILE).write_text(yaml.safe_dump(to_dict(space), sort_keys=False))
+        print(f"search {search_dir}: {args.num_samples} sample(s), {args.scheduler} scheduler, {args.search} search, "
+              f"{max_concurrent} trial(s) at a time, up to {base.max_epochs} epochs each\nspace: {to_dict(space)}", flush=True)
+        seed = base.seed if args.seed is None else args.seed
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_param_space(space),
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE, mode="max", num_samples=args.num_samples,
+                search_alg=build_search_algorithm(args.search, seed, max_concurrent),
+                scheduler=build_scheduler(args, base.max_epochs),
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=args.name, storage_path=str(search_dir.parent),
+                # A trial's state is its Train run folder, which setup() resumes from: no Tune checkpoints.
+                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            ),
+        )
+    results = tuner.fit()
+    if results.errors:
+        print(f"{len(results.errors)} trial(s) failed; first error: {results.errors[0]}", file=sys.stderr)
+    trials = trials_table(results, space.sampled_names())
+    if trials.num_rows == 0:
+        raise SearchFailed(f"no trial finished an epoch; Tune's records are in {search_dir}")
+    pq.write_table(trials, search_dir / TRIALS_FILE)
+
+    best_document, best = best_trial_config(results, base_document, args.name)
+    (search_dir / BEST_CONFIG_FILE).write_text(yaml.safe_dump(best_document, sort_keys=False))
+    sample = {name: best.config[name] for name in space.sampled_names()}
+    print(f"best trial {best.metrics['trial_id']}: {OBJECTIVE} {best.metrics_dataframe[OBJECTIVE].max():.4f} with {sample}")
+    return search_dir
+
+
+def _load_base_and_space(args: argparse.Namespace) -> tuple[dict[str, Any], SearchSpace]:
+    """The base training config (YAML + overrides, ``--runs-dir``) and the search space, both validated."""
+    base = load_config(args.config, [o for o in args.overrides if not o.startswith(OVERRIDE_PREFIX)])
+    space = load_space(args.space, [o for o in args.overrides if o.startswith(OVERRIDE_PREFIX)], args.grid)
+    document = to_dict(base) | ({"runs_dir": args.runs_dir} if args.runs_dir else {})
+    check_against_config(space, document)
+    return document, space
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tune.search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="base training config (YAML, see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value for the training config, space.<key>=value for the space")
+    parser.add_argument("--space", type=Path, help="search space YAML (keys: see tune/space.py)")
+    parser.add_argument("--grid", choices=sorted(GRIDS), help="try every λ of a named grid (thesis: 0.001, 0.01, 0.1, 1)")
+    parser.add_argument("--num-samples", type=int, default=8, help="trials (with a grid: samples per grid value)")
+    parser.add_argument("--scheduler", choices=["asha", "fifo"], default="asha", help="asha stops trailing trials early")
+    parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
+    parser.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep the best 1/factor at each rung")
+    parser.add_argument("--search", choices=["random", "optuna"], default="random", help="optuna needs facemtl[tune]")
+    parser.add_argument("--seed", type=int, help="seed of the sampler (default: the config's seed)")
+    parser.add_argument("--max-concurrent", type=int, default=0, help="trials at a time (0: as many as the CPUs fit)")
+    parser.add_argument("--max-failures", type=int, default=2, help="failures a trial is retried after (from its last epoch)")
+    parser.add_argument("--cluster", choices=["local"], default="local", help="local: this machine or RAY_ADDRESS")
+    parser.add_argument("--name", default="search", help="the search folder is <runs-dir>/<name>")
+    parser.add_argument("--runs-dir", help="default: the config's runs_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        search_dir = run_search(args)
+    except (ConfigError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except SearchFailed as error:
+        print(f"search failed: {error}", file=sys.stderr)
+        return 1
+    print(f"\ndone in {time.perf_counter() - started:.0f} s. Results in {search_dir}:")
+    print(f"  {TRIALS_FILE}, {BEST_CONFIG_FILE} (python -m pipeline.train --config {search_dir / BEST_CONFIG_FILE}), "
+          f"one folder per trial")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
