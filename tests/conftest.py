@@ -136,7 +136,10 @@ def slurm_cluster() -> None:
         script = Path(__file__).parent / "slurm" / "up.sh"
         result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
-            reason = f"tests/slurm/up.sh failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+            reason = (
+                f"tests/slurm/up.sh exited {result.returncode}:\n"
+                f"stdout: {result.stdout[-2000:] or '(nothing)'}\nstderr: {result.stderr[-2000:] or '(nothing)'}"
+            )
     if reason:
         if os.environ.get("CI") == "true":
             pytest.fail(reason)

@@ -34,11 +34,15 @@ take_lock() {
     fi
 }
 
+# Files under /proc are read with `read`, never with $(<...): under `set -e` bash exits the whole
+# script, silently, when $(<file) cannot open its file, even inside `if !` or `||`. A pid file left by
+# a daemon that ended with an earlier session names a process that no longer exists.
+
 # process_running PID: true while PID exists and is not a zombie. PID 1 here reaps orphans only
 # every ~1.5 s, and an exited daemon has already released its ports and files.
 process_running() {
     local stat
-    { stat=$(<"/proc/$1/stat"); } 2>/dev/null || return 1
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
     [[ ${stat##*) } != Z* ]]
 }
 
@@ -49,7 +53,9 @@ pid_alive() {
     pid=$(<"$pid_file")
     pid=${pid//[[:space:]]/}
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    [[ $(<"/proc/$pid/comm") == "$comm" ]] 2>/dev/null && process_running "$pid"
+    local running_comm
+    { read -r running_comm <"/proc/$pid/comm"; } 2>/dev/null || return 1
+    [[ $running_comm == "$comm" ]] && process_running "$pid"
 }
 
 # stop_daemon PIDFILE COMM: SIGTERM, wait up to 30 s for the process to go, then SIGKILL.
