@@ -57,6 +57,9 @@ export RAY_AUTH_MODE=token
 RAY_AUTH_TOKEN="$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')"
 export RAY_AUTH_TOKEN
 
+# Nothing here serves traffic: a stopped Ray node need not drain first (Ray waits 30 s for that by default).
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+
 RAY_STEPS=()
 TRAIN_PID=""
 stop_all() {

@@ -160,3 +160,22 @@ def synthetic_shards(tmp_path_factory) -> dict[str, Path]:
                            "--size", "32", "--samples-per-shard", "50", "--out", str(folders[name])])
         assert code == 0
     return folders
+
+
+@pytest.fixture(scope="session")
+def finished_search(synthetic_shards, tmp_path_factory) -> Path:
+    """A real, finished ``python -m tune.search`` on the synthetic shards: 4 trials of up to 3 epochs, ASHA
+    (grace 1, factor 2), one trial at a time, seed 0. Shared by the dashboard and report tests."""
+    import subprocess
+    import sys
+
+    from tests.test_train import tiny_overrides
+
+    runs = tmp_path_factory.mktemp("search-runs")
+    training = tiny_overrides(synthetic_shards, runs, "unused", "max_epochs=3", "data.loader_workers=0")
+    search = ["--num-samples", "4", "--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2",
+              "--max-concurrent", "1", "--seed", "0", "--name", "finished", "--runs-dir", str(runs)]
+    result = subprocess.run([sys.executable, "-m", "tune.search", *training, *search], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return runs / "finished"

@@ -43,6 +43,7 @@ from pipeline.config import ConfigError, TrainConfig, load_config, load_config_d
 from pipeline.metrics import normalized_score
 from pipeline.run_records import CONFIG_FILE, latest_checkpoint
 from pipeline.schema import get_task
+from tune.slurm import add_slurm_arguments, describe_submission, slurm_options, submit_search
 from tune.space import GRIDS, OVERRIDE_PREFIX, SearchSpace, apply_sample, check_against_config, load_space
 
 OBJECTIVE = "objective"
@@ -383,16 +384,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed of the sampler (default: the config's seed)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at a time (0: as many as the CPUs fit)")
     parser.add_argument("--max-failures", type=int, default=2, help="failures a trial is retried after (from its last epoch)")
-    parser.add_argument("--cluster", choices=["local"], default="local", help="local: this machine or RAY_ADDRESS")
+    parser.add_argument("--cluster", choices=["local", "slurm"], default="local",
+                        help="local: this machine (or RAY_ADDRESS); slurm: a SLURM job through submitit (options below)")
     parser.add_argument("--name", default="search", help="the search folder is <runs-dir>/<name>")
     parser.add_argument("--runs-dir", help="default: the config's runs_dir")
+    add_slurm_arguments(parser)
     return parser
 
 
+def submit_to_slurm(args: argparse.Namespace, argv: list[str]) -> int:
+    """Check everything a search would check, then submit it; with ``--wait``, follow it to its end."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    base_document, space = _load_base_and_space(args)
+    check_search_options(args, space, load_config_dict(base_document).max_epochs)
+    options = slurm_options(args)
+    search_dir = Path(base_document["runs_dir"]).resolve() / args.name
+    # The job runs the same command as --cluster local, from the same working folder (sbatch's default).
+    job = submit_search([*argv, "--cluster", "local", "--runs-dir", str(search_dir.parent)], search_dir, options)
+    print(describe_submission(job, search_dir), flush=True)
+    if not args.wait:
+        return 0
+    try:
+        job.result()
+    except (FailedJobError, UncompletedJobError) as error:
+        print(f"SLURM job {job.job_id} failed ({job.state}):\n{error}", file=sys.stderr)
+        return 1
+    print(f"SLURM job {job.job_id} finished: results in {search_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:
+        if args.cluster == "slurm":
+            return submit_to_slurm(args, argv)
         search_dir = run_search(args)
     except (ConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
