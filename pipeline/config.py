@@ -100,7 +100,7 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the declared configuration."""
 
 
-def _build(cls: type, values: dict[str, Any], path: str) -> Any:
+def build_dataclass(cls: type, values: dict[str, Any], path: str) -> Any:
     """Construct dataclass ``cls`` from a mapping, recursing into nested dataclasses; unknown keys fail."""
     if not isinstance(values, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {values!r}")
@@ -117,7 +117,7 @@ def _build(cls: type, values: dict[str, Any], path: str) -> Any:
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value or {}, f"{path}.")
+        return build_dataclass(hint, value or {}, f"{path}.")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -182,7 +182,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 def load_config_dict(document: dict[str, Any]) -> TrainConfig:
     """Build and validate a config from a plain mapping (e.g. one that travelled to a Ray worker)."""
-    config = _build(TrainConfig, document, "")
+    config = build_dataclass(TrainConfig, document, "")
     validate(config)
     return config
 

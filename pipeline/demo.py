@@ -6,6 +6,8 @@
 2. Train: ``configs/demo.yaml`` with Ray Train on a local Ray (``pipeline.train``): one network for all
    six tasks through the task-balanced sampler, learned loss weights, Early Freeze.
 3. Print the validation metrics of the best epoch next to the chance level of each task.
+4. Search: a small Ray Tune search over lr, λ and Early-Freeze patience (``tune.search``, ASHA) on the
+   same shards with shorter epochs, then its HTML report (``tune.report``) and TensorBoard's HParams view.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from pipeline.run_records import METRICS_FILE
 from pipeline.schema import get_task
 from pipeline.shard import main as shard_main
 from pipeline.train import main as train_main
+
+SEARCH_NAME = "demo-search"
+# The demo's search: 4 trials of up to 3 short epochs, ASHA halving at every epoch, one trial at a time on
+# 2 cores. Loader processes would only compete with the trial's own worker for those cores.
+SEARCH_OVERRIDES = ("max_epochs=3", "data.steps_per_epoch=30", "data.loader_workers=0")
+SEARCH_OPTIONS = ("--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2", "--seed", "0")
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -90,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=Path, default=Path("shards/demo"), help="where the demo shards go")
     parser.add_argument("--workers", type=int, default=2, help="sharding processes")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every dataset's size (quick runs)")
+    parser.add_argument("--search-trials", type=int, default=4, help="trials of the small search (0: no search)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -101,11 +110,34 @@ def main(argv: list[str] | None = None) -> int:
         return code
     print(f"\nvalidation metrics of the best epoch ({config.run_dir}), synthetic data:")
     print(format_table(results_table(config.run_dir, shard_dirs)))
+    search_dir = None
+    if args.search_trials:
+        search_dir = run_demo_search(datasets, args.search_trials, args.overrides, config.runs_dir)
+        if search_dir is None:
+            return 1
     print(f"\ndemo done in {time.perf_counter() - started:.0f} s.")
     print(f"  shards:      {args.shards}/ (manifest.parquet, summary.json, wids indices)")
     print(f"  run:         {config.run_dir}/ (best_model.pt, metrics.parquet, checkpoints)")
     print(f"  dashboards:  tensorboard --logdir {config.run_dir}/tensorboard")
+    if search_dir is not None:
+        print(f"  search:      {search_dir}/ (trials.parquet, best_config.yaml)")
+        print(f"  report:      {search_dir / 'report' / 'index.html'}")
+        print(f"  HParams:     tensorboard --logdir {search_dir}  (the HPARAMS tab)")
     return 0
+
+
+def run_demo_search(datasets: str, trials: int, overrides: list[str], runs_dir: Path) -> Path | None:
+    """The small search of step 4 and its report; None when it failed (its error is printed)."""
+    from tune.report import main as report_main
+    from tune.search import main as search_main
+
+    print(f"\nsearching lr, λ and patience: {trials} trials (ASHA) on the same shards", flush=True)
+    search_args = ["--config", str(DEMO_CONFIG), f"data.datasets={datasets}", *overrides, *SEARCH_OVERRIDES,
+                   "--num-samples", str(trials), *SEARCH_OPTIONS, "--name", SEARCH_NAME]
+    if search_main(search_args) != 0:
+        return None
+    search_dir = Path(runs_dir).resolve() / SEARCH_NAME
+    return search_dir if report_main([str(search_dir)]) == 0 else None
 
 
 if __name__ == "__main__":

@@ -121,9 +121,13 @@ def per_class_accuracy(confusion: torch.Tensor, classes: Sequence[str]) -> dict[
 
 
 def normalized_score(task: TaskSpec, metrics: Mapping[str, float], age_scale: float = 10.0) -> float:
-    """One number in [0, 1] per task, higher is better: accuracy, or ``max(0, 1 - MAE / age_scale)`` for age."""
+    """One number in [0, 1] per task, higher is better: accuracy, or ``age_scale / (age_scale + MAE)`` for age.
+
+    The age score is 1 at MAE 0, 0.5 at MAE = ``age_scale`` years and falls smoothly after that, so that
+    every MAE still ranks the trials (``1 - MAE/scale`` would be 0 for all of an early search's MAEs).
+    """
     if task.kind == "regression":
-        return max(0.0, 1.0 - metrics["mae"] / age_scale)
+        return age_scale / (age_scale + metrics["mae"])
     return metrics["accuracy"]
 
 

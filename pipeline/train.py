@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from pipeline.config import ConfigError, TrainConfig, load_config, save_config, to_dict, with_absolute_paths
 from pipeline.run_records import (
@@ -75,37 +75,55 @@ def ray_worker_entry(loop_config: dict[str, Any]) -> None:
         recorder.close()
 
 
-def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
-    """Build and run the TorchTrainer; joins ``RAY_ADDRESS`` when set, else starts a local Ray."""
+def worker_resources(config: TrainConfig) -> dict[str, float]:
+    """What each Ray Train worker reserves: a CPU for the loop, one per loader process, a GPU when used."""
+    return {"CPU": 1 + config.data.loader_workers, **({"GPU": 1} if config.use_gpu else {})}
+
+
+def connect_ray(min_cpus: int) -> None:
+    """Join ``RAY_ADDRESS`` when set, else start a local Ray with this machine's CPUs, at least ``min_cpus``."""
     import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # address="local": a new Ray here, never another job's `ray start` cluster on this machine, which a
+        # plain ray.init() would join.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False)
+
+
+def build_trainer(config: TrainConfig, max_failures: int, entry: Callable[[dict[str, Any]], None] | None = None,
+                  loop_extras: dict[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> Any:
+    """The TorchTrainer of a run: ``entry`` (default ``ray_worker_entry``) on ``num_workers`` DDP workers,
+    checkpoints and Ray's records in ``runs_dir/name``. ``loop_extras`` and ``callbacks`` let a caller (a
+    Tune trial) hear of every epoch."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            # address="local": a new Ray here, never another job's `ray start` cluster on this machine
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, config.num_workers * (1 + config.data.loader_workers)),
-                     include_dashboard=False)
     run_dir = config.run_dir.resolve()
-    trainer = TorchTrainer(
-        ray_worker_entry,
-        train_loop_config={"config": to_dict(config), "run_dir": str(run_dir)},
+    return TorchTrainer(
+        entry or ray_worker_entry,
+        train_loop_config={"config": to_dict(config), "run_dir": str(run_dir), **(loop_extras or {})},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=config.use_gpu,
-            resources_per_worker={"CPU": 1 + config.data.loader_workers, **({"GPU": 1} if config.use_gpu else {})},
-        ),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker=worker_resources(config)),
         run_config=RunConfig(
             name=config.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints or None),
             failure_config=FailureConfig(max_failures=max_failures),
             logging_config=LoggingConfig(log_level=os.environ.get("FACEMTL_RAY_LOG_LEVEL", "WARNING")),
+            callbacks=list(callbacks),
         ),
     )
-    return trainer.fit()
+
+
+def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
+    """Run the TorchTrainer; joins ``RAY_ADDRESS`` when set, else starts a local Ray."""
+    connect_ray(config.num_workers * int(worker_resources(config)["CPU"]))
+    return build_trainer(config, max_failures).fit()
 
 
 def run_locally(config: TrainConfig) -> None:

@@ -6,7 +6,7 @@
 
 Each trial trains the base config with its sampled values on a ``TorchTrainer`` of its own (the workers
 of ``pipeline.train``). The objective, reported every epoch, is the mean over tasks of
-``pipeline.metrics.normalized_score`` (accuracy; ``max(0, 1 - MAE/10)`` for age); ASHA stops trials whose
+``pipeline.metrics.normalized_score`` (accuracy; ``10 / (10 + MAE)`` for age); ASHA stops trials whose
 objective trails the others at the same epoch. A search is ``runs_dir/name``:
 
     <search>/config.yaml, space.yaml     the base training config and the search space
@@ -21,6 +21,7 @@ unfinished ones continue from their last epoch checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,25 +29,28 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from ray.train import UserCallback
 from ray.tune import Trainable
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import RESULT_DUPLICATE
 from ray.util.placement_group import remove_placement_group
 from ray.util.queue import Queue
 
 from pipeline.config import ConfigError, TrainConfig, load_config, load_config_dict, save_config, to_dict, with_absolute_paths
 from pipeline.metrics import normalized_score
-from pipeline.run_records import CONFIG_FILE, latest_checkpoint
+from pipeline.data import DataConfigError, open_shard_set, resolve_tasks
+from pipeline.run_records import CONFIG_FILE, TENSORBOARD_DIR, latest_checkpoint
 from pipeline.schema import get_task
+from pipeline.train import build_trainer, connect_ray, ray_worker_entry, worker_resources
+from tune.hparams import OBJECTIVE, TrialHParams, write_search_experiment
 from tune.slurm import add_slurm_arguments, describe_submission, slurm_options, submit_search
 from tune.space import GRIDS, OVERRIDE_PREFIX, SearchSpace, apply_sample, check_against_config, load_space
 
-OBJECTIVE = "objective"
 EPOCHS_DONE = "epochs_done"  # ASHA's clock, in epochs
 TRIAL_RUN_NAME = "train"
 TRIALS_FILE = "trials.parquet"
@@ -90,6 +94,9 @@ class SearchTrial(Trainable):
         # A trial resumed after an interruption tells Tune its finished epochs again, then trains on.
         found = latest_checkpoint(self.train_config.run_dir)
         self.finished_epochs = deque(found[1]["run_state"]["history"] if found else [])
+        # This trial's row in TensorBoard's HParams view, in the run folder of its training scalars.
+        self.hparams = TrialHParams(self.train_config.run_dir / TENSORBOARD_DIR, sample)
+        self.failed = False
         self.events = Queue(actor_options={"num_cpus": 0})  # from the Train controller and rank 0
         self.training: threading.Thread | None = None
         self.workers_placement_group = None
@@ -108,6 +115,7 @@ class SearchTrial(Trainable):
             elif kind == "epoch":
                 return self._epoch_result(payload)
             elif kind == "failed":
+                self.failed = True  # not closed as failed: Tune may retry it (TensorBoard keeps the first end)
                 raise payload
             else:
                 return {RESULT_DUPLICATE: True}  # finished: Tune repeats the last epoch's result as final
@@ -117,6 +125,8 @@ class SearchTrial(Trainable):
 
         A run stopped after its last epoch (ASHA's max_t) is already shutting down and is only waited for.
         """
+        if not self.failed:
+            self.hparams.close("success")
         if self.training is None or not self.training.is_alive():
             return
         if self.workers_placement_group is not None and self.epochs_done < self.train_config.max_epochs:
@@ -126,6 +136,7 @@ class SearchTrial(Trainable):
     def _epoch_result(self, epoch_metrics: dict[str, Any]) -> dict[str, Any]:
         result = tune_result(epoch_metrics)
         self.epochs_done = result[EPOCHS_DONE]
+        self.hparams.record(result["epoch"], result[OBJECTIVE])
         return result
 
     def _train(self) -> None:
@@ -148,29 +159,13 @@ class EpochsToTrial(UserCallback):
 
 
 def build_trial_trainer(config: TrainConfig, events: Queue):
-    """The TorchTrainer of ``pipeline.train.fit_with_ray``, reporting to the trial.
+    """The TorchTrainer of ``pipeline.train``, reporting every epoch to the trial.
 
     No Train-level restarts (max_failures 0): a worker failure fails the trial and Tune retries it, so a
     trial has one worker group at a time, the one its cleanup removes.
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    return TorchTrainer(
-        trial_worker_entry,
-        train_loop_config={"config": to_dict(config), "run_dir": str(config.run_dir), "events": events},
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=worker_resources(config),
-        ),
-        run_config=RunConfig(
-            name=config.name, storage_path=str(config.run_dir.parent),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints or None),
-            failure_config=FailureConfig(max_failures=0),
-            logging_config=LoggingConfig(log_level=os.environ.get("FACEMTL_RAY_LOG_LEVEL", "WARNING")),
-            callbacks=[EpochsToTrial(events)],
-        ),
-    )
+    return build_trainer(config, max_failures=0, entry=trial_worker_entry, loop_extras={"events": events},
+                         callbacks=[EpochsToTrial(events)])
 
 
 def trial_worker_entry(loop_config: dict[str, Any]) -> None:
@@ -178,15 +173,9 @@ def trial_worker_entry(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.util import get_current_placement_group
 
-    from pipeline.train import ray_worker_entry
-
     if ray.train.get_context().get_world_rank() == 0:
         loop_config["events"].put(("placement_group", get_current_placement_group()))
     ray_worker_entry(loop_config)
-
-
-def worker_resources(config: TrainConfig) -> dict[str, float]:
-    return {"CPU": 1 + config.data.loader_workers, **({"GPU": 1} if config.use_gpu else {})}
 
 
 def cpus_per_trial(config: TrainConfig) -> int:
@@ -254,21 +243,6 @@ def build_scheduler(args: argparse.Namespace, max_epochs: int):
                          reduction_factor=args.reduction_factor)
 
 
-def connect_ray(min_cpus: int) -> None:
-    """Join ``RAY_ADDRESS`` when set, else start a local Ray with this machine's CPUs, at least ``min_cpus``."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # "local": a new Ray, even where another one (`ray start`) runs on this machine, which a plain
-        # ray.init() would join.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False)
-
-
 def trials_table(results, sampled_names: list[str]) -> pa.Table:
     """One row per trial and epoch: trial_id, epoch, sampled hyperparameters, objective, val metrics.
 
@@ -294,6 +268,23 @@ def best_trial_config(results, base_document: dict[str, Any], name: str) -> tupl
     return to_dict(load_config_dict(document)), best
 
 
+@contextlib.contextmanager
+def without_tune_tensorboard_logger() -> Iterator[None]:
+    """Tune's own TensorBoard logger would add a second HParams session per trial (``<trial_id>``, without
+    the training scalars) beside ours (``<trial_id>/train/tensorboard``, see tune/hparams.py). Tune adds
+    its CSV, JSON and TensorBoard loggers unless this variable is set; the CSV and JSON ones, which its
+    results are read from, are passed to the Tuner explicitly."""
+    saved = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"]
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = saved
+
+
 class SearchFailed(RuntimeError):
     """No trial reported a single epoch."""
 
@@ -316,6 +307,7 @@ def run_search(args: argparse.Namespace) -> Path:
         base = load_config_dict(base_document)
     check_search_options(args, space, base.max_epochs)
 
+    tasks = resolve_tasks([open_shard_set(path) for path in base.data.datasets], base.data.tasks)
     connect_ray(cpus_per_trial(base) * (args.max_concurrent or 1))
     max_concurrent = args.max_concurrent or trials_at_a_time(base)
     # Trials train in Ray's worker processes, whose working folders are not this one: absolute paths.
@@ -344,9 +336,12 @@ def run_search(args: argparse.Namespace) -> Path:
                 # A trial's state is its Train run folder, which setup() resumes from: no Tune checkpoints.
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
             ),
         )
-    results = tuner.fit()
+    write_search_experiment(search_dir, space, tasks)
+    with without_tune_tensorboard_logger():
+        results = tuner.fit()
     if results.errors:
         print(f"{len(results.errors)} trial(s) failed; first error: {results.errors[0]}", file=sys.stderr)
     trials = trials_table(results, space.sampled_names())
@@ -422,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cluster == "slurm":
             return submit_to_slurm(args, argv)
         search_dir = run_search(args)
-    except (ConfigError, OSError) as error:
+    except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except SearchFailed as error:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from pipeline.config import ConfigError, _build, apply_override, load_config_dict
+from pipeline.config import ConfigError, apply_override, build_dataclass, load_config_dict
 
 THESIS_LAM_GRID = [0.001, 0.01, 0.1, 1.0]  # the λ values the thesis compared
 GRIDS = {"thesis": THESIS_LAM_GRID}
@@ -59,7 +59,7 @@ def load_space(path: Path | None = None, overrides: Sequence[str] = (), grid: st
         if grid not in GRIDS:
             raise ConfigError(f"unknown grid {grid!r}; known: {', '.join(GRIDS)}")
         document["lam_grid"] = GRIDS[grid]
-    space = _build(SearchSpace, document, OVERRIDE_PREFIX)
+    space = build_dataclass(SearchSpace, document, OVERRIDE_PREFIX)
     validate_space(space)
     return space
 
