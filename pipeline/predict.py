@@ -1,0 +1,449 @@
+"""``python -m pipeline.predict``: face attributes for image files, from a trained run.
+
+    python -m pipeline.predict runs/demo photos/ --out predictions.jsonl   # a run folder: its best_model.pt
+    python -m pipeline.predict runs/demo/best_model.pt face.jpg             # JSON lines on stdout
+    python -m pipeline.predict runs/demo/checkpoint_000004 a.png b.webp --device cpu
+    python -m pipeline.predict runs/demo --export torchscript --export-path demo.ts
+
+One JSON line per image, in input order (folders are searched recursively, sorted, image files only):
+
+    {"path": "photos/a.jpg", "predictions": {"age": {"label": 31.4},
+                                             "gender": {"label": "male", "probabilities": {"female": 0.12, "male": 0.88}}, ...}}
+    {"path": "photos/broken.jpg", "error": "not a decodable image (corrupt file or unknown format)"}
+
+Exit status: 0 every image predicted (and the export checked), 1 some image failed or the exported model
+does not match the eager one, 2 a checkpoint or command line that cannot be used.
+
+An image is prepared as training prepared it. A square JPEG is what a shard stores, so it is read the way
+the training and validation streams read a shard (:func:`pipeline.data.decode_image`); any other image is
+first made a crop the way the shard writer makes one (:func:`pipeline.shard_writer.fit_image`: RGB,
+scaled to fit the square and padded with black, keeping its aspect), at the model's input size. Both are
+then normalised by :func:`pipeline.data.normalize_images`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pickle
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from pipeline.config import ConfigError, load_config_dict
+from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize_images
+from pipeline.losses import predict_age
+from pipeline.model import MultiTaskNet, describe_state_mismatch
+from pipeline.run_records import BEST_MODEL_FILE, CHECKPOINT_FILE
+from pipeline.schema import TaskSpec, get_task
+from pipeline.shard_writer import describe_image_error, fit_image
+from pipeline.sources.base import IMAGE_SUFFIXES, decode_image_bytes, is_image_name
+
+EXPORT_TOLERANCE = 1e-5  # max abs difference between the exported and the eager model's outputs
+EXPORT_METADATA_NAME = "facemtl.json"  # TorchScript extra file / ONNX metadata key describing inputs and outputs
+ONNX_INSTALL_HINT = (
+    f"--export onnx needs the packages onnx and onnxruntime, which facemtl does not depend on; install them into "
+    f"this environment: {sys.executable} -m pip install onnx onnxruntime"
+)
+
+
+class CheckpointError(Exception):
+    """A checkpoint path that does not hold a usable model; the message names the path."""
+
+
+class ExportCheckError(Exception):
+    """An exported model whose outputs differ from the eager model's."""
+
+
+# ---------------------------------------------------------------- the model
+
+
+@dataclass
+class LoadedModel:
+    """A network rebuilt from a checkpoint, in eval mode, and what prediction needs to know about it."""
+
+    net: MultiTaskNet
+    tasks: list[TaskSpec]
+    image_size: int
+    age_scale: float
+    backbone: str
+    source: Path  # the checkpoint file read
+    epoch: int | None
+
+
+def resolve_checkpoint_file(path: Path) -> Path:
+    """The file to load: ``path`` itself, or a folder's best_model.pt (a run) or checkpoint.pt (a Ray checkpoint)."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    for name in (BEST_MODEL_FILE, CHECKPOINT_FILE):
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(
+        f"{path} holds neither {BEST_MODEL_FILE} nor {CHECKPOINT_FILE}; pass a run folder, a Ray checkpoint "
+        "folder (checkpoint_*/) or one of those files"
+    )
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Rebuild the :class:`MultiTaskNet` a checkpoint was trained as, load its weights strictly, eval mode, CPU."""
+    file = resolve_checkpoint_file(Path(path))
+    try:
+        # weights_only: a checkpoint is plain dicts, lists and tensors; nothing in it needs to run code.
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{file}: cannot be read as a facemtl checkpoint: {error}") from None
+    missing = [key for key in ("objective", "config", "tasks") if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise CheckpointError(f"{file}: not a facemtl checkpoint (no {', '.join(missing)}); expected best_model.pt or checkpoint.pt of a run")
+    try:
+        config = load_config_dict(payload["config"])
+        tasks = [get_task(name) for name in payload["tasks"]]
+        # weights_path is left out: the backbone's weights come from the checkpoint, and the file may not be here.
+        net = MultiTaskNet(tasks, config.model.backbone, config.model.shared_dims, config.model.head_hidden,
+                           config.model.dropout, binary_outputs=config.model.binary_outputs)
+    except (ConfigError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{file}: its stored config or task list does not describe a model: {error}") from None
+    state = {key.removeprefix("net."): value for key, value in payload["objective"].items() if key.startswith("net.")}
+    problems = describe_state_mismatch(net.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{file}: weights do not fit the model its config describes: " + "; ".join(problems))
+    net.load_state_dict(state, strict=True)
+    return LoadedModel(net.eval(), tasks, config.data.image_size, config.loss.age_scale, config.model.backbone,
+                       file, payload.get("epoch"))
+
+
+# ---------------------------------------------------------------- postprocessing (pure)
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(N, k) head outputs -> (N, classes) probabilities, as the loss reads them.
+
+    One column is a binary head trained with BCE-with-logits: [1 - sigmoid, sigmoid]. Two or more
+    columns were trained with cross-entropy: softmax.
+    """
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        positive = torch.sigmoid(logits[:, 0])
+        return torch.stack([1 - positive, positive], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def task_predictions(outputs: Mapping[str, torch.Tensor], tasks: Sequence[TaskSpec], age_scale: float) -> list[dict[str, dict]]:
+    """Per image: task -> {"label": class name, "probabilities": {class: p}}, or {"label": years} for regression.
+
+    A class label is the most probable class (for a one-logit binary head: logit > 0, as validation counts
+    it); a regression head's scaled output is turned back into years by :func:`pipeline.losses.predict_age`.
+    """
+    per_task: dict[str, list[dict[str, Any]]] = {}
+    for task in tasks:
+        output = outputs[task.name].detach().float().cpu()
+        if task.kind == "regression":
+            per_task[task.name] = [{"label": round(float(years), 1)} for years in predict_age(output, age_scale)]
+            continue
+        probabilities = class_probabilities(output)
+        per_task[task.name] = [
+            {"label": task.classes[int(row.argmax())],
+             "probabilities": {name: round(float(p), 6) for name, p in zip(task.classes, row)}}
+            for row in probabilities
+        ]
+    count = next(iter(outputs.values())).shape[0]
+    return [{task.name: per_task[task.name][index] for task in tasks} for index in range(count)]
+
+
+# ---------------------------------------------------------------- images
+
+
+class ImageReadError(Exception):
+    """An input file that cannot be turned into a network input; the message says why."""
+
+
+def find_images(inputs: Sequence[Path]) -> list[Path]:
+    """Files as given, and every image file (by extension) under a folder, recursively and sorted.
+
+    A path that does not exist is kept, so that it is reported as a failed input like any other.
+    """
+    found: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found += sorted(file for file in path.rglob("*") if file.is_file() and is_image_name(file.name))
+        else:
+            found.append(path)
+    return found
+
+
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """uint8 CHW RGB of side ``image_size``, prepared as training prepared its images (see the module doc)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError("no such file") from None
+    except OSError as error:
+        raise ImageReadError(f"cannot read file ({error.strerror or error})") from None
+    try:
+        image = decode_image_bytes(data)  # a full decode: corrupt and truncated files fail here
+        if image.format == "JPEG" and image.width == image.height:
+            return decode_image(data, image_size)
+        return pil_to_tensor(fit_image(image, image_size))
+    except Exception as error:  # any decoder failure is a property of that one file
+        raise ImageReadError(describe_image_error(error)) from None
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def predict_files(model: LoadedModel, paths: Sequence[Path], batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
+    """One record per path, in order: {"path", "predictions"} or {"path", "error"}."""
+    for start in range(0, len(paths), batch_size):
+        batch_paths = paths[start : start + batch_size]
+        images: list[torch.Tensor] = []
+        errors: dict[int, str] = {}
+        for index, path in enumerate(batch_paths):
+            try:
+                images.append(load_image(path, model.image_size))
+            except ImageReadError as error:
+                errors[index] = str(error)
+        predictions = iter(predict_images(model, torch.stack(images), device) if images else [])
+        for index, path in enumerate(batch_paths):
+            if index in errors:
+                yield {"path": str(path), "error": errors[index]}
+            else:
+                yield {"path": str(path), "predictions": next(predictions)}
+
+
+@torch.no_grad()
+def predict_images(model: LoadedModel, images: torch.Tensor, device: torch.device) -> list[dict[str, dict]]:
+    """Predictions for a uint8 NCHW batch, computed as validation computes them (eval mode, float32)."""
+    outputs = model.net(normalize_images(images.to(device)))
+    return task_predictions(outputs, model.tasks, model.age_scale)
+
+
+def write_records(records: Iterator[dict[str, Any]], out: TextIO, errors: TextIO) -> tuple[int, int]:
+    """Write JSON lines; report each failed file on ``errors``. Returns (records, failed)."""
+    total = failed = 0
+    for record in records:
+        out.write(json.dumps(record) + "\n")
+        total += 1
+        if "error" in record:
+            failed += 1
+            print(f"error: {record['path']}: {record['error']}", file=errors, flush=True)
+    return total, failed
+
+
+def write_records_atomically(records: Iterator[dict[str, Any]], path: Path, errors: TextIO) -> tuple[int, int]:
+    """As :func:`write_records`, into a temporary file renamed to ``path`` once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("w") as handle:
+            counts = write_records(records, handle, errors)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return counts
+
+
+# ---------------------------------------------------------------- export
+
+
+class TaskOutputs(nn.Module):
+    """The network with a tuple of per-task head outputs (in ``task_names`` order) instead of a dict.
+
+    Input: float32 (N, 3, S, S), RGB, ImageNet-normalised. Outputs: logits per class, a binary head's one
+    logit when trained with BCE, and for regression the scaled value (years / age_scale).
+    """
+
+    def __init__(self, net: MultiTaskNet) -> None:
+        super().__init__()
+        self.net = net
+        self.task_names = net.task_names
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.net(images)
+        return tuple(outputs[name] for name in self.task_names)
+
+
+def export_metadata(model: LoadedModel) -> dict[str, Any]:
+    """What a user of the exported file needs to prepare inputs and read outputs."""
+    return {
+        "input": {"shape": ["N", 3, model.image_size, model.image_size], "dtype": "float32", "channels": "RGB",
+                  "normalisation": "(pixel / 255 - mean) / std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                  "crop": "scaled to fit the square and padded with black, keeping the aspect"},
+        "outputs": [{"task": task.name, "kind": task.kind, "classes": list(task.classes)} for task in model.tasks],
+        "age_scale": model.age_scale,
+        "binary_heads": "one column: BCE logit of classes[1]; two columns: softmax logits",
+    }
+
+
+def check_batch(model: LoadedModel, count: int = 3) -> torch.Tensor:
+    """A seeded batch of normalised random images (pixel values in the range real images have)."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (count, 3, model.image_size, model.image_size), dtype=torch.uint8, generator=generator)
+    return normalize_images(pixels)
+
+
+def max_abs_difference(expected: Sequence[torch.Tensor], actual: Sequence[Any]) -> float:
+    if len(expected) != len(actual):
+        raise ExportCheckError(f"the exported model returns {len(actual)} outputs, the eager one {len(expected)}")
+    return max(float((torch.as_tensor(a).float() - e.float()).abs().max()) for e, a in zip(expected, actual))
+
+
+ExportedRunner = Callable[[torch.Tensor], Sequence[Any]]  # runs the file just written on a batch
+
+
+def write_torchscript(wrapper: TaskOutputs, path: Path, metadata: dict[str, Any], example: torch.Tensor) -> ExportedRunner:
+    """Trace (the forward has no data-dependent control flow), save with the metadata, load it back."""
+    traced = torch.jit.trace(wrapper, example, check_trace=False)
+    torch.jit.save(traced, str(path), _extra_files={EXPORT_METADATA_NAME: json.dumps(metadata)})
+    return torch.jit.load(str(path), map_location="cpu")
+
+
+def onnx_available() -> bool:
+    """Whether onnx and onnxruntime import (being installed is not enough: a missing dependency of theirs fails)."""
+    try:
+        for name in ("onnx", "onnxruntime"):
+            importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def write_onnx(wrapper: TaskOutputs, path: Path, metadata: dict[str, Any], example: torch.Tensor) -> ExportedRunner:
+    """The TorchScript-based exporter (``dynamo=False``: the default one needs onnxscript), batch axis
+    dynamic, metadata as a model property; checked by onnx and opened in onnxruntime."""
+    import onnx
+    import onnxruntime
+
+    names = list(wrapper.task_names)
+    torch.onnx.export(wrapper, (example,), str(path), dynamo=False, input_names=["images"], output_names=names,
+                      dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in names}})
+    exported = onnx.load(str(path))
+    onnx.helper.set_model_props(exported, {EXPORT_METADATA_NAME: json.dumps(metadata)})
+    onnx.checker.check_model(exported)
+    onnx.save(exported, str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(names, {"images": batch.numpy()})
+
+
+EXPORTERS = {"torchscript": write_torchscript, "onnx": write_onnx}
+
+
+def export_model(model: LoadedModel, kind: str, path: Path) -> float:
+    """Write the network as ``kind`` and check it: the written file, run on a batch of another size than the
+    one it was exported with, must give the eager model's outputs. Returns the max abs difference; the file
+    appears under ``path`` only when the check passed."""
+    wrapper = TaskOutputs(model.net.cpu()).eval()
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Both exporters are deprecated in favour of torch.export, whose programs need Python to run;
+            # TorchScript still loads in C++ (libtorch) and the legacy ONNX exporter needs no onnxscript.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+            run_exported = EXPORTERS[kind](wrapper, temporary, export_metadata(model), check_batch(model, 2))
+            batch = check_batch(model)
+            difference = max_abs_difference(wrapper(batch), run_exported(batch))
+        if not difference <= EXPORT_TOLERANCE:
+            raise ExportCheckError(f"the {kind} model's outputs differ from the eager model's by {difference:.3g} "
+                                   f"(> {EXPORT_TOLERANCE:g}); nothing was written")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return difference
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="run folder, best_model.pt, checkpoint.pt or Ray checkpoint folder")
+    parser.add_argument("inputs", type=Path, nargs="*", help="image files and folders (searched recursively)")
+    parser.add_argument("--out", type=Path, help="JSON-lines output file (default: stdout)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--export", choices=tuple(EXPORTERS), help="also write the network as TorchScript or ONNX, checked against eager")
+    parser.add_argument("--export-path", type=Path, help="file the export is written to (required with --export)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.inputs and not args.export:
+        parser.error("name at least one image file or folder (or --export)")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if args.export and args.export_path is None:
+        parser.error("--export needs --export-path FILE")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    if args.export == "onnx" and not onnx_available():
+        print(f"error: {ONNX_INSTALL_HINT}", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(args.checkpoint)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    epoch = f", epoch {model.epoch}" if model.epoch is not None else ""
+    print(f"model {model.source}{epoch}: {model.backbone}, tasks {', '.join(t.name for t in model.tasks)}, "
+          f"input {model.image_size} px, device {device}", file=sys.stderr)
+    export_status = run_export(model, args.export, args.export_path) if args.export else 0
+    if not args.inputs:
+        return export_status
+    return run_predictions(model, args.inputs, args.out, args.batch_size, device) or export_status
+
+
+def run_export(model: LoadedModel, kind: str, path: Path) -> int:
+    """Export and check; the exit status: 0 checked, 1 the check failed, 2 the file cannot be written."""
+    try:
+        difference = export_model(model, kind, path)
+    except ExportCheckError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"error: cannot write the {kind} export to {path}: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {kind} to {path}; reloaded and checked: max abs difference to eager {difference:.3g} "
+          f"(tolerance {EXPORT_TOLERANCE:g})", file=sys.stderr)
+    return 0
+
+
+def run_predictions(model: LoadedModel, inputs: Sequence[Path], out: Path | None, batch_size: int, device: torch.device) -> int:
+    """Predict every image under ``inputs`` into ``out`` (or stdout); the exit status: 0 all, 1 some failed."""
+    paths = find_images(inputs)
+    for folder in (path for path in inputs if path.is_dir()):
+        if not any(folder in path.parents for path in paths):
+            print(f"warning: folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
+    if not paths:
+        print("error: no image file to predict", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    model.net.to(device)
+    records = predict_files(model, paths, batch_size, device)
+    if out is None:
+        total, failed = write_records(records, sys.stdout, sys.stderr)
+    else:
+        total, failed = write_records_atomically(records, out, sys.stderr)
+    seconds = time.perf_counter() - started
+    print(f"predicted {total - failed} of {total} images ({failed} failed) in {seconds:.1f} s "
+          f"({total / max(seconds, 1e-9):.0f} images/s) -> {out or 'stdout'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
