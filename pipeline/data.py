@@ -109,6 +109,16 @@ def resolve_tasks(shard_sets: Sequence[ShardSet], requested: Sequence[str]) -> l
 # ---------------------------------------------------------------- the task-balanced sampler
 
 
+def check_validation_labels(shard_sets: Sequence[ShardSet], tasks: Sequence[str]) -> None:
+    """Every task needs labelled validation samples: its validation loss drives Early Freeze and the
+    choice of the best model, and a task without one would make the total validation loss NaN."""
+    for task in tasks:
+        if not any(s.labelled_fraction(task, "val") > 0 for s in shard_sets):
+            names = ", ".join(s.name for s in shard_sets)
+            raise DataConfigError(f"task {task!r} has no labelled validation sample in any dataset ({names}); "
+                                  "shard a val split for it or leave it out with data.tasks")
+
+
 def compute_quotas(
     coverage: Mapping[str, Mapping[str, float]],
     tasks: Sequence[str],

@@ -31,7 +31,7 @@ from pipeline.train import main as train_main
 SEARCH_NAME = "demo-search"
 # The demo's search: 4 trials of up to 3 short epochs, ASHA halving at every epoch, one trial at a time on
 # 2 cores. Loader processes would only compete with the trial's own worker for those cores.
-SEARCH_OVERRIDES = ("max_epochs=3", "data.steps_per_epoch=30", "data.loader_workers=0")
+SEARCH_OVERRIDES = ("max_epochs=3", "data.steps_per_epoch=20", "data.loader_workers=0")
 SEARCH_OPTIONS = ("--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2", "--seed", "0")
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

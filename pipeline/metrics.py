@@ -84,8 +84,8 @@ class MetricSums:
         for task in self.tasks:
             s = self.sums[task.name]
             metrics: dict[str, float] = {"count": s.count, "loss": s.loss_sum / s.count if s.count else float("nan")}
-            if task.kind == "regression":
-                labelled = max(s.count, 1)
+            if task.kind == "regression":  # NaN without labels, as for classification: never a perfect score
+                labelled = s.count or float("nan")
                 metrics |= {
                     "mae": s.abs_error_sum / labelled,
                     "rmse": (s.squared_error_sum / labelled) ** 0.5,

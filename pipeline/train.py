@@ -14,6 +14,7 @@ its snapshots, the epoch and the metric history.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.config import ConfigError, TrainConfig, load_config, save_config, to_dict, with_absolute_paths
+from pipeline.data import DataConfigError, check_validation_labels, open_shard_set, resolve_tasks
 from pipeline.run_records import (
     BEST_MODEL_FILE,
     CHECKPOINT_FILE,
@@ -34,6 +36,21 @@ from pipeline.run_records import (
 )
 
 
+def ray_log_level() -> str:
+    """Ray Train's log level for our runs: WARNING unless ``FACEMTL_RAY_LOG_LEVEL`` says otherwise."""
+    return os.environ.get("FACEMTL_RAY_LOG_LEVEL", "WARNING")
+
+
+def quiet_report_log() -> None:
+    """Ray Train logs each report (every metric) at INFO under a logger named by its source file, which its
+    LoggingConfig does not reach; hold it to our level so the job's output shows our epoch lines only."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(ray_log_level())
+
+
 def ray_worker_entry(loop_config: dict[str, Any]) -> None:
     """``train_loop_per_worker``: the same loop on every rank; rank 0 writes checkpoint and records."""
     import ray.train
@@ -43,6 +60,7 @@ def ray_worker_entry(loop_config: dict[str, Any]) -> None:
     from pipeline.config import load_config_dict
     from pipeline.loop import WorkerContext, train_loop
 
+    quiet_report_log()
     config = load_config_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     ray_context = ray.train.get_context()
@@ -86,13 +104,17 @@ def connect_ray(min_cpus: int) -> None:
 
     if ray.is_initialized():
         return
+    # Ray Train re-routes print() on its workers through the logging module, which shows every progress
+    # line twice; the workers print their own lines, once.
+    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
     else:
         # address="local": a new Ray here, never another job's `ray start` cluster on this machine, which a
         # plain ray.init() would join.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
+                 runtime_env=runtime_env)
 
 
 def build_trainer(config: TrainConfig, max_failures: int, entry: Callable[[dict[str, Any]], None] | None = None,
@@ -114,7 +136,7 @@ def build_trainer(config: TrainConfig, max_failures: int, entry: Callable[[dict[
             name=config.name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints or None),
             failure_config=FailureConfig(max_failures=max_failures),
-            logging_config=LoggingConfig(log_level=os.environ.get("FACEMTL_RAY_LOG_LEVEL", "WARNING")),
+            logging_config=LoggingConfig(log_level=ray_log_level()),
             callbacks=list(callbacks),
         ),
     )
@@ -124,6 +146,13 @@ def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
     """Run the TorchTrainer; joins ``RAY_ADDRESS`` when set, else starts a local Ray."""
     connect_ray(config.num_workers * int(worker_resources(config)["CPU"]))
     return build_trainer(config, max_failures).fit()
+
+
+def check_datasets(config: TrainConfig) -> None:
+    """Every dataset is a shard folder and every task has training and validation labels: refused here,
+    before Ray starts workers that would each fail on it."""
+    shard_sets = [open_shard_set(path) for path in config.data.datasets]
+    check_validation_labels(shard_sets, resolve_tasks(shard_sets, config.data.tasks))
 
 
 def run_locally(config: TrainConfig) -> None:
@@ -146,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = with_absolute_paths(load_config(args.config, args.overrides))
-    except (ConfigError, OSError) as error:
+        check_datasets(config)
+    except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     save_config(config, config.run_dir / CONFIG_FILE)

@@ -78,3 +78,26 @@ def test_early_stop_baseline_stops_tasks_without_restoring_and_keeps_the_trunk_t
     assert len(rows) == 2
     checkpoint = load_checkpoint(tmp_path / "s" / "checkpoint.pt")
     assert checkpoint["frozen_parts"] == {"trunk": False, "heads": ["age", "emotion"]}
+
+
+def test_a_missing_dataset_or_an_unlabelled_task_is_refused_before_ray_starts(synthetic_shards, tmp_path: Path, capsys) -> None:
+    import ray
+
+    missing = tmp_path / "no-such-shards"
+    assert train_main([f"data.datasets=[{missing}]", f"runs_dir={tmp_path}", "name=m"]) == 2
+    assert f"{missing} is not a shard folder" in capsys.readouterr().err
+    fer_only = f"data.datasets=[{synthetic_shards['fer']}]"
+    assert train_main([fer_only, "data.tasks=[age]", f"runs_dir={tmp_path}", "name=m"]) == 2
+    assert "task 'age' has no labelled training sample in any dataset (fer)" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_a_task_without_validation_labels_is_refused(synthetic_shards, tmp_path: Path, capsys) -> None:
+    """Its NaN validation loss would keep every epoch from being the best and confuse Early Freeze."""
+    from pipeline.shard import main as shard_main
+
+    no_val = tmp_path / "no-val"
+    assert shard_main(["synthetic", "--name", "noval", "--tasks", "smile", "--num-samples", "40", "--size", "32",
+                       "--val-fraction", "0", "--out", str(no_val)]) == 0
+    assert train_main([f"data.datasets=[{no_val},{synthetic_shards['utk']}]", f"runs_dir={tmp_path}", "name=m"]) == 2
+    assert "task 'smile' has no labelled validation sample in any dataset (noval, utk)" in capsys.readouterr().err

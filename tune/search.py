@@ -43,7 +43,7 @@ from ray.util.queue import Queue
 
 from pipeline.config import ConfigError, TrainConfig, load_config, load_config_dict, save_config, to_dict, with_absolute_paths
 from pipeline.metrics import normalized_score
-from pipeline.data import DataConfigError, open_shard_set, resolve_tasks
+from pipeline.data import DataConfigError, check_validation_labels, open_shard_set, resolve_tasks
 from pipeline.run_records import CONFIG_FILE, TENSORBOARD_DIR, latest_checkpoint
 from pipeline.schema import get_task
 from pipeline.train import build_trainer, connect_ray, ray_worker_entry, worker_resources
@@ -307,7 +307,9 @@ def run_search(args: argparse.Namespace) -> Path:
         base = load_config_dict(base_document)
     check_search_options(args, space, base.max_epochs)
 
-    tasks = resolve_tasks([open_shard_set(path) for path in base.data.datasets], base.data.tasks)
+    shard_sets = [open_shard_set(path) for path in base.data.datasets]
+    tasks = resolve_tasks(shard_sets, base.data.tasks)
+    check_validation_labels(shard_sets, tasks)
     connect_ray(cpus_per_trial(base) * (args.max_concurrent or 1))
     max_concurrent = args.max_concurrent or trials_at_a_time(base)
     # Trials train in Ray's worker processes, whose working folders are not this one: absolute paths.
