@@ -4,11 +4,12 @@
     python -m pipeline.evaluate runs/demo/checkpoint_2025-05-01_10-00-00.000000 --split val  # a Ray checkpoint
     python -m pipeline.evaluate runs/demo/best_model.pt --split test --data shards/other --out reports/other
 
-The model is rebuilt from the config stored in the checkpoint and its weights are loaded strictly. The
-data are the run's own datasets, or the shard folders given with ``--data`` (also ones the model never
-saw). Every sample of the split is read once, in order, and scored with the training loop's own
-validation code (:func:`pipeline.loop.evaluate_split`: the same losses, age scale and predictions as the
-``val/*`` metrics of a run), so a run's best epoch evaluated on ``val`` reproduces its metrics.parquet.
+The model is rebuilt from the config stored in the checkpoint, its weights loaded strictly
+(:mod:`pipeline.inference`). The data are the run's own datasets, or the shard folders given with
+``--data`` (also ones the model never saw). Every sample of the split is read once, in order, and
+scored with the training loop's own validation code (:func:`pipeline.loop.evaluate_split`: the same
+losses, age scale and predictions as the ``val/*`` metrics of a run), so a run's best epoch evaluated on
+``val`` reproduces its metrics.parquet.
 
 Outputs, in ``--out`` (default ``<run>/evaluation/<split>/``, or ``<checkpoint's folder>/evaluation/<split>/``):
 ``metrics.json`` (everything), ``metrics.md`` (the tables, also printed) and ``confusion_<task>.png``
@@ -23,27 +24,18 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from pipeline.config import ConfigError, TrainConfig, load_config_dict
 from pipeline.data import DataConfigError, EvalStream, ShardSet, eval_loader, open_shard_set
-from pipeline.losses import build_weighting
-from pipeline.loop import (
-    MultiTaskObjective,
-    WorkerContext,
-    evaluate_split,
-    resolve_device,
-    uses_channels_last,
-    weighting_options,
-)
+from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, InferenceModel, choose_device,
+                                load_inference_model)
+from pipeline.loop import WorkerContext, evaluate_split, uses_channels_last
 from pipeline.metrics import MetricSums, TaskSums, per_class_accuracy
-from pipeline.model import MultiTaskNet, describe_state_mismatch
-from pipeline.run_records import BEST_MODEL_FILE, CHECKPOINT_FILE, latest_checkpoint
-from pipeline.schema import TaskSpec, get_task
+from pipeline.schema import TaskSpec
 from pipeline.sources.base import SPLITS
 
 EVALUATION_DIR = "evaluation"
@@ -52,89 +44,7 @@ METRICS_MARKDOWN = "metrics.md"
 
 
 class EvaluationError(Exception):
-    """An input that cannot be evaluated (path, checkpoint, data, device); the message names it."""
-
-
-# ---------------------------------------------------------------- the model
-
-
-@dataclass
-class LoadedModel:
-    """A network rebuilt from a checkpoint, with the training config it was trained under."""
-
-    net: MultiTaskNet
-    config: TrainConfig
-    tasks: list[TaskSpec]
-    checkpoint_path: Path
-    epoch: int | None  # the epoch whose weights these are, when the checkpoint says
-
-
-def find_checkpoint(target: Path) -> Path:
-    """The checkpoint file that ``target`` names: the file itself, or in a folder ``best_model.pt``, else
-    ``checkpoint.pt`` (a ``--local`` run, a Ray checkpoint folder), else the newest loadable
-    ``checkpoint_*/checkpoint.pt`` of a Ray run."""
-    if target.is_file():
-        return target
-    if not target.is_dir():
-        raise EvaluationError(f"{target} does not exist")
-    for candidate in (target / BEST_MODEL_FILE, target / CHECKPOINT_FILE):
-        if candidate.is_file():
-            return candidate
-    found = latest_checkpoint(target)
-    if found is None:
-        raise EvaluationError(
-            f"{target} holds no {BEST_MODEL_FILE}, {CHECKPOINT_FILE} or checkpoint_*/{CHECKPOINT_FILE}: "
-            "not a run or checkpoint folder"
-        )
-    return found[0] / CHECKPOINT_FILE
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The payload of a best_model.pt or checkpoint.pt, checked for the keys a model needs.
-
-    ``weights_only``: reading a checkpoint runs no code from it (both formats hold only tensors and
-    plain values)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises anything from KeyError to RuntimeError for a foreign file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise EvaluationError(
-            f"{path} is not a facemtl checkpoint: torch.load failed ({type(error).__name__}: {reason})"
-        ) from None
-    required = ("objective", "config", "tasks")
-    if not isinstance(payload, dict) or any(key not in payload for key in required):
-        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise EvaluationError(f"{path} is not a facemtl checkpoint: expected the keys {list(required)}, found {found}")
-    return payload
-
-
-def checkpoint_epoch(payload: dict[str, Any]) -> int | None:
-    """best_model.pt names its epoch; a full checkpoint holds the next epoch to run."""
-    if "epoch" in payload:
-        return int(payload["epoch"])
-    if "run_state" in payload:
-        return int(payload["run_state"]["epoch"]) - 1
-    return None
-
-
-def load_model(path: Path) -> LoadedModel:
-    """Rebuild the MultiTaskNet (and its loss weighting, which the weights include) and load strictly."""
-    payload = read_checkpoint(path)
-    try:
-        config = load_config_dict(payload["config"])
-        tasks = [get_task(name) for name in payload["tasks"]]
-    except (ConfigError, KeyError) as error:
-        raise EvaluationError(f"{path}: its stored config or task list is not valid: {error}") from None
-    model = config.model
-    # weights_path=None: the checkpoint holds every weight; the training machine's backbone file is not needed.
-    net = MultiTaskNet(tasks, model.backbone, model.shared_dims, model.head_hidden, model.dropout, None, model.binary_outputs)
-    weighting = build_weighting(config.loss.weighting, [t.name for t in tasks], **weighting_options(config))
-    objective = MultiTaskObjective(net, weighting, tasks, config)
-    problems = describe_state_mismatch(objective.state_dict(), payload["objective"])
-    if problems:
-        raise EvaluationError(f"{path}: weights do not fit the model its config describes: " + "; ".join(problems))
-    objective.load_state_dict(payload["objective"], strict=True)
-    return LoadedModel(net, config, tasks, path, checkpoint_epoch(payload))
+    """Data that cannot be evaluated on (no dataset, no such split); the message names it."""
 
 
 # ---------------------------------------------------------------- the data
@@ -194,9 +104,8 @@ class CountingBatches:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How to run the model: device, batch size and loader processes."""
+    """How to feed the model: batch size and loader processes."""
 
-    device: torch.device
     batch_size: int
     loader_workers: int
 
@@ -211,14 +120,14 @@ class DatasetSums:
     sums: MetricSums
 
 
-def evaluate_dataset(loaded: LoadedModel, shard_set: ShardSet, split: str, options: RunOptions) -> DatasetSums:
+def evaluate_dataset(model: InferenceModel, shard_set: ShardSet, split: str, options: RunOptions) -> DatasetSums:
     """Every sample of ``split`` of one dataset through the training loop's validation code."""
-    stream = EvalStream([shard_set], split, [t.name for t in loaded.tasks], loaded.config.data.image_size)
-    loader = eval_loader(stream, options.batch_size, options.loader_workers, pin_memory=options.device.type == "cuda")
+    stream = EvalStream([shard_set], split, [t.name for t in model.tasks], model.image_size)
+    loader = eval_loader(stream, options.batch_size, options.loader_workers, pin_memory=model.device.type == "cuda")
     batches = CountingBatches(loader)
-    context = SumsKeepingContext(device=options.device)
-    evaluate_split(loaded.net, batches, loaded.tasks, context, loaded.config)
-    sums = MetricSums(loaded.tasks)
+    context = SumsKeepingContext(device=model.device)
+    evaluate_split(model.net, batches, model.tasks, context, model.config)
+    sums = MetricSums(model.tasks)
     sums.load_tensor(context.reduced)
     return DatasetSums(shard_set.name, shard_set.root, batches.samples, sums)
 
@@ -358,35 +267,36 @@ def default_output_dir(target: Path, split: str) -> Path:
     return folder / EVALUATION_DIR / split
 
 
-def evaluation_device(requested: str, config: TrainConfig) -> torch.device:
-    """auto | cpu | cuda, chosen as training chooses; asking for CUDA where there is none is an error."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda: no CUDA device is available here")
-    return resolve_device(replace(config, device=requested))
-
-
 def local_cpu_count() -> int:
     """CPUs this process may run on (the affinity mask, as under SLURM), not all of the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def prepare_device(model: InferenceModel) -> None:
+    """Run as training validates: all of this process's CPUs, or channels_last on a GPU when the run used it."""
+    if model.device.type == "cpu":
+        torch.set_num_threads(local_cpu_count())
+    if uses_channels_last(model.config, WorkerContext(device=model.device)):
+        model.net.to(memory_format=torch.channels_last)
+
+
 def build_report(
-    loaded: LoadedModel, data: EvaluationData, per_dataset: Sequence[DatasetSums], options: RunOptions
+    model: InferenceModel, data: EvaluationData, per_dataset: Sequence[DatasetSums], options: RunOptions
 ) -> dict[str, Any]:
     """Everything metrics.json holds: checkpoint, data, split, counts, metrics overall and per dataset."""
     names = [d.name for d in per_dataset]
     return {
-        "checkpoint": str(loaded.checkpoint_path.resolve()),
-        "epoch": loaded.epoch,
+        "checkpoint": str(model.checkpoint_path.resolve()),
+        "epoch": model.epoch,
         "split": data.split,
-        "device": str(options.device),
+        "device": str(model.device),
         "batch_size": options.batch_size,
         "datasets": [{"name": d.name, "path": str(d.path.resolve()), "samples": d.samples} for d in per_dataset],
         "skipped_datasets": data.skipped,
         "samples": sum(d.samples for d in per_dataset),
-        "tasks": tasks_report(loaded.tasks, total_sums(loaded.tasks, per_dataset), names),
+        "tasks": tasks_report(model.tasks, total_sums(model.tasks, per_dataset), names),
         "by_dataset": {
-            d.name: {"samples": d.samples, "tasks": tasks_report(loaded.tasks, d.sums, [d.name])} for d in per_dataset
+            d.name: {"samples": d.samples, "tasks": tasks_report(model.tasks, d.sums, [d.name])} for d in per_dataset
         },
     }
 
@@ -414,7 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="shard folders to evaluate on instead of the run's datasets")
     parser.add_argument("--out", type=Path, help="output folder (default: <run>/evaluation/<split>)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's data.batch_size)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: the GPU when there is one")
     parser.add_argument("--loader-workers", type=int, default=2, help="decoding processes (0: decode in this process)")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
@@ -428,27 +338,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     try:
-        checkpoint = find_checkpoint(args.target)
-        print(f"checkpoint: {checkpoint}", flush=True)
-        loaded = load_model(checkpoint)
-        data = open_evaluation_data(args.data or loaded.config.data.datasets, args.split)
-        device = evaluation_device(args.device, loaded.config)
-    except EvaluationError as error:
+        model = load_inference_model(args.target, choose_device(args.device))
+        print(f"checkpoint: {model.describe()}", flush=True)
+        data = open_evaluation_data(args.data or model.config.data.datasets, args.split)
+    except (CheckpointError, DeviceError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for skipped in data.skipped:
         print(f"note: skipping {skipped['name']} ({skipped['path']}): {skipped['reason']}", flush=True)
-    if device.type == "cpu":
-        torch.set_num_threads(local_cpu_count())
-    options = RunOptions(device, args.batch_size or loaded.config.data.batch_size, args.loader_workers)
-    loaded.net.to(device)
-    if uses_channels_last(loaded.config, WorkerContext(device=device)):
-        loaded.net.to(memory_format=torch.channels_last)
+    prepare_device(model)
+    options = RunOptions(args.batch_size or model.config.data.batch_size, args.loader_workers)
     per_dataset = []
     for shard_set in data.shard_sets:
-        print(f"evaluating {shard_set.name} {args.split} ({shard_set.num_samples(args.split)} samples) on {device}", flush=True)
-        per_dataset.append(evaluate_dataset(loaded, shard_set, args.split, options))
-    report = build_report(loaded, data, per_dataset, options)
+        samples = shard_set.num_samples(args.split)
+        print(f"evaluating {shard_set.name} {args.split} ({samples} samples) on {model.device}", flush=True)
+        per_dataset.append(evaluate_dataset(model, shard_set, args.split, options))
+    report = build_report(model, data, per_dataset, options)
     report["seconds"] = time.perf_counter() - started
     markdown = format_markdown(report)
     out_dir = args.out or default_output_dir(args.target, args.split)

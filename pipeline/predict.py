@@ -24,15 +24,14 @@ then normalised by :func:`pipeline.data.normalize_images`.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import os
-import pickle
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -40,12 +39,12 @@ import torch
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from pipeline.config import ConfigError, load_config_dict
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize_images
+from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, InferenceModel, choose_device,
+                                load_inference_model)
 from pipeline.losses import predict_age
-from pipeline.model import MultiTaskNet, describe_state_mismatch
-from pipeline.run_records import BEST_MODEL_FILE, CHECKPOINT_FILE
-from pipeline.schema import TaskSpec, get_task
+from pipeline.model import MultiTaskNet
+from pipeline.schema import TaskSpec
 from pipeline.shard_writer import describe_image_error, fit_image
 from pipeline.sources.base import IMAGE_SUFFIXES, decode_image_bytes, is_image_name
 
@@ -57,71 +56,8 @@ ONNX_INSTALL_HINT = (
 )
 
 
-class CheckpointError(Exception):
-    """A checkpoint path that does not hold a usable model; the message names the path."""
-
-
 class ExportCheckError(Exception):
     """An exported model whose outputs differ from the eager model's."""
-
-
-# ---------------------------------------------------------------- the model
-
-
-@dataclass
-class LoadedModel:
-    """A network rebuilt from a checkpoint, in eval mode, and what prediction needs to know about it."""
-
-    net: MultiTaskNet
-    tasks: list[TaskSpec]
-    image_size: int
-    age_scale: float
-    backbone: str
-    source: Path  # the checkpoint file read
-    epoch: int | None
-
-
-def resolve_checkpoint_file(path: Path) -> Path:
-    """The file to load: ``path`` itself, or a folder's best_model.pt (a run) or checkpoint.pt (a Ray checkpoint)."""
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    for name in (BEST_MODEL_FILE, CHECKPOINT_FILE):
-        if (path / name).is_file():
-            return path / name
-    raise CheckpointError(
-        f"{path} holds neither {BEST_MODEL_FILE} nor {CHECKPOINT_FILE}; pass a run folder, a Ray checkpoint "
-        "folder (checkpoint_*/) or one of those files"
-    )
-
-
-def load_model(path: str | Path) -> LoadedModel:
-    """Rebuild the :class:`MultiTaskNet` a checkpoint was trained as, load its weights strictly, eval mode, CPU."""
-    file = resolve_checkpoint_file(Path(path))
-    try:
-        # weights_only: a checkpoint is plain dicts, lists and tensors; nothing in it needs to run code.
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{file}: cannot be read as a facemtl checkpoint: {error}") from None
-    missing = [key for key in ("objective", "config", "tasks") if not isinstance(payload, dict) or key not in payload]
-    if missing:
-        raise CheckpointError(f"{file}: not a facemtl checkpoint (no {', '.join(missing)}); expected best_model.pt or checkpoint.pt of a run")
-    try:
-        config = load_config_dict(payload["config"])
-        tasks = [get_task(name) for name in payload["tasks"]]
-        # weights_path is left out: the backbone's weights come from the checkpoint, and the file may not be here.
-        net = MultiTaskNet(tasks, config.model.backbone, config.model.shared_dims, config.model.head_hidden,
-                           config.model.dropout, binary_outputs=config.model.binary_outputs)
-    except (ConfigError, KeyError, ValueError) as error:
-        raise CheckpointError(f"{file}: its stored config or task list does not describe a model: {error}") from None
-    state = {key.removeprefix("net."): value for key, value in payload["objective"].items() if key.startswith("net.")}
-    problems = describe_state_mismatch(net.state_dict(), state)
-    if problems:
-        raise CheckpointError(f"{file}: weights do not fit the model its config describes: " + "; ".join(problems))
-    net.load_state_dict(state, strict=True)
-    return LoadedModel(net.eval(), tasks, config.data.image_size, config.loss.age_scale, config.model.backbone,
-                       file, payload.get("epoch"))
 
 
 # ---------------------------------------------------------------- postprocessing (pure)
@@ -203,7 +139,7 @@ def load_image(path: Path, image_size: int) -> torch.Tensor:
 # ---------------------------------------------------------------- prediction
 
 
-def predict_files(model: LoadedModel, paths: Sequence[Path], batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
+def predict_files(model: InferenceModel, paths: Sequence[Path], batch_size: int) -> Iterator[dict[str, Any]]:
     """One record per path, in order: {"path", "predictions"} or {"path", "error"}."""
     for start in range(0, len(paths), batch_size):
         batch_paths = paths[start : start + batch_size]
@@ -214,7 +150,7 @@ def predict_files(model: LoadedModel, paths: Sequence[Path], batch_size: int, de
                 images.append(load_image(path, model.image_size))
             except ImageReadError as error:
                 errors[index] = str(error)
-        predictions = iter(predict_images(model, torch.stack(images), device) if images else [])
+        predictions = iter(predict_images(model, torch.stack(images)) if images else [])
         for index, path in enumerate(batch_paths):
             if index in errors:
                 yield {"path": str(path), "error": errors[index]}
@@ -223,9 +159,9 @@ def predict_files(model: LoadedModel, paths: Sequence[Path], batch_size: int, de
 
 
 @torch.no_grad()
-def predict_images(model: LoadedModel, images: torch.Tensor, device: torch.device) -> list[dict[str, dict]]:
+def predict_images(model: InferenceModel, images: torch.Tensor) -> list[dict[str, dict]]:
     """Predictions for a uint8 NCHW batch, computed as validation computes them (eval mode, float32)."""
-    outputs = model.net(normalize_images(images.to(device)))
+    outputs = model.net(normalize_images(images.to(model.device)))
     return task_predictions(outputs, model.tasks, model.age_scale)
 
 
@@ -274,7 +210,7 @@ class TaskOutputs(nn.Module):
         return tuple(outputs[name] for name in self.task_names)
 
 
-def export_metadata(model: LoadedModel) -> dict[str, Any]:
+def export_metadata(model: InferenceModel) -> dict[str, Any]:
     """What a user of the exported file needs to prepare inputs and read outputs."""
     return {
         "input": {"shape": ["N", 3, model.image_size, model.image_size], "dtype": "float32", "channels": "RGB",
@@ -286,7 +222,7 @@ def export_metadata(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def check_batch(model: LoadedModel, count: int = 3) -> torch.Tensor:
+def check_batch(model: InferenceModel, count: int = 3) -> torch.Tensor:
     """A seeded batch of normalised random images (pixel values in the range real images have)."""
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (count, 3, model.image_size, model.image_size), dtype=torch.uint8, generator=generator)
@@ -339,11 +275,12 @@ def write_onnx(wrapper: TaskOutputs, path: Path, metadata: dict[str, Any], examp
 EXPORTERS = {"torchscript": write_torchscript, "onnx": write_onnx}
 
 
-def export_model(model: LoadedModel, kind: str, path: Path) -> float:
+def export_model(model: InferenceModel, kind: str, path: Path) -> float:
     """Write the network as ``kind`` and check it: the written file, run on a batch of another size than the
     one it was exported with, must give the eager model's outputs. Returns the max abs difference; the file
     appears under ``path`` only when the check passed."""
-    wrapper = TaskOutputs(model.net.cpu()).eval()
+    # A CPU copy: the exported file must not be tied to a GPU, and the model stays on its device to predict.
+    wrapper = TaskOutputs(copy.deepcopy(model.net).cpu()).eval()
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -373,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", type=Path, nargs="*", help="image files and folders (searched recursively)")
     parser.add_argument("--out", type=Path, help="JSON-lines output file (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: the GPU when there is one")
     parser.add_argument("--export", choices=tuple(EXPORTERS), help="also write the network as TorchScript or ONNX, checked against eager")
     parser.add_argument("--export-path", type=Path, help="file the export is written to (required with --export)")
     return parser
@@ -388,27 +325,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1")
     if args.export and args.export_path is None:
         parser.error("--export needs --export-path FILE")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    try:
+        device = choose_device(args.device)
+    except DeviceError as error:
+        parser.error(str(error))
     if args.export == "onnx" and not onnx_available():
         print(f"error: {ONNX_INSTALL_HINT}", file=sys.stderr)
         return 2
     try:
-        model = load_model(args.checkpoint)
+        model = load_inference_model(args.checkpoint, device)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    epoch = f", epoch {model.epoch}" if model.epoch is not None else ""
-    print(f"model {model.source}{epoch}: {model.backbone}, tasks {', '.join(t.name for t in model.tasks)}, "
-          f"input {model.image_size} px, device {device}", file=sys.stderr)
+    print(f"model {model.describe()}", file=sys.stderr)
     export_status = run_export(model, args.export, args.export_path) if args.export else 0
     if not args.inputs:
         return export_status
-    return run_predictions(model, args.inputs, args.out, args.batch_size, device) or export_status
+    return run_predictions(model, args.inputs, args.out, args.batch_size) or export_status
 
 
-def run_export(model: LoadedModel, kind: str, path: Path) -> int:
+def run_export(model: InferenceModel, kind: str, path: Path) -> int:
     """Export and check; the exit status: 0 checked, 1 the check failed, 2 the file cannot be written."""
     try:
         difference = export_model(model, kind, path)
@@ -423,7 +359,7 @@ def run_export(model: LoadedModel, kind: str, path: Path) -> int:
     return 0
 
 
-def run_predictions(model: LoadedModel, inputs: Sequence[Path], out: Path | None, batch_size: int, device: torch.device) -> int:
+def run_predictions(model: InferenceModel, inputs: Sequence[Path], out: Path | None, batch_size: int) -> int:
     """Predict every image under ``inputs`` into ``out`` (or stdout); the exit status: 0 all, 1 some failed."""
     paths = find_images(inputs)
     for folder in (path for path in inputs if path.is_dir()):
@@ -433,8 +369,7 @@ def run_predictions(model: LoadedModel, inputs: Sequence[Path], out: Path | None
         print("error: no image file to predict", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    model.net.to(device)
-    records = predict_files(model, paths, batch_size, device)
+    records = predict_files(model, paths, batch_size)
     if out is None:
         total, failed = write_records(records, sys.stdout, sys.stderr)
     else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,7 +15,6 @@ from pipeline.data import open_shard_set
 from pipeline.evaluate import (
     EvaluationError,
     default_output_dir,
-    find_checkpoint,
     main as evaluate_main,
     open_evaluation_data,
     task_report,
@@ -153,36 +151,21 @@ def test_other_data_reports_the_models_unlabelled_tasks_as_no_labels(trained_run
     assert [p.name for p in tmp_path.glob("confusion_*.png")] == ["confusion_emotion.png"]
 
 
-# ---------------------------------------------------------------- finding checkpoints, bad inputs
+# ---------------------------------------------------------------- bad inputs (what makes a checkpoint unusable: test_inference)
 
 
-def test_run_folder_falls_back_from_best_model_to_local_then_newest_ray_checkpoint(trained_run: Path, tmp_path: Path) -> None:
-    assert find_checkpoint(trained_run) == trained_run / "best_model.pt"
-    local = tmp_path / "local"
-    local.mkdir()
-    shutil.copy(trained_run / "checkpoint.pt", local / "checkpoint.pt")
-    assert find_checkpoint(local) == local / "checkpoint.pt"
-    ray_run = tmp_path / "ray"
-    for name in ("checkpoint_2024-01-01_00-00-01.000000", "checkpoint_2024-01-01_00-00-02.000000"):
-        (ray_run / name).mkdir(parents=True)
-        shutil.copy(trained_run / "checkpoint.pt", ray_run / name / "checkpoint.pt")
-    newest = ray_run / "checkpoint_2024-01-01_00-00-02.000000"
-    assert find_checkpoint(ray_run) == newest / "checkpoint.pt"
-    assert find_checkpoint(newest) == newest / "checkpoint.pt"
-
-
-@pytest.mark.parametrize("kind", ["missing", "text", "parquet", "torch-but-not-checkpoint", "empty-folder"])
-def test_bad_input_exits_2_naming_the_path(kind: str, synthetic_shards, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    path = {"missing": tmp_path / "nope", "text": tmp_path / "notes.pt", "parquet": synthetic_shards["fer"] / "manifest.parquet",
-            "torch-but-not-checkpoint": tmp_path / "weights.pt", "empty-folder": tmp_path}[kind]
-    if kind == "text":
-        path.write_text("not a checkpoint\n")
-    if kind == "torch-but-not-checkpoint":
-        torch.save({"fc.weight": torch.zeros(2, 2)}, path)
-    assert evaluate_main([str(path), "--split", "val"]) == 2
+def test_an_unusable_checkpoint_exits_2_naming_the_path(synthetic_shards, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = synthetic_shards["fer"] / "manifest.parquet"
+    assert evaluate_main([str(manifest), "--split", "val"]) == 2
     error = capsys.readouterr().err
-    assert str(path) in error and error.startswith("error: ")
+    assert error.startswith(f"error: {manifest}: cannot be read as a facemtl checkpoint")
+
+
+def test_cuda_without_a_gpu_exits_2(trained_run: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluate_main([str(trained_run), "--split", "val", "--device", "cuda"]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
 
 
 def test_split_that_no_dataset_has_is_an_error_naming_it_and_others_are_skipped(synthetic_shards, tmp_path: Path) -> None:
