@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from pipeline.schema import TaskSpec
+from pipeline.schema import TaskSpec, get_task
 
 CS_THRESHOLD_YEARS = 5.0
 
@@ -129,6 +129,22 @@ def normalized_score(task: TaskSpec, metrics: Mapping[str, float], age_scale: fl
     if task.kind == "regression":
         return age_scale / (age_scale + metrics["mae"])
     return metrics["accuracy"]
+
+
+def delta_m(model: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+    """Δm in percent: the mean over tasks of the model's relative improvement over a baseline on each task's
+    main metric (Maninis et al. 2019), signed so that a lower MAE counts as an improvement.
+
+    ``model`` and ``baseline`` map task names to that metric (MAE for age, accuracy otherwise); the tasks of
+    ``baseline`` are compared.
+    """
+    if not baseline:
+        raise ValueError("Δm needs at least one baseline task")
+    improvements = []
+    for task, reference in baseline.items():
+        sign = -1.0 if get_task(task).kind == "regression" else 1.0
+        improvements.append(sign * (model[task] - reference) / reference)
+    return 100.0 * sum(improvements) / len(improvements)
 
 
 def chance_level(task: TaskSpec, train_labels: Sequence[float], eval_labels: Sequence[float]) -> float:

@@ -33,3 +33,14 @@ def test_sums_survive_the_all_reduce_round_trip() -> None:
     doubled.load_tensor(sums.as_tensor() * 2)  # what an all-reduce over two identical ranks gives
     assert doubled.summary()["race"]["count"] == 8
     assert doubled.summary()["race"]["accuracy"] == sums.summary()["race"]["accuracy"] == pytest.approx(3 / 4)
+
+
+def test_delta_m_is_the_mean_signed_relative_improvement_in_percent() -> None:
+    from pipeline.metrics import delta_m
+
+    # accuracy 0.75 -> 0.80 is +6.67 %; MAE 6 -> 5 is +16.67 % (lower is better); race 0.9 -> 0.81 is -10 %
+    assert delta_m({"gender": 0.80, "age": 5.0, "race": 0.81}, {"gender": 0.75, "age": 6.0, "race": 0.9}) == pytest.approx(
+        (100 * 0.05 / 0.75 + 100 / 6 - 10) / 3)
+    assert delta_m({"age": 6.0}, {"age": 6.0}) == 0.0
+    with pytest.raises(ValueError):
+        delta_m({}, {})

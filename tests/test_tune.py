@@ -87,3 +87,36 @@ def test_an_asha_search_stops_trailing_trials_and_its_best_config_trains(finishe
     assert best.name == "finished-best" and best.data.image_size == 32
     assert train_main(["--local", "--config", str(finished_search / "best_config.yaml"), "max_epochs=1"]) == 0
     assert (Path(best.runs_dir) / "finished-best" / "best_model.pt").exists()
+
+
+def test_with_single_task_baselines_the_objective_is_delta_m(tmp_path: Path) -> None:
+    from tune.search import load_baselines, tune_result
+
+    baselines_file = tmp_path / "baselines.yaml"
+    baselines_file.write_text("age: 5.0\ngender: 0.8\n")
+    baselines = load_baselines(baselines_file)
+    epoch = {"epoch": 0, "val/age/loss": 1.0, "val/age/mae": 4.0, "val/gender/loss": 0.5, "val/gender/accuracy": 0.84,
+             "val/total_loss": 1.5, "freeze/events": []}
+    result = tune_result(epoch, baselines)
+    # age: MAE 5 -> 4 is +20 %; gender: 0.80 -> 0.84 is +5 %; Δm = mean = 12.5 %
+    assert result["delta_m"] == pytest.approx(12.5) and result["objective"] == result["delta_m"]
+    assert result["mean_score"] == pytest.approx((10 / 14 + 0.84) / 2)
+    assert tune_result(epoch)["objective"] == result["mean_score"]  # without baselines: the mean score
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("age: -1", r"age: expected its mae as a number > 0, got -1"),
+        ("smiles: 0.9", r"unknown task 'smiles'"),
+        ("[0.9]", r"expected a mapping of task to its single-task metric"),
+        ("gender: high", r"gender: expected its accuracy as a number > 0, got 'high'"),
+    ],
+)
+def test_bad_baselines_are_refused_with_the_task_named(tmp_path: Path, text: str, message: str) -> None:
+    from tune.search import load_baselines
+
+    path = tmp_path / "b.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_baselines(path)

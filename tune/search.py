@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,7 +42,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.queue import Queue
 
 from pipeline.config import ConfigError, TrainConfig, load_config, load_config_dict, save_config, to_dict, with_absolute_paths
-from pipeline.metrics import normalized_score
+from pipeline.metrics import delta_m, normalized_score
 from pipeline.data import DataConfigError, check_validation_labels, open_shard_set, resolve_tasks
 from pipeline.run_records import CONFIG_FILE, TENSORBOARD_DIR, latest_checkpoint
 from pipeline.schema import get_task
@@ -56,6 +56,9 @@ TRIAL_RUN_NAME = "train"
 TRIALS_FILE = "trials.parquet"
 BEST_CONFIG_FILE = "best_config.yaml"
 SPACE_FILE = "space.yaml"
+BASELINES_FILE = "baselines.yaml"
+MEAN_SCORE = "mean_score"  # mean normalized score over tasks, in [0, 1]
+DELTA_M = "delta_m"  # % improvement over single-task baselines, with --baselines
 
 
 def search_objective(metrics: dict[str, Any]) -> float:
@@ -64,15 +67,46 @@ def search_objective(metrics: dict[str, Any]) -> float:
     return sum(normalized_score(get_task(task), _task_metrics(metrics, task)) for task in tasks) / len(tasks)
 
 
+def main_metrics(metrics: dict[str, Any], tasks: Iterable[str]) -> dict[str, float]:
+    """Each task's main validation metric (MAE for age, accuracy otherwise)."""
+    return {task: metrics[f"val/{task}/{get_task(task).metric}"] for task in tasks}
+
+
+def load_baselines(path: Path) -> dict[str, float]:
+    """Single-task baseline results: a YAML mapping of task to its main metric (age: MAE in years, others:
+    accuracy), e.g. from ``python -m pipeline.experiments mtl-vs-single``. Checked before anything starts."""
+    try:
+        document = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"--baselines {path}: {error}") from None
+    if not isinstance(document, dict) or not document:
+        raise ConfigError(f"--baselines {path}: expected a mapping of task to its single-task metric, e.g. 'age: 5.8'")
+    baselines = {}
+    for task, value in document.items():
+        try:
+            spec = get_task(str(task))
+        except KeyError as error:
+            raise ConfigError(f"--baselines {path}: {error.args[0]}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"--baselines {path}: {task}: expected its {spec.metric} as a number > 0, got {value!r}")
+        baselines[spec.name] = float(value)
+    return baselines
+
+
 def _task_metrics(metrics: dict[str, Any], task: str) -> dict[str, float]:
     prefix = f"val/{task}/"
     return {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
 
 
-def tune_result(epoch_metrics: dict[str, Any]) -> dict[str, Any]:
-    """What Tune hears of one epoch: the loop's metrics (lists as JSON, as in metrics.parquet) + the objective."""
+def tune_result(epoch_metrics: dict[str, Any], baselines: dict[str, float] | None = None) -> dict[str, Any]:
+    """What Tune hears of one epoch: the loop's metrics (lists as JSON, as in metrics.parquet), the mean
+    normalized score and, given single-task baselines, Δm; the objective is Δm when there are baselines."""
     result = {key: json.dumps(value) if isinstance(value, list) else value for key, value in epoch_metrics.items()}
-    return result | {OBJECTIVE: search_objective(result), EPOCHS_DONE: result["epoch"] + 1}
+    scores = {MEAN_SCORE: search_objective(result)}
+    if baselines:
+        scores[DELTA_M] = delta_m(main_metrics(result, baselines), baselines)
+    objective = scores[DELTA_M] if baselines else scores[MEAN_SCORE]
+    return result | scores | {OBJECTIVE: objective, EPOCHS_DONE: result["epoch"] + 1}
 
 
 class SearchTrial(Trainable):
@@ -85,7 +119,9 @@ class SearchTrial(Trainable):
     clusters do not run (ray-project/ray#54305): later trials would wait for those CPUs forever.
     """
 
-    def setup(self, sample: dict[str, Any], base_document: dict[str, Any], search_dir: str) -> None:
+    def setup(self, sample: dict[str, Any], base_document: dict[str, Any], search_dir: str,
+              baselines: dict[str, float] | None = None) -> None:
+        self.baselines = baselines
         # Into the search folder itself, not Tune's per-session staging folder: a resumed trial finds its
         # checkpoints there, and nothing is copied twice.
         trial_run = {"runs_dir": str(Path(search_dir) / self.trial_id), "name": TRIAL_RUN_NAME}
@@ -134,7 +170,7 @@ class SearchTrial(Trainable):
         self.training.join(timeout=120)
 
     def _epoch_result(self, epoch_metrics: dict[str, Any]) -> dict[str, Any]:
-        result = tune_result(epoch_metrics)
+        result = tune_result(epoch_metrics, self.baselines)
         self.epochs_done = result[EPOCHS_DONE]
         self.hparams.record(result["epoch"], result[OBJECTIVE])
         return result
@@ -255,7 +291,8 @@ def trials_table(results, sampled_names: list[str]) -> pa.Table:
         trial_id = result.metrics["trial_id"]
         sample = {name: result.config[name] for name in sampled_names}
         for report in result.metrics_dataframe.to_dict("records"):
-            measured = {key: value for key, value in report.items() if key.startswith(("val/", "weights/"))}
+            measured = {key: value for key, value in report.items()
+                        if key.startswith(("val/", "weights/")) or key in (MEAN_SCORE, DELTA_M)}
             epoch = int(report["epoch"])
             rows[trial_id, epoch] = {"trial_id": trial_id, "epoch": epoch, **sample, OBJECTIVE: report[OBJECTIVE], **measured}
     return pa.Table.from_pylist([rows[key] for key in sorted(rows)])
@@ -298,6 +335,7 @@ def run_search(args: argparse.Namespace) -> Path:
 
     base_document, space = _load_base_and_space(args)
     base = load_config_dict(base_document)
+    baselines = load_baselines(args.baselines) if args.baselines else None
     search_dir = Path(base.runs_dir).resolve() / args.name
     resuming = tune.Tuner.can_restore(search_dir)
     if resuming:
@@ -305,22 +343,29 @@ def run_search(args: argparse.Namespace) -> Path:
         base_document = yaml.safe_load((search_dir / CONFIG_FILE).read_text())
         space = load_space(search_dir / SPACE_FILE)
         base = load_config_dict(base_document)
+        baselines = load_baselines(search_dir / BASELINES_FILE) if (search_dir / BASELINES_FILE).exists() else None
     check_search_options(args, space, base.max_epochs)
 
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
     tasks = resolve_tasks(shard_sets, base.data.tasks)
     check_validation_labels(shard_sets, tasks)
+    if baselines and not set(baselines) <= set(tasks):
+        missing = ", ".join(sorted(set(baselines) - set(tasks)))
+        raise ConfigError(f"--baselines: {missing} not among the trained tasks ({', '.join(tasks)})")
     connect_ray(cpus_per_trial(base) * (args.max_concurrent or 1))
     max_concurrent = args.max_concurrent or trials_at_a_time(base)
     # Trials train in Ray's worker processes, whose working folders are not this one: absolute paths.
     trial_document = to_dict(with_absolute_paths(base))
-    trainable = tune.with_parameters(SearchTrial, base_document=trial_document, search_dir=str(search_dir))
+    trainable = tune.with_parameters(SearchTrial, base_document=trial_document, search_dir=str(search_dir),
+                                     baselines=baselines)
     if resuming:
         tuner = tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
         search_dir.mkdir(parents=True, exist_ok=True)
         save_config(base, search_dir / CONFIG_FILE)
         (search_dir / SPACE_FILE).write_text(yaml.safe_dump(to_dict(space), sort_keys=False))
+        if baselines:
+            (search_dir / BASELINES_FILE).write_text(yaml.safe_dump(baselines, sort_keys=False))
         print(f"search {search_dir}: {args.num_samples} sample(s), {args.scheduler} scheduler, {args.search} search, "
               f"{max_concurrent} trial(s) at a time, up to {base.max_epochs} epochs each\nspace: {to_dict(space)}", flush=True)
         seed = base.seed if args.seed is None else args.seed
@@ -378,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
     parser.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep the best 1/factor at each rung")
     parser.add_argument("--search", choices=["random", "optuna"], default="random", help="optuna needs facemtl[tune]")
+    parser.add_argument("--baselines", type=Path, help="YAML of single-task results (task: MAE or accuracy): "
+                        "the objective becomes Δm, the mean %% improvement over them")
     parser.add_argument("--seed", type=int, help="seed of the sampler (default: the config's seed)")
     parser.add_argument("--max-concurrent", type=int, default=0, help="trials at a time (0: as many as the CPUs fit)")
     parser.add_argument("--max-failures", type=int, default=2, help="failures a trial is retried after (from its last epoch)")
@@ -395,6 +442,8 @@ def submit_to_slurm(args: argparse.Namespace, argv: list[str]) -> int:
 
     base_document, space = _load_base_and_space(args)
     check_search_options(args, space, load_config_dict(base_document).max_epochs)
+    if args.baselines:
+        load_baselines(args.baselines)
     options = slurm_options(args)
     search_dir = Path(base_document["runs_dir"]).resolve() / args.name
     # The job runs the same command as --cluster local, from the same working folder (sbatch's default).
