@@ -71,6 +71,11 @@ stop_all() {
   # nodes of other jobs sharing the machine.
   for pid in "${RAY_STEPS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # `ray start --head` records its address for `address="auto"` look-ups; a head stopped by a signal leaves
+  # the record behind, and later local Ray runs on the node would wait on this dead head.
+  if [ "$(cat /tmp/ray/ray_current_cluster 2>/dev/null)" = "$HEAD_IP:$PORT" ]; then
+    rm -f /tmp/ray/ray_current_cluster
+  fi
 }
 # shellcheck disable=SC2317  # called through trap
 on_term() { echo "facemtl: SIGTERM: stopping; the run resumes from its last checkpoint when resubmitted"; stop_all; exit 143; }

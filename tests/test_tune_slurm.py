@@ -15,6 +15,7 @@ import submitit
 
 from tests.test_slurm_shard import sacct_states
 from tests.test_train import tiny_overrides
+from tune.slurm import head_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -69,3 +70,17 @@ def test_a_slurm_search_interrupted_midway_requeues_and_resumes(slurm_cluster, s
         epochs.setdefault(row["trial_id"], []).append(row["epoch"])
     assert sorted(epochs.values()) == [[0, 1, 2]] * 3
     assert (search_dir / "best_config.yaml").exists()
+    record = Path("/tmp/ray/ray_current_cluster")  # the stopped head forgot its address
+    assert not (record.exists() and record.read_text().strip().endswith(f":{head_port(job_id)}"))
+
+
+def test_a_stopped_head_forgets_only_its_own_cluster_address(tmp_path: Path) -> None:
+    from tune.slurm import forget_cluster_address
+
+    record = tmp_path / "ray_current_cluster"
+    record.write_text("10.1.2.3:20054")
+    forget_cluster_address("10.1.2.3:20099", record)
+    assert record.exists()  # another cluster's address stays
+    forget_cluster_address("10.1.2.3:20054", record)
+    assert not record.exists()
+    forget_cluster_address("10.1.2.3:20054", record)  # already gone: nothing to do

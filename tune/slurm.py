@@ -35,6 +35,7 @@ from pipeline.config import ConfigError
 
 NODE_WAIT_S = 180
 DASHBOARD_TUNNEL_PORT = 8265
+CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
 
 
 @dataclass
@@ -132,6 +133,18 @@ def stop_ray_node(node: subprocess.Popen) -> None:
             node.wait()
 
 
+def forget_cluster_address(address: str, record: Path = CURRENT_CLUSTER_FILE) -> None:
+    """``ray start --head`` records its address in /tmp/ray/ray_current_cluster for later ``address="auto"``
+    look-ups, and a head stopped by a signal leaves it behind. Ray Train's placement-group cleaner looks the
+    cluster up that way even inside a local Ray, and would wait on this dead head: remove the record when it
+    is ours."""
+    try:
+        if record.read_text().strip() == address:
+            record.unlink()
+    except OSError:
+        pass
+
+
 class SearchJob(submitit.helpers.Checkpointable):
     """What every task of the search job runs; a requeue calls it again with the same arguments."""
 
@@ -173,6 +186,7 @@ class SearchJob(submitit.helpers.Checkpointable):
             done.parent.mkdir(parents=True, exist_ok=True)
             done.touch()
             stop_ray_node(head)
+            forget_cluster_address(address)
 
     def _run_worker(self, address: str, done: Path) -> None:
         deadline = time.monotonic() + NODE_WAIT_S
