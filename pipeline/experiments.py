@@ -1,0 +1,413 @@
+"""``python -m pipeline.experiments NAME``: the seed thesis' comparisons, one command each.
+
+    python -m pipeline.experiments mtl-vs-single --config configs/utkface.yaml              # Tables 4.6-4.15
+    python -m pipeline.experiments weighting --config configs/celeba.yaml --seeds 3          # Tables 5.1-5.3
+    python -m pipeline.experiments freeze --config configs/utkface.yaml                      # Table 5.4
+    python -m pipeline.experiments lambda --config configs/utkface.yaml max_epochs=10 --local  # Table 5.5
+
+An experiment is a set of training runs ("arms") of one config that differ in one thing, each trained with
+seeds 0..N-1 through ``pipeline.train`` (Ray Train on a local Ray or the cluster named by ``RAY_ADDRESS``;
+``--local``: in this process, no Ray). Everything lands in ``runs_dir/<out name>/`` (default out name: NAME):
+
+    <arm>-seed<k>/     one run folder per arm and seed (pipeline.train's layout)
+    results.parquet    one row per arm x seed: every validation metric of the run's best epoch
+    table.md           the comparison table (also printed): mean ± std over seeds, chance level, Δm
+    plot.png           one bar chart per task, one bar per row, error bars = std over seeds
+
+Running the same command again skips finished runs (metrics.parquet reached ``max_epochs`` or every task
+froze/stopped), resumes unfinished ones and refuses a run folder whose saved config differs from the
+arm's (other than ``max_epochs``): choose another ``--name`` for another config.
+
+The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipeline.config):
+
+- ``mtl-vs-single``: the config as it is (row "MTL") and one single-task model per task (row
+  "single-task"). A single-task model is the same config restricted to its task: ``data.tasks`` = [task],
+  ``data.datasets`` = the datasets that label it, ``loss.weighting=fixed`` with the one-hot weight
+  {task: 1}. That is the 2019 lab notes' one-hot ``loss_weights`` without the idle heads: with all heads
+  kept, the untrained tasks' losses would still choose the best epoch (lowest total validation loss),
+  drive the lr plateau and Early Freeze, and take batch share from the sampler. With the default
+  ``data.steps_per_epoch: 0`` a single-task epoch covers its own datasets' training samples once.
+- ``weighting``: ``equal`` (the thesis' "average loss"), ``learned`` (eq. 3.5), ``uncertainty`` (and any
+  strategy registered later, but ``fixed``).
+- ``freeze``: ``early-freeze`` (Algorithm 1), ``early-stop`` (converged tasks stop; the thesis' Table 5.4
+  baseline), ``none``.
+- ``lambda``: λ of the learned weighting over the thesis' grid {0.001, 0.01, 0.1, 1} (Table 5.5).
+
+Metrics are the validation metrics of each run's best epoch (lowest val/total_loss, the epoch saved as
+best_model.pt), read from its metrics.parquet; the table says "validation". Test-split numbers need an
+evaluation of best_model.pt on the test split: a ``--split test`` option belongs here once
+pipeline.evaluate offers that as a function.
+
+Δm (Maninis et al. 2019) summarises a row against the experiment's baseline row in one number:
+Δm = (1/T) Σ_t (-1)^{l_t} (M_t - M_base,t) / M_base,t x 100 %, l_t = 1 where lower is better (MAE), so a
+positive Δm is an improvement. It is computed from the means over seeds; undefined (shown –) where a baseline
+metric is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline.config import ConfigError, TrainConfig, load_config, to_dict, with_absolute_paths
+from pipeline.data import DataConfigError, ShardSet, open_shard_set, resolve_tasks
+from pipeline.freeze import MODES as FREEZE_MODES
+from pipeline.losses import WEIGHTINGS
+from pipeline.metrics import chance_level
+from pipeline.run_records import CONFIG_FILE, METRICS_FILE
+from pipeline.schema import TaskSpec, get_task
+from pipeline.train import main as train_main
+
+EXPERIMENTS = ("mtl-vs-single", "weighting", "freeze", "lambda")
+# Every registered strategy but the hand-set one, equal (the thesis' "average loss", the baseline) first.
+COMPARED_WEIGHTINGS = ("equal", *(name for name in WEIGHTINGS if name not in ("equal", "fixed")))
+LAMBDA_GRID = (0.001, 0.01, 0.1, 1.0)  # thesis Table 5.5
+# The row every other row's Δm is measured against.
+BASELINE_ROW = {"mtl-vs-single": "single-task", "weighting": "equal", "freeze": "early-stop", "lambda": "λ=0.1"}
+LOWER_IS_BETTER = frozenset({"mae", "rmse"})
+# Keys an arm's run may change without becoming another experiment: a longer run resumes the same one.
+RESUMABLE_KEYS = frozenset({"max_epochs"})
+RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.parquet", "table.md", "plot.png"
+
+
+class ExperimentError(Exception):
+    """An experiment that cannot go on; the message names the run folder and what to do."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration of an experiment: ``overrides`` are applied after the user's, per seed."""
+
+    name: str  # run folders are <name>-seed<k>
+    row: str  # the table row its results go to (the single-task arms share one)
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+class CellStats(NamedTuple):
+    mean: float
+    std: float  # sample std (n-1) over seeds; NaN for one seed
+    count: int
+
+
+# ---------------------------------------------------------------- the arms of each experiment (pure)
+
+
+def single_task_overrides(task: str, datasets: Sequence[str]) -> dict[str, Any]:
+    """The config changes that turn the multi-task config into ``task``'s single-task baseline."""
+    return {"data.tasks": [task], "data.datasets": list(datasets), "data.task_shares": {},
+            "loss.weighting": "fixed", "loss.fixed_weights": {task: 1.0}}
+
+
+def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Mapping[str, Sequence[str]]) -> list[Arm]:
+    """The arms of ``experiment`` in table order; ``datasets_by_task`` (shard folders labelling each task)
+    is only used by ``mtl-vs-single``."""
+    if experiment == "mtl-vs-single":
+        singles = [Arm(f"single-{task}", "single-task", single_task_overrides(task, datasets_by_task[task])) for task in tasks]
+        return [*singles, Arm("mtl", "MTL")]
+    if experiment == "weighting":
+        return [Arm(weighting, weighting, {"loss.weighting": weighting}) for weighting in COMPARED_WEIGHTINGS]
+    if experiment == "freeze":
+        return [Arm(mode, mode, {"freeze.mode": mode}) for mode in FREEZE_MODES]
+    if experiment == "lambda":
+        return [Arm(f"lambda-{lam:g}", f"λ={lam:g}", {"loss.weighting": "learned", "loss.lam": lam}) for lam in LAMBDA_GRID]
+    raise ValueError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
+
+
+def run_name(arm: Arm, seed: int) -> str:
+    return f"{arm.name}-seed{seed}"
+
+
+def arm_overrides(arm: Arm, seed: int, experiment_dir: Path) -> list[str]:
+    """``key=value`` overrides of one run; values as JSON, which the config's YAML parser reads exactly."""
+    values = {**arm.overrides, "seed": seed, "runs_dir": str(experiment_dir), "name": run_name(arm, seed)}
+    return [f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in values.items()]
+
+
+# ---------------------------------------------------------------- run folders (pure over their records)
+
+
+def best_epoch_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The epoch saved as best_model.pt: the last one marked best (lowest val/total_loss, not restored)."""
+    best = [row for row in rows if row.get("is_best")]
+    if not best:
+        raise ValueError("no epoch is marked is_best")
+    return best[-1]
+
+
+def run_is_finished(rows: Sequence[Mapping[str, Any]], max_epochs: int) -> bool:
+    """Whether a run with these metrics.parquet rows has nothing left to train: ``max_epochs`` epochs, or
+    every task frozen or stopped in the last one (``freeze/frozen_tasks`` is stored as a JSON list)."""
+    if not rows:
+        return False
+    last = rows[-1]
+    if int(last["epoch"]) + 1 >= max_epochs:
+        return True
+    tasks = {key.split("/")[1] for key in last if key.startswith("val/") and key.endswith("/loss")}
+    done = last.get("freeze/frozen_tasks") or "[]"
+    return bool(tasks) and tasks <= set(json.loads(done) if isinstance(done, str) else done)
+
+
+def config_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any], ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two config mappings (nested sections compared key by key)."""
+    def flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in mapping.items():
+            if isinstance(value, Mapping) and value:
+                items |= flat(value, f"{prefix}{key}.")
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    saved_flat, wanted_flat = flat(saved), flat(wanted)
+    keys = sorted(set(saved_flat) | set(wanted_flat))
+    return [key for key in keys if key not in ignore and saved_flat.get(key) != wanted_flat.get(key)]
+
+
+# ---------------------------------------------------------------- aggregation and Δm (pure)
+
+
+def mean_and_std(values: Sequence[float]) -> CellStats:
+    """Mean and sample standard deviation (n-1); the std is NaN below two values, the mean NaN for none."""
+    values = [float(v) for v in values]
+    if not values:
+        return CellStats(math.nan, math.nan, 0)
+    return CellStats(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
+
+
+def lower_is_better(task: TaskSpec) -> bool:
+    return task.metric in LOWER_IS_BETTER
+
+
+def relative_improvement(value: float, baseline: float, lower_better: bool) -> float:
+    """(-1)^l (value - baseline) / baseline x 100: positive when ``value`` is the better one; NaN (undefined)
+    for a baseline of 0, e.g. a single-task model that got no validation sample right."""
+    if baseline == 0:
+        return math.nan
+    sign = -1.0 if lower_better else 1.0
+    return sign * (value - baseline) / baseline * 100.0
+
+
+def delta_m(metric_by_task: Mapping[str, float], baseline_by_task: Mapping[str, float], lower_better_by_task: Mapping[str, bool]) -> float:
+    """Δm (Maninis et al. 2019): the mean over tasks of :func:`relative_improvement`, in percent; NaN when
+    it is undefined for a task."""
+    improvements = [relative_improvement(metric_by_task[task], baseline_by_task[task], lower_better)
+                    for task, lower_better in lower_better_by_task.items()]
+    return statistics.fmean(improvements)
+
+
+def summarize(records: Sequence[Mapping[str, Any]], rows: Sequence[str], tasks: Sequence[TaskSpec]) -> dict[str, dict[str, CellStats]]:
+    """row -> task -> mean ± std of the task's main metric over the records (arm x seed) of that row.
+    A record without the metric (a single-task run of another task) does not count."""
+    summary = {}
+    for row in rows:
+        summary[row] = {}
+        for task in tasks:
+            key = f"val/{task.name}/{task.metric}"
+            values = [r[key] for r in records if r["row"] == row and r.get(key) is not None]
+            summary[row][task.name] = mean_and_std(values)
+    return summary
+
+
+# ---------------------------------------------------------------- table and plot
+
+
+def metric_label(task: TaskSpec) -> str:
+    if lower_is_better(task):
+        return f"{task.name} {task.metric.upper()} (years) ↓"
+    return f"{task.name} {task.metric.replace('_', ' ')} (%) ↑"
+
+
+def display_scale(task: TaskSpec) -> float:
+    """Fractions are shown in percent (as the thesis' tables), errors in years."""
+    return 1.0 if lower_is_better(task) else 100.0
+
+
+def format_cell(stats: CellStats, scale: float) -> str:
+    if stats.count == 0 or math.isnan(stats.mean):
+        return "–"
+    if math.isnan(stats.std):
+        return f"{stats.mean * scale:.2f}"
+    return f"{stats.mean * scale:.2f} ± {stats.std * scale:.2f}"
+
+
+def format_table(experiment: str, summary: Mapping[str, Mapping[str, CellStats]], tasks: Sequence[TaskSpec],
+                 chance: Mapping[str, float], seeds: int) -> str:
+    """The Markdown table: a caption, one column per task, one row per arm row, the chance level, Δm."""
+    baseline = BASELINE_ROW[experiment]
+    seeds_text = "one seed" if seeds == 1 else f"mean ± std (n-1) over {seeds} seeds"
+    caption = (f"**{experiment}**: validation split, best epoch of each run (lowest val/total_loss, the epoch saved "
+               f"as best_model.pt), {seeds_text}. Δm: mean over tasks of the relative difference to the "
+               f"{baseline} row, sign-adjusted so that positive is better (Maninis et al. 2019).")
+    header = ["model", *(metric_label(task) for task in tasks), f"Δm vs {baseline} (%) ↑"]
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lower_better = {task.name: lower_is_better(task) for task in tasks}
+    baseline_means = {task: stats.mean for task, stats in summary[baseline].items()}
+    for row, by_task in summary.items():
+        cells = [format_cell(by_task[task.name], display_scale(task)) for task in tasks]
+        if row == baseline:
+            delta = "ref."
+        else:
+            value = delta_m({task: stats.mean for task, stats in by_task.items()}, baseline_means, lower_better)
+            delta = "–" if math.isnan(value) else f"{value:+.2f}"
+        lines.append("| " + " | ".join([row, *cells, delta]) + " |")
+    chance_cells = [format_cell(CellStats(chance[task.name], math.nan, 1), display_scale(task)) for task in tasks]
+    lines.append("| " + " | ".join(["chance", *chance_cells, ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(summary: Mapping[str, Mapping[str, CellStats]], tasks: Sequence[TaskSpec], chance: Mapping[str, float],
+                    title: str, path: Path) -> Path:
+    """One bar chart per task, one bar per row with the std over seeds as error bar, chance as a dashed line."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = list(summary)
+    figure = Figure(figsize=(0.6 + 3.0 * len(tasks), 3.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    colours = [colormaps["tab10"](index % 10) for index in range(len(rows))]
+    for index, task in enumerate(tasks):
+        axes = figure.add_subplot(1, len(tasks), index + 1)
+        scale = display_scale(task)
+        stats = [summary[row][task.name] for row in rows]
+        means = [s.mean * scale for s in stats]
+        errors = [0.0 if math.isnan(s.std) else s.std * scale for s in stats]
+        axes.bar(range(len(rows)), means, yerr=errors, capsize=4, color=colours)
+        if math.isfinite(chance[task.name]):
+            axes.axhline(chance[task.name] * scale, color="grey", linestyle="--", linewidth=1, label="chance")
+            axes.legend(loc="lower right", fontsize="small")
+        axes.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
+        axes.set_title(metric_label(task), fontsize="medium")
+    figure.suptitle(title)
+    figure.savefig(path, format="png")
+    return path
+
+
+# ---------------------------------------------------------------- the runs (file system, training)
+
+
+def chance_levels(shard_sets: Sequence[ShardSet], tasks: Sequence[TaskSpec], split: str = "val") -> dict[str, float]:
+    """Per task, :func:`pipeline.metrics.chance_level` over every dataset's labels of ``split``."""
+    return {task.name: chance_level(task, [v for s in shard_sets for v in s.labels(task.name, "train")],
+                                    [v for s in shard_sets for v in s.labels(task.name, split)]) for task in tasks}
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+def check_run_folder(config: TrainConfig) -> None:
+    """A run folder that already holds another config is not this arm's run: refused, not mixed in."""
+    saved_path = config.run_dir / CONFIG_FILE
+    if not saved_path.exists():
+        return
+    differences = config_differences(yaml.safe_load(saved_path.read_text()) or {}, to_dict(config))
+    if differences:
+        raise ExperimentError(f"{config.run_dir} was trained with another config (differs in {', '.join(differences)}); "
+                              "use another --name for this experiment or delete that run folder")
+
+
+def train_arm(config_path: Path | None, overrides: Sequence[str], arm: Arm, seed: int, experiment_dir: Path, local: bool) -> Path:
+    """Train one arm with one seed through ``pipeline.train`` unless its run folder is finished."""
+    run_overrides = [*overrides, *arm_overrides(arm, seed, experiment_dir)]
+    config = with_absolute_paths(load_config(config_path, run_overrides))
+    check_run_folder(config)
+    if run_is_finished(read_rows(config.run_dir), config.max_epochs):
+        print(f"{config.run_dir.name}: finished, skipped", flush=True)
+        return config.run_dir
+    started = time.perf_counter()
+    argv = [*(["--config", str(config_path)] if config_path else []), *run_overrides, *(["--local"] if local else [])]
+    code = train_main(argv)
+    if code != 0:
+        raise ExperimentError(f"training {config.run_dir} failed (exit {code}); its output is above. "
+                              "Running the experiment again resumes it and skips the finished runs")
+    print(f"{config.run_dir.name}: trained in {time.perf_counter() - started:.0f} s", flush=True)
+    return config.run_dir
+
+
+def result_record(experiment: str, arm: Arm, seed: int, run_dir: Path) -> dict[str, Any]:
+    """One results.parquet row: the arm, the seed and every validation metric of the run's best epoch."""
+    rows = read_rows(run_dir)
+    if not rows:
+        raise ExperimentError(f"{run_dir / METRICS_FILE} is missing or empty after training")
+    best = best_epoch_row(rows)
+    metrics = {key: value for key, value in best.items() if key.startswith("val/")}
+    return {"experiment": experiment, "arm": arm.name, "row": arm.row, "seed": seed, "run_dir": str(run_dir),
+            "best_epoch": int(best["epoch"]), "epochs_run": len(rows), **metrics}
+
+
+def write_results(records: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """results.parquet: one row per record; a metric a run does not have (another task's) is null."""
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    pq.write_table(pa.Table.from_pylist([{key: record.get(key) for key in columns} for record in records]), path)
+
+
+def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
+                   out_name: str | None, local: bool) -> Path:
+    """Train every arm x seed (skipping finished runs), then write results.parquet, table.md and plot.png."""
+    base = with_absolute_paths(load_config(config_path, overrides))
+    shard_sets = [open_shard_set(path) for path in base.data.datasets]
+    task_names = resolve_tasks(shard_sets, base.data.tasks)
+    datasets_by_task = {task: [path for path, s in zip(base.data.datasets, shard_sets) if s.labelled_fraction(task) > 0]
+                        for task in task_names}
+    arms = experiment_arms(experiment, task_names, datasets_by_task)
+    experiment_dir = Path(base.runs_dir) / (out_name or experiment)
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    print(f"experiment {experiment}: {len(arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
+    records = []
+    for number, (arm, seed) in enumerate(((arm, seed) for arm in arms for seed in range(seeds)), start=1):
+        print(f"\n[{number}/{len(arms) * seeds}] {arm.name}, seed {seed}", flush=True)
+        run_dir = train_arm(config_path, overrides, arm, seed, experiment_dir, local)
+        records.append(result_record(experiment, arm, seed, run_dir))
+
+    tasks = [get_task(name) for name in task_names]
+    summary = summarize(records, list(dict.fromkeys(arm.row for arm in arms)), tasks)
+    chance = chance_levels(shard_sets, tasks)
+    table = format_table(experiment, summary, tasks, chance, seeds)
+    write_results(records, experiment_dir / RESULTS_FILE)
+    (experiment_dir / TABLE_FILE).write_text(table)
+    plot_comparison(summary, tasks, chance, f"{experiment} (validation, {seeds} seed{'s' if seeds > 1 else ''})",
+                    experiment_dir / PLOT_FILE)
+    print(f"\n{table}")
+    return experiment_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.experiments", description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", metavar="NAME", choices=EXPERIMENTS, help=" | ".join(EXPERIMENTS))
+    parser.add_argument("--config", type=Path, help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config, applied to every arm")
+    parser.add_argument("--seeds", type=int, default=1, help="train every arm with seeds 0..N-1")
+    parser.add_argument("--name", help="experiment folder under runs_dir (default: NAME)")
+    parser.add_argument("--local", action="store_true", help="train in this process, no Ray")
+    args = parser.parse_intermixed_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    started = time.perf_counter()
+    try:
+        experiment_dir = run_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name, args.local)
+    except (ConfigError, DataConfigError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ExperimentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"experiment done in {time.perf_counter() - started:.0f} s. Results in {experiment_dir}:")
+    print(f"  {TABLE_FILE}, {PLOT_FILE}, {RESULTS_FILE} (one row per arm x seed), <arm>-seed<k>/ (the runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Experiments: the arms of each comparison, Δm and mean ± std by hand, the ready configs, and
+``mtl-vs-single`` end to end on the synthetic shards (in-process training, a re-run skips finished runs)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.experiments import (
+    CellStats,
+    arm_overrides,
+    best_epoch_row,
+    config_differences,
+    delta_m,
+    experiment_arms,
+    format_table,
+    main,
+    mean_and_std,
+    run_is_finished,
+    summarize,
+)
+from pipeline.schema import get_task
+from tests.test_train import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS_BY_TASK = {"age": ["/s/utk"], "gender": ["/s/utk", "/s/celeba"]}
+
+
+def test_delta_m_by_hand_counts_a_lower_mae_as_an_improvement() -> None:
+    # gender: (0.80 - 0.75) / 0.75 = +6.667 %; age MAE: -(5 - 6) / 6 = +16.667 %; mean +11.667 %
+    value = delta_m({"gender": 0.80, "age": 5.0}, {"gender": 0.75, "age": 6.0}, {"gender": False, "age": True})
+    assert value == pytest.approx((0.05 / 0.75 + 1 / 6) / 2 * 100)
+    assert value == pytest.approx(11.6667, abs=1e-4)
+    worse = delta_m({"gender": 0.75, "age": 6.0}, {"gender": 0.80, "age": 5.0}, {"gender": False, "age": True})
+    assert worse == pytest.approx((-0.05 / 0.80 - 1 / 5) / 2 * 100)
+    assert math.isnan(delta_m({"race": 0.3}, {"race": 0.0}, {"race": False}))  # no relative change from 0
+
+
+def test_mean_and_std_use_the_sample_std_over_seeds() -> None:
+    assert mean_and_std([1.0, 2.0, 3.0]) == CellStats(2.0, 1.0, 3)  # std = sqrt(((1-2)^2 + (3-2)^2) / 2)
+    assert mean_and_std([0.8, 0.9]).std == pytest.approx(math.sqrt(0.005))
+    one = mean_and_std([4.5])
+    assert one.mean == 4.5 and math.isnan(one.std) and one.count == 1
+    assert mean_and_std([]).count == 0 and math.isnan(mean_and_std([]).mean)
+
+
+def test_single_task_arms_restrict_tasks_and_datasets_and_use_one_hot_fixed_weights() -> None:
+    arms = experiment_arms("mtl-vs-single", ["age", "gender"], DATASETS_BY_TASK)
+    assert [(a.name, a.row) for a in arms] == [("single-age", "single-task"), ("single-gender", "single-task"), ("mtl", "MTL")]
+    assert arms[0].overrides == {"data.tasks": ["age"], "data.datasets": ["/s/utk"], "data.task_shares": {},
+                                 "loss.weighting": "fixed", "loss.fixed_weights": {"age": 1.0}}
+    assert arms[1].overrides["data.datasets"] == ["/s/utk", "/s/celeba"]
+    assert arms[2].overrides == {}
+    config = load_config(None, arm_overrides(arms[1], 2, Path("/runs/exp")))
+    assert config.data.tasks == ["gender"] and config.loss.weighting == "fixed" and config.loss.fixed_weights == {"gender": 1.0}
+    assert config.seed == 2 and config.run_dir == Path("/runs/exp/single-gender-seed2")
+
+
+def test_weighting_freeze_and_lambda_arms_vary_one_key() -> None:
+    weighting = experiment_arms("weighting", ["age"], {})
+    assert [(a.row, dict(a.overrides)) for a in weighting] == [
+        ("equal", {"loss.weighting": "equal"}), ("learned", {"loss.weighting": "learned"}),
+        ("uncertainty", {"loss.weighting": "uncertainty"})]
+    freeze = experiment_arms("freeze", ["age"], {})
+    assert [(a.row, dict(a.overrides)) for a in freeze] == [
+        ("early-freeze", {"freeze.mode": "early-freeze"}), ("early-stop", {"freeze.mode": "early-stop"}),
+        ("none", {"freeze.mode": "none"})]
+    lam = experiment_arms("lambda", ["age"], {})
+    assert [a.name for a in lam] == ["lambda-0.001", "lambda-0.01", "lambda-0.1", "lambda-1"]
+    assert [a.row for a in lam] == ["λ=0.001", "λ=0.01", "λ=0.1", "λ=1"]
+    assert lam[0].overrides == {"loss.weighting": "learned", "loss.lam": 0.001}
+    for arm in [*weighting, *freeze, *lam]:
+        load_config(None, arm_overrides(arm, 0, Path("/runs/x")))  # every arm is a valid config
+
+
+def test_finished_runs_best_epoch_and_config_differences() -> None:
+    rows = [{"epoch": 0, "is_best": True, "val/age/loss": 2.0, "freeze/frozen_tasks": "[]"},
+            {"epoch": 1, "is_best": True, "val/age/loss": 1.0, "freeze/frozen_tasks": "[]"},
+            {"epoch": 2, "is_best": False, "val/age/loss": 0.5, "freeze/frozen_tasks": '["age"]'}]
+    assert best_epoch_row(rows)["epoch"] == 1  # epoch 2 restored a snapshot: not the saved best model
+    assert run_is_finished(rows, max_epochs=3) and run_is_finished(rows, max_epochs=10)  # all tasks frozen
+    assert not run_is_finished(rows[:2], max_epochs=3) and not run_is_finished([], max_epochs=1)
+    saved = {"max_epochs": 3, "seed": 0, "loss": {"weighting": "learned", "lam": 0.1}}
+    assert config_differences(saved, {"max_epochs": 9, "seed": 0, "loss": {"weighting": "learned", "lam": 0.01}}) == ["loss.lam"]
+
+
+def test_table_has_a_column_per_task_rows_chance_and_delta_m() -> None:
+    tasks = [get_task("age"), get_task("gender")]
+    records = [{"row": "single-task", "val/age/mae": 6.0}, {"row": "single-task", "val/gender/accuracy": 0.75},
+               {"row": "MTL", "val/age/mae": 4.0, "val/gender/accuracy": 0.80},
+               {"row": "MTL", "val/age/mae": 6.0, "val/gender/accuracy": 0.80}]
+    summary = summarize(records, ["single-task", "MTL"], tasks)
+    assert summary["MTL"]["age"] == CellStats(5.0, math.sqrt(2), 2)
+    table = format_table("mtl-vs-single", summary, tasks, {"age": 9.0, "gender": 0.5}, seeds=2)
+    lines = table.splitlines()
+    assert lines[2] == "| model | age MAE (years) ↓ | gender accuracy (%) ↑ | Δm vs single-task (%) ↑ |"
+    assert lines[4] == "| single-task | 6.00 | 75.00 | ref. |"
+    assert lines[5] == "| MTL | 5.00 ± 1.41 | 80.00 ± 0.00 | +11.67 |"
+    assert lines[6] == "| chance | 9.00 | 50.00 |  |"
+
+
+@pytest.mark.parametrize("name, tasks", [("utkface", ["age", "gender", "race"]), ("celeba", ["gender", "young"]),
+                                         ("fer-utkface", ["age", "gender", "race", "emotion"])])
+def test_ready_configs_load(name: str, tasks: list[str]) -> None:
+    config = load_config(REPO / "configs" / f"{name}.yaml")
+    assert config.data.tasks == tasks and config.name == name
+    assert all(path.startswith("shards/") for path in config.data.datasets)
+    assert config.model.backbone == "mobilenet_v2" and config.model.weights_path == "weights/mobilenet_v2-b0353104.pth"
+    for arm in experiment_arms("mtl-vs-single", tasks, {t: config.data.datasets for t in tasks}):
+        load_config(REPO / "configs" / f"{name}.yaml", arm_overrides(arm, 0, Path("/runs/x")))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """In-process training on one intra-op thread, as Ray gives its workers: on the shared 2-core test
+    machine two threads contending with other processes make each step about ten times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_runs(
+        synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_torch_thread) -> None:
+    shards = {name: synthetic_shards[name] for name in ("utk", "celeba")}
+    overrides = tiny_overrides(shards, tmp_path, "unused", "data.tasks=[age,gender]", "max_epochs=1", "data.loader_workers=0")
+    argv = ["mtl-vs-single", "--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--name", "cmp", "--local"]
+    assert main(argv) == 0
+    experiment = tmp_path / "cmp"
+    runs = ["single-age-seed0", "single-gender-seed0", "mtl-seed0"]
+    assert all((experiment / run / "metrics.parquet").exists() for run in runs)
+    assert load_config(experiment / "single-age-seed0" / "config.yaml").data.datasets == [str(shards["utk"])]
+
+    table = (experiment / "table.md").read_text()
+    assert "| model | age MAE (years) ↓ | gender accuracy (%) ↑ | Δm vs single-task (%) ↑ |" in table
+    for row in ("| single-task | ", "| MTL | ", "| chance | "):
+        assert row in table
+    mtl_line = next(line for line in table.splitlines() if line.startswith("| MTL |"))
+    assert mtl_line.rstrip(" |").split("| ")[-1].startswith(("+", "-"))  # a Δm value
+    assert table in capsys.readouterr().out
+
+    results = pq.read_table(experiment / "results.parquet").to_pylist()
+    assert [(r["arm"], r["seed"]) for r in results] == [("single-age", 0), ("single-gender", 0), ("mtl", 0)]
+    assert results[0]["val/gender/accuracy"] is None and results[0]["val/age/mae"] > 0
+    with Image.open(experiment / "plot.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 300
+
+    mtimes = {run: (experiment / run / "metrics.parquet").stat().st_mtime_ns for run in runs}
+    assert main(argv) == 0
+    assert {run: (experiment / run / "metrics.parquet").stat().st_mtime_ns for run in runs} == mtimes
+    assert capsys.readouterr().out.count("finished, skipped") == 3
+    assert (experiment / "table.md").read_text() == table
+
+    assert main([*argv[:-1], "optim.lr=0.01", "--local"]) == 1  # another config in the same folder: refused
+    assert "trained with another config (differs in optim.lr)" in capsys.readouterr().err
+
+
+def test_unknown_experiment_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        main(["mtl-vs-everything"])
