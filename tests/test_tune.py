@@ -120,3 +120,30 @@ def test_bad_baselines_are_refused_with_the_task_named(tmp_path: Path, text: str
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_baselines(path)
+
+
+@pytest.mark.slow
+def test_population_based_training_lets_a_trailing_trial_adopt_a_leading_ones_state(synthetic_shards, tmp_path: Path) -> None:
+    """PBT, two trials side by side, an exploit/explore step after every epoch: the trailing trial goes on
+    from the leading one's epoch checkpoint with perturbed values, which trials.parquet records per epoch."""
+    import subprocess
+    import sys
+
+    from tests.test_train import tiny_overrides
+
+    training = tiny_overrides(synthetic_shards, tmp_path, "unused", "max_epochs=3", "data.loader_workers=0")
+    search = ["--num-samples", "2", "--scheduler", "pbt", "--perturbation-interval", "1", "--quantile-fraction", "0.5",
+              "--max-concurrent", "2", "--seed", "0", "--name", "pbt", "--runs-dir", str(tmp_path)]
+    result = subprocess.run([sys.executable, "-m", "tune.search", *training, *search], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "[Exploit] Cloning trial" in result.stdout + result.stderr
+    rows = pq.read_table(tmp_path / "pbt" / "trials.parquet").to_pylist()
+    by_trial: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=lambda row: row["epoch"]):
+        by_trial.setdefault(row["trial_id"], []).append(row)
+    assert len(by_trial) == 2 and all([r["epoch"] for r in trial] == [0, 1, 2] for trial in by_trial.values())
+    values = {(r["trial_id"], r["lr"], r["lam"], r["patience"]) for r in rows}
+    assert len(values) > 2  # some trial trained later epochs with other values than its first
+    for trial in by_trial.values():
+        assert all(1 <= r["patience"] for r in trial) and all(r["lr"] > 0 and r["lam"] > 0 for r in trial)

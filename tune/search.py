@@ -24,10 +24,12 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import threading
 import time
 from collections import deque
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -44,7 +46,7 @@ from ray.util.queue import Queue
 from pipeline.config import ConfigError, TrainConfig, load_config, load_config_dict, save_config, to_dict, with_absolute_paths
 from pipeline.metrics import delta_m, normalized_score
 from pipeline.data import DataConfigError, check_validation_labels, open_shard_set, resolve_tasks
-from pipeline.run_records import CONFIG_FILE, TENSORBOARD_DIR, latest_checkpoint
+from pipeline.run_records import CHECKPOINT_FILE, CONFIG_FILE, TENSORBOARD_DIR, latest_checkpoint, load_checkpoint, save_atomically
 from pipeline.schema import get_task
 from pipeline.train import build_trainer, connect_ray, ray_worker_entry, worker_resources
 from tune.hparams import OBJECTIVE, TrialHParams, write_search_experiment
@@ -59,6 +61,7 @@ SPACE_FILE = "space.yaml"
 BASELINES_FILE = "baselines.yaml"
 MEAN_SCORE = "mean_score"  # mean normalized score over tasks, in [0, 1]
 DELTA_M = "delta_m"  # % improvement over single-task baselines, with --baselines
+HPARAM_PREFIX = "hparam/"  # every result carries the values its epoch was trained with (PBT changes them)
 
 
 def search_objective(metrics: dict[str, Any]) -> float:
@@ -122,6 +125,7 @@ class SearchTrial(Trainable):
     def setup(self, sample: dict[str, Any], base_document: dict[str, Any], search_dir: str,
               baselines: dict[str, float] | None = None) -> None:
         self.baselines = baselines
+        self.sample = dict(sample)
         # Into the search folder itself, not Tune's per-session staging folder: a resumed trial finds its
         # checkpoints there, and nothing is copied twice.
         trial_run = {"runs_dir": str(Path(search_dir) / self.trial_id), "name": TRIAL_RUN_NAME}
@@ -137,6 +141,7 @@ class SearchTrial(Trainable):
         self.training: threading.Thread | None = None
         self.workers_placement_group = None
         self.epochs_done = 0
+        self.last_checkpoint: str | None = str(found[0]) if found else None
 
     def step(self) -> dict[str, Any]:
         if self.finished_epochs:
@@ -149,12 +154,34 @@ class SearchTrial(Trainable):
             if kind == "placement_group":
                 self.workers_placement_group = payload
             elif kind == "epoch":
-                return self._epoch_result(payload)
+                epoch_metrics, self.last_checkpoint = payload
+                return self._epoch_result(epoch_metrics)
             elif kind == "failed":
                 self.failed = True  # not closed as failed: Tune may retry it (TensorBoard keeps the first end)
                 raise payload
             else:
                 return {RESULT_DUPLICATE: True}  # finished: Tune repeats the last epoch's result as final
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        """Only population-based training asks for this: the epoch checkpoint a trial last reported, which
+        another trial may adopt (``load_checkpoint``)."""
+        if self.last_checkpoint is None:
+            raise RuntimeError(f"trial {self.trial_id} has no epoch checkpoint to save yet")
+        shutil.copy2(Path(self.last_checkpoint) / CHECKPOINT_FILE, Path(checkpoint_dir) / CHECKPOINT_FILE)
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        """PBT's exploit (or Tune's restore): continue from ``checkpoint``'s epoch with this trial's own
+        hyperparameters. The state is put where the Train run resumes from, as its newest checkpoint, with
+        the optimizer's learning rates set to this trial's (an adopted optimizer would keep the donor's)."""
+        payload = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
+        set_learning_rates(payload["optimizer"], self.train_config)
+        payload["freeze"]["patience"] = self.train_config.freeze.patience  # counters go on, against this patience
+        adopted = self.train_config.run_dir / f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
+        adopted.mkdir(parents=True)
+        save_atomically(payload, adopted / CHECKPOINT_FILE)
+        self.finished_epochs.clear()  # Tune knows the adopted epochs already
+        self.last_checkpoint = str(adopted)
+        self.epochs_done = payload["run_state"]["epoch"]
 
     def cleanup(self) -> None:
         """Stopped while training: remove the workers, so that the Train run fails and shuts down itself.
@@ -170,7 +197,7 @@ class SearchTrial(Trainable):
         self.training.join(timeout=120)
 
     def _epoch_result(self, epoch_metrics: dict[str, Any]) -> dict[str, Any]:
-        result = tune_result(epoch_metrics, self.baselines)
+        result = tune_result(epoch_metrics, self.baselines) | {f"{HPARAM_PREFIX}{k}": v for k, v in self.sample.items()}
         self.epochs_done = result[EPOCHS_DONE]
         self.hparams.record(result["epoch"], result[OBJECTIVE])
         return result
@@ -184,6 +211,13 @@ class SearchTrial(Trainable):
             self.events.put(("finished", None))
 
 
+def set_learning_rates(optimizer_state: dict[str, Any], config: TrainConfig) -> None:
+    """The learning rates ``build_optimizer`` gives ``config``, in a saved optimizer state (by group name)."""
+    rates = {"net": config.optim.lr, "weighting": config.optim.weighting_lr or config.optim.lr}
+    for group in optimizer_state["param_groups"]:
+        group["lr"] = rates[group["name"]]
+
+
 class EpochsToTrial(UserCallback):
     """Runs in the Train controller: hands rank 0's metrics of every epoch to the trial."""
 
@@ -191,7 +225,7 @@ class EpochsToTrial(UserCallback):
         self.events = events
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        self.events.put(("epoch", metrics[0]))
+        self.events.put(("epoch", (metrics[0], checkpoint.path if checkpoint is not None else None)))
 
 
 def build_trial_trainer(config: TrainConfig, events: Queue):
@@ -248,6 +282,15 @@ def check_search_options(args: argparse.Namespace, space: SearchSpace, max_epoch
     """Scheduler and sampler options that cannot work, refused before Ray starts."""
     if args.scheduler == "asha" and not 1 <= args.grace_period <= max_epochs:
         raise ConfigError(f"--grace-period must be between 1 and max_epochs ({max_epochs}), got {args.grace_period}")
+    if args.scheduler == "pbt":
+        if space.lam_grid or args.search == "optuna":
+            raise ConfigError("--scheduler pbt samples and perturbs the values itself: leave out --grid, "
+                              "space.lam_grid and --search optuna")
+        if not 1 <= args.perturbation_interval < max_epochs:
+            raise ConfigError(f"--perturbation-interval must be between 1 and max_epochs - 1 ({max_epochs - 1}), "
+                              f"got {args.perturbation_interval}")
+        if not 0 < args.quantile_fraction <= 0.5:
+            raise ConfigError(f"--quantile-fraction must be in (0, 0.5], got {args.quantile_fraction}")
     if args.reduction_factor <= 1:
         raise ConfigError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
     if args.search == "optuna":
@@ -270,11 +313,18 @@ def build_search_algorithm(kind: str, seed: int, max_concurrent: int):
     return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=max_concurrent)
 
 
-def build_scheduler(args: argparse.Namespace, max_epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def build_scheduler(args: argparse.Namespace, max_epochs: int, space: SearchSpace):
+    """FIFO, ASHA, or population-based training: every ``--perturbation-interval`` epochs the trials in the
+    bottom quantile adopt the epoch checkpoint of a top one and go on with perturbed lr, λ and patience."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if args.scheduler == "fifo":
         return FIFOScheduler()
+    if args.scheduler == "pbt":
+        mutations = {name: domain for name, domain in tune_param_space(space).items() if name != "weighting"}
+        return PopulationBasedTraining(time_attr=EPOCHS_DONE, perturbation_interval=args.perturbation_interval,
+                                       hyperparam_mutations=mutations, quantile_fraction=args.quantile_fraction,
+                                       synch=True)
     return ASHAScheduler(time_attr=EPOCHS_DONE, max_t=max_epochs, grace_period=args.grace_period,
                          reduction_factor=args.reduction_factor)
 
@@ -288,9 +338,11 @@ def trials_table(results, sampled_names: list[str]) -> pa.Table:
     for result in results:
         if result.metrics_dataframe is None:
             continue
-        trial_id = result.metrics["trial_id"]
-        sample = {name: result.config[name] for name in sampled_names}
+        trial_id = Path(result.path).name  # the trial's folder, named by trial_dirname_creator
+        final_sample = {name: result.config[name] for name in sampled_names}
         for report in result.metrics_dataframe.to_dict("records"):
+            # The values the epoch was trained with: PBT changes them during a trial.
+            sample = {name: report.get(f"{HPARAM_PREFIX}{name}", value) for name, value in final_sample.items()}
             measured = {key: value for key, value in report.items()
                         if key.startswith(("val/", "weights/")) or key in (MEAN_SCORE, DELTA_M)}
             epoch = int(report["epoch"])
@@ -375,7 +427,7 @@ def run_search(args: argparse.Namespace) -> Path:
             tune_config=tune.TuneConfig(
                 metric=OBJECTIVE, mode="max", num_samples=args.num_samples,
                 search_alg=build_search_algorithm(args.search, seed, max_concurrent),
-                scheduler=build_scheduler(args, base.max_epochs),
+                scheduler=build_scheduler(args, base.max_epochs, space),
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
@@ -399,7 +451,7 @@ def run_search(args: argparse.Namespace) -> Path:
     best_document, best = best_trial_config(results, base_document, args.name)
     (search_dir / BEST_CONFIG_FILE).write_text(yaml.safe_dump(best_document, sort_keys=False))
     sample = {name: best.config[name] for name in space.sampled_names()}
-    print(f"best trial {best.metrics['trial_id']}: {OBJECTIVE} {best.metrics_dataframe[OBJECTIVE].max():.4f} with {sample}")
+    print(f"best trial {Path(best.path).name}: {OBJECTIVE} {best.metrics_dataframe[OBJECTIVE].max():.4f} with {sample}")
     return search_dir
 
 
@@ -419,7 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--space", type=Path, help="search space YAML (keys: see tune/space.py)")
     parser.add_argument("--grid", choices=sorted(GRIDS), help="try every λ of a named grid (thesis: 0.001, 0.01, 0.1, 1)")
     parser.add_argument("--num-samples", type=int, default=8, help="trials (with a grid: samples per grid value)")
-    parser.add_argument("--scheduler", choices=["asha", "fifo"], default="asha", help="asha stops trailing trials early")
+    parser.add_argument("--scheduler", choices=["asha", "fifo", "pbt"], default="asha",
+                        help="asha stops trailing trials early; pbt lets trailing trials adopt leading ones' state")
+    parser.add_argument("--perturbation-interval", type=int, default=1, help="PBT: epochs between exploit/explore steps")
+    parser.add_argument("--quantile-fraction", type=float, default=0.25,
+                        help="PBT: the bottom fraction adopts the state of the top fraction")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
     parser.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep the best 1/factor at each rung")
     parser.add_argument("--search", choices=["random", "optuna"], default="random", help="optuna needs facemtl[tune]")
