@@ -75,6 +75,10 @@ def search_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             interrupted = TrialHParams(log_dir, hparams)
             train_epochs(log_dir, interrupted, offset - 0.5, range(2))
             interrupted.writer.close()  # the process dies: its files stay, no session end
+            # A resumed trial starts seconds later in another process. Event files are read in name order
+            # (time in seconds, host, pid, then a per-process counter that sorts "10" before "9"): in this
+            # one process, only a later second keeps the resumed run's files after the interrupted one's.
+            time.sleep(1.1)
         session = TrialHParams(log_dir, hparams)
         train_epochs(log_dir, session, offset, range(1 if trial_id == "trial_resumed" else 0, EPOCHS))
         session.close()
