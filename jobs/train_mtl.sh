@@ -73,7 +73,8 @@ stop_all() {
   wait 2>/dev/null || true
   # `ray start --head` records its address for `address="auto"` look-ups; a head stopped by a signal leaves
   # the record behind, and later local Ray runs on the node would wait on this dead head.
-  if [ "$(cat /tmp/ray/ray_current_cluster 2>/dev/null)" = "$HEAD_IP:$PORT" ]; then
+  # Ray records the address it detected, which may differ from HEAD_IP; the port says whether it is ours.
+  if [ "$(cat /tmp/ray/ray_current_cluster 2>/dev/null | sed 's/.*://')" = "$PORT" ]; then
     rm -f /tmp/ray/ray_current_cluster
   fi
 }

@@ -78,9 +78,9 @@ def test_a_stopped_head_forgets_only_its_own_cluster_address(tmp_path: Path) -> 
     from tune.slurm import forget_cluster_address
 
     record = tmp_path / "ray_current_cluster"
-    record.write_text("10.1.2.3:20054")
-    forget_cluster_address("10.1.2.3:20099", record)
+    record.write_text("10.1.2.3:20054\n")
+    forget_cluster_address(20099, record)
     assert record.exists()  # another cluster's address stays
-    forget_cluster_address("10.1.2.3:20054", record)
+    forget_cluster_address(20054, record)
     assert not record.exists()
-    forget_cluster_address("10.1.2.3:20054", record)  # already gone: nothing to do
+    forget_cluster_address(20054, record)  # already gone: nothing to do

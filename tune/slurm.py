@@ -133,13 +133,14 @@ def stop_ray_node(node: subprocess.Popen) -> None:
             node.wait()
 
 
-def forget_cluster_address(address: str, record: Path = CURRENT_CLUSTER_FILE) -> None:
+def forget_cluster_address(port: int, record: Path = CURRENT_CLUSTER_FILE) -> None:
     """``ray start --head`` records its address in /tmp/ray/ray_current_cluster for later ``address="auto"``
     look-ups, and a head stopped by a signal leaves it behind. Ray Train's placement-group cleaner looks the
     cluster up that way even inside a local Ray, and would wait on this dead head: remove the record when it
-    is ours."""
+    is ours. Ray writes the address it detected, which may differ from ``--node-ip-address``; the port,
+    which only one head on this node can hold, tells."""
     try:
-        if record.read_text().strip() == address:
+        if record.read_text().strip().rsplit(":", 1)[-1] == str(port):
             record.unlink()
     except OSError:
         pass
@@ -186,7 +187,7 @@ class SearchJob(submitit.helpers.Checkpointable):
             done.parent.mkdir(parents=True, exist_ok=True)
             done.touch()
             stop_ray_node(head)
-            forget_cluster_address(address)
+            forget_cluster_address(port)
 
     def _run_worker(self, address: str, done: Path) -> None:
         deadline = time.monotonic() + NODE_WAIT_S
