@@ -15,13 +15,14 @@ from tests.shard_helpers import REPO, read_manifest, shard, tar_bytes
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def sacct_states(job_id: str) -> list[str]:
-    """States of every array task of a job (retried briefly: sacct can lag the end of a job by a moment)."""
-    for _ in range(20):
+def sacct_states(job_id: str, tasks: int = 1) -> list[str]:
+    """States of the ``tasks`` array tasks of a job. Retried for up to 30 s: slurmdbd records the end of a
+    job (and of each array task) a moment after it, longer on a loaded machine."""
+    for _ in range(60):
         result = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State"],
                                 capture_output=True, text=True, check=True)
         states = [line.split("|")[1] for line in result.stdout.split()]
-        if states and all(s not in ("PENDING", "RUNNING") for s in states):
+        if len(states) >= tasks and all(s not in ("PENDING", "RUNNING") for s in states):
             return states
         time.sleep(0.5)
     return states
@@ -40,7 +41,7 @@ def test_shard_array_job_writes_the_same_shards_as_one_local_run(slurm_cluster, 
     logs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
     assert result.returncode == 0, result.stderr + logs
     job_id = result.stdout.strip().split(";")[0]
-    assert sacct_states(job_id) == ["COMPLETED"] * 3
+    assert sacct_states(job_id, tasks=3) == ["COMPLETED"] * 3
     assert "part 1 of 3" in logs and "part 3 of 3" in logs
     assert tar_bytes(out) == tar_bytes(local)
     assert read_manifest(out) == read_manifest(local)  # the last part to finish merged
