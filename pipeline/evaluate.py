@@ -273,10 +273,10 @@ def local_cpu_count() -> int:
 
 
 def prepare_device(model: InferenceModel) -> None:
-    """Run as training validates: all of this process's CPUs, or channels_last on a GPU when the run used it."""
+    """Run as training validates: all of this process's CPUs, and channels_last when the run used it."""
     if model.device.type == "cpu":
         torch.set_num_threads(local_cpu_count())
-    if uses_channels_last(model.config, WorkerContext(device=model.device)):
+    if uses_channels_last(model.config):
         model.net.to(memory_format=torch.channels_last)
 
 

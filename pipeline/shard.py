@@ -80,10 +80,13 @@ class ShardJob:
 
 
 def select_records(listing: SourceListing, limit: int | None, seed: int) -> list[SourceRecord]:
-    """Drop duplicate keys (keeping the first in sorted order), apply ``--limit``, order by split and key.
+    """Drop duplicate keys (keeping the first in sorted order), apply ``--limit``, order by split, then shuffled.
 
-    ``--limit`` keeps a seeded pseudo-random subset, not the first N files, so that a quick run sees
-    every split and label range rather than, say, only the youngest UTKFace ages.
+    Within a split the order is a seeded pseudo-random one (a hash of seed and key), not the key order:
+    file names often encode labels (UTKFace's start with the age), and a shard of key-ordered samples
+    holds one narrow age range, which a reader's shuffle buffer cannot mix (its batches would drift
+    from young to old through an epoch). ``--limit`` keeps a seeded pseudo-random subset likewise, not
+    the first N files. Both depend only on the seed and the keys, so a re-run writes the same shards.
     """
     by_key: dict[str, SourceRecord] = {}
     for record in sorted(listing.records, key=lambda r: (r.key, r.source_id)):
@@ -92,10 +95,11 @@ def select_records(listing: SourceListing, limit: int | None, seed: int) -> list
             continue
         by_key[record.key] = record
     records = list(by_key.values())
+    records.sort(key=lambda r: (unit_interval(seed, r.key), r.key))
     if limit is not None:
-        records = sorted(records, key=lambda r: unit_interval(seed, r.key))[:limit]
+        records = records[:limit]
     split_order = {split: i for i, split in enumerate(SPLITS)}
-    return sorted(records, key=lambda r: (split_order[r.split], r.key))
+    return sorted(records, key=lambda r: split_order[r.split])  # stable: the shuffled order within a split
 
 
 def plan_shards(records: Iterable[SourceRecord], samples_per_shard: int) -> list[ShardPlan]:

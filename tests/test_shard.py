@@ -172,12 +172,26 @@ def _listing(keys: list[tuple[str, str]]) -> SourceListing:
 
 def test_plan_cuts_each_split_in_order_and_tasks_take_every_kth_shard() -> None:
     listing = _listing([(f"k{i:02d}", "train" if i < 7 else "test") for i in range(10)])
-    plans = plan_shards(select_records(listing, None, 0), samples_per_shard=3)
+    plans = plan_shards(listing.records, samples_per_shard=3)
     assert [(p.name, [r.key for r in p.records]) for p in plans] == [
         ("train-000000", ["k00", "k01", "k02"]), ("train-000001", ["k03", "k04", "k05"]),
         ("train-000002", ["k06"]), ("test-000000", ["k07", "k08", "k09"]),
     ]
     assert [p.name for p in shards_for_task(plans, 1, 2)] == ["train-000001", "test-000000"]
+
+
+def test_records_are_grouped_by_split_and_shuffled_within_it_by_seed() -> None:
+    # UTKFace-like keys: the name starts with the age, so key order would put one age range in each shard.
+    keys = [(f"{age}_{i}", "test" if i % 5 == 0 else "train") for age in range(21, 61) for i in range(5)]
+    records = select_records(_listing(keys), None, seed=0)
+    splits = [r.split for r in records]
+    assert splits == sorted(splits, key=["train", "val", "test"].index)
+    train_keys = [r.key for r in records if r.split == "train"]
+    assert sorted(train_keys) == sorted(k for k, split in keys if split == "train") and train_keys != sorted(train_keys)
+    first_shard_ages = [int(key.split("_")[0]) for key in train_keys[:20]]
+    assert max(first_shard_ages) - min(first_shard_ages) > 30  # key order would give 21-25 only
+    assert [r.key for r in select_records(_listing(keys), None, seed=0)] == [r.key for r in records]
+    assert [r.key for r in select_records(_listing(keys), None, seed=1)] != [r.key for r in records]
 
 
 def test_duplicate_keys_are_rejected_and_limit_takes_a_seeded_subset() -> None:
