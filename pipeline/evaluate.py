@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -334,32 +334,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def evaluate_checkpoint(
+    target: Path,
+    split: str,
+    data_paths: Sequence[str | Path] | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    loader_workers: int = 2,
+    out_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], Path]:
+    """Evaluate the checkpoint at ``target`` on ``split`` of ``data_paths`` (default: its run's datasets),
+    write metrics.json, metrics.md and the confusion PNGs to ``out_dir`` (default: :func:`default_output_dir`),
+    and return the report (as metrics.json holds it) and that folder.
+
+    Raises :class:`CheckpointError`, :class:`DeviceError` or :class:`EvaluationError` for a target, device or
+    data that cannot be evaluated."""
+    started = time.perf_counter()
+    model = load_inference_model(target, choose_device(device))
+    log(f"checkpoint: {model.describe()}")
+    data = open_evaluation_data(data_paths or model.config.data.datasets, split)
+    for skipped in data.skipped:
+        log(f"note: skipping {skipped['name']} ({skipped['path']}): {skipped['reason']}")
+    prepare_device(model)
+    options = RunOptions(batch_size or model.config.data.batch_size, loader_workers)
+    per_dataset = []
+    for shard_set in data.shard_sets:
+        log(f"evaluating {shard_set.name} {split} ({shard_set.num_samples(split)} samples) on {model.device}")
+        per_dataset.append(evaluate_dataset(model, shard_set, split, options))
+    report = build_report(model, data, per_dataset, options)
+    report["seconds"] = time.perf_counter() - started
+    out_dir = out_dir or default_output_dir(target, split)
+    report["written"] = [str(path) for path in write_outputs(report, format_markdown(report), out_dir)]
+    return report, out_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.perf_counter()
     try:
-        model = load_inference_model(args.target, choose_device(args.device))
-        print(f"checkpoint: {model.describe()}", flush=True)
-        data = open_evaluation_data(args.data or model.config.data.datasets, args.split)
+        report, out_dir = evaluate_checkpoint(args.target, args.split, args.data, args.device, args.batch_size,
+                                              args.loader_workers, args.out, log=lambda line: print(line, flush=True))
     except (CheckpointError, DeviceError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for skipped in data.skipped:
-        print(f"note: skipping {skipped['name']} ({skipped['path']}): {skipped['reason']}", flush=True)
-    prepare_device(model)
-    options = RunOptions(args.batch_size or model.config.data.batch_size, args.loader_workers)
-    per_dataset = []
-    for shard_set in data.shard_sets:
-        samples = shard_set.num_samples(args.split)
-        print(f"evaluating {shard_set.name} {args.split} ({samples} samples) on {model.device}", flush=True)
-        per_dataset.append(evaluate_dataset(model, shard_set, args.split, options))
-    report = build_report(model, data, per_dataset, options)
-    report["seconds"] = time.perf_counter() - started
-    markdown = format_markdown(report)
-    out_dir = args.out or default_output_dir(args.target, args.split)
-    written = write_outputs(report, markdown, out_dir)
-    print("\n" + markdown)
-    print(f"wrote {', '.join(path.name for path in written)} to {out_dir} in {report['seconds']:.1f} s")
+    print("\n" + format_markdown(report))
+    written = ", ".join(Path(path).name for path in report["written"])
+    print(f"wrote {written} to {out_dir} in {report['seconds']:.1f} s")
     return 0
 
 

@@ -13,6 +13,9 @@ seeds 0..N-1 through ``pipeline.train`` (Ray Train on a local Ray or the cluster
     results.parquet    one row per arm x seed: every validation metric of the run's best epoch
     table.md           the comparison table (also printed): mean ± std over seeds, chance level, Δm
     plot.png           one bar chart per task, one bar per row, error bars = std over seeds
+    results-test.parquet, table-test.md, plot-test.png
+                       the same on the test split (``--split test``): each run's best_model.pt evaluated
+                       by pipeline.evaluate, whose report lands in <arm>-seed<k>/evaluation/test/
 
 Running the same command again skips finished runs (metrics.parquet reached ``max_epochs`` or every task
 froze/stopped), resumes unfinished ones and refuses a run folder whose saved config differs from the
@@ -33,10 +36,10 @@ The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipe
   baseline), ``none``.
 - ``lambda``: λ of the learned weighting over the thesis' grid {0.001, 0.01, 0.1, 1} (Table 5.5).
 
-Metrics are the validation metrics of each run's best epoch (lowest val/total_loss, the epoch saved as
-best_model.pt), read from its metrics.parquet; the table says "validation". Test-split numbers need an
-evaluation of best_model.pt on the test split: a ``--split test`` option belongs here once
-pipeline.evaluate offers that as a function.
+Metrics are those of each run's best epoch (lowest val/total_loss, the epoch saved as best_model.pt): with
+``--split val`` (the default) its validation metrics, read from its metrics.parquet; with ``--split test``
+best_model.pt evaluated on the test split (:func:`pipeline.evaluate.evaluate_checkpoint`), the numbers a
+paper reports, since the validation split chose the epoch. The table's caption names the split.
 
 Δm (Maninis et al. 2019) summarises a row against the experiment's baseline row in one number:
 Δm = (1/T) Σ_t (-1)^{l_t} (M_t - M_base,t) / M_base,t x 100 %, l_t = 1 where lower is better (MAE), so a
@@ -62,10 +65,12 @@ import yaml
 
 from pipeline.config import ConfigError, TrainConfig, load_config, to_dict, with_absolute_paths
 from pipeline.data import DataConfigError, ShardSet, open_shard_set, resolve_tasks
+from pipeline.evaluate import EvaluationError, evaluate_checkpoint
 from pipeline.freeze import MODES as FREEZE_MODES
 from pipeline.losses import WEIGHTINGS
 from pipeline.metrics import chance_level
-from pipeline.run_records import CONFIG_FILE, METRICS_FILE
+from pipeline.inference import CheckpointError
+from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE
 from pipeline.schema import TaskSpec, get_task
 from pipeline.train import main as train_main
 
@@ -79,6 +84,8 @@ LOWER_IS_BETTER = frozenset({"mae", "rmse"})
 # Keys an arm's run may change without becoming another experiment: a longer run resumes the same one.
 RESUMABLE_KEYS = frozenset({"max_epochs"})
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.parquet", "table.md", "plot.png"
+SPLIT_CHOICES = ("val", "test")
+SPLIT_NAMES = {"val": "validation", "test": "test"}
 
 
 class ExperimentError(Exception):
@@ -206,14 +213,15 @@ def delta_m(metric_by_task: Mapping[str, float], baseline_by_task: Mapping[str, 
     return statistics.fmean(improvements)
 
 
-def summarize(records: Sequence[Mapping[str, Any]], rows: Sequence[str], tasks: Sequence[TaskSpec]) -> dict[str, dict[str, CellStats]]:
-    """row -> task -> mean ± std of the task's main metric over the records (arm x seed) of that row.
-    A record without the metric (a single-task run of another task) does not count."""
+def summarize(records: Sequence[Mapping[str, Any]], rows: Sequence[str], tasks: Sequence[TaskSpec],
+              split: str = "val") -> dict[str, dict[str, CellStats]]:
+    """row -> task -> mean ± std of the task's main metric on ``split`` over the records (arm x seed) of
+    that row. A record without the metric (a single-task run of another task) does not count."""
     summary = {}
     for row in rows:
         summary[row] = {}
         for task in tasks:
-            key = f"val/{task.name}/{task.metric}"
+            key = f"{split}/{task.name}/{task.metric}"
             values = [r[key] for r in records if r["row"] == row and r.get(key) is not None]
             summary[row][task.name] = mean_and_std(values)
     return summary
@@ -242,11 +250,11 @@ def format_cell(stats: CellStats, scale: float) -> str:
 
 
 def format_table(experiment: str, summary: Mapping[str, Mapping[str, CellStats]], tasks: Sequence[TaskSpec],
-                 chance: Mapping[str, float], seeds: int) -> str:
+                 chance: Mapping[str, float], seeds: int, split: str = "val") -> str:
     """The Markdown table: a caption, one column per task, one row per arm row, the chance level, Δm."""
     baseline = BASELINE_ROW[experiment]
     seeds_text = "one seed" if seeds == 1 else f"mean ± std (n-1) over {seeds} seeds"
-    caption = (f"**{experiment}**: validation split, best epoch of each run (lowest val/total_loss, the epoch saved "
+    caption = (f"**{experiment}**: {SPLIT_NAMES[split]} split, best epoch of each run (lowest val/total_loss, the epoch saved "
                f"as best_model.pt), {seeds_text}. Δm: mean over tasks of the relative difference to the "
                f"{baseline} row, sign-adjusted so that positive is better (Maninis et al. 2019).")
     header = ["model", *(metric_label(task) for task in tasks), f"Δm vs {baseline} (%) ↑"]
@@ -337,15 +345,44 @@ def train_arm(config_path: Path | None, overrides: Sequence[str], arm: Arm, seed
     return config.run_dir
 
 
-def result_record(experiment: str, arm: Arm, seed: int, run_dir: Path) -> dict[str, Any]:
-    """One results.parquet row: the arm, the seed and every validation metric of the run's best epoch."""
+def split_metrics(report: Mapping[str, Any], split: str) -> dict[str, float]:
+    """``<split>/<task>/<metric>`` -> value of every numeric metric of a pipeline.evaluate report, named as
+    metrics.parquet names the validation ones; a task without labels has none."""
+    return {f"{split}/{task}/{name}": float(value) for task, metrics in report["tasks"].items()
+            for name, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def evaluate_best_model(run_dir: Path, split: str) -> dict[str, float]:
+    """The run's best_model.pt on ``split`` of its own datasets (report in <run>/evaluation/<split>/)."""
+    try:
+        report, out_dir = evaluate_checkpoint(run_dir / BEST_MODEL_FILE, split, loader_workers=1, log=lambda line: None)
+    except (CheckpointError, EvaluationError) as error:
+        raise ExperimentError(f"cannot evaluate {run_dir} on {split}: {error}") from None
+    print(f"{run_dir.name}: {split} split evaluated in {report['seconds']:.0f} s ({out_dir})", flush=True)
+    return split_metrics(report, split)
+
+
+def result_record(experiment: str, arm: Arm, seed: int, run_dir: Path, split: str = "val") -> dict[str, Any]:
+    """One results row: the arm, the seed and every metric of the run's best epoch on ``split`` (validation:
+    from metrics.parquet; another split: best_model.pt evaluated on it)."""
     rows = read_rows(run_dir)
     if not rows:
         raise ExperimentError(f"{run_dir / METRICS_FILE} is missing or empty after training")
     best = best_epoch_row(rows)
-    metrics = {key: value for key, value in best.items() if key.startswith("val/")}
+    if split == "val":
+        metrics = {key: value for key, value in best.items() if key.startswith("val/")}
+    else:
+        metrics = evaluate_best_model(run_dir, split)
     return {"experiment": experiment, "arm": arm.name, "row": arm.row, "seed": seed, "run_dir": str(run_dir),
             "best_epoch": int(best["epoch"]), "epochs_run": len(rows), **metrics}
+
+
+def split_file(name: str, split: str) -> str:
+    """table.md for the validation split, table-test.md for the test split (likewise for the others)."""
+    if split == "val":
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}-{split}{dot}{suffix}"
 
 
 def write_results(records: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -355,8 +392,8 @@ def write_results(records: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
-                   out_name: str | None, local: bool) -> Path:
-    """Train every arm x seed (skipping finished runs), then write results.parquet, table.md and plot.png."""
+                   out_name: str | None, local: bool, split: str = "val") -> Path:
+    """Train every arm x seed (skipping finished runs), then write the results, table and plot of ``split``."""
     base = with_absolute_paths(load_config(config_path, overrides))
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
     task_names = resolve_tasks(shard_sets, base.data.tasks)
@@ -370,16 +407,16 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     for number, (arm, seed) in enumerate(((arm, seed) for arm in arms for seed in range(seeds)), start=1):
         print(f"\n[{number}/{len(arms) * seeds}] {arm.name}, seed {seed}", flush=True)
         run_dir = train_arm(config_path, overrides, arm, seed, experiment_dir, local)
-        records.append(result_record(experiment, arm, seed, run_dir))
+        records.append(result_record(experiment, arm, seed, run_dir, split))
 
     tasks = [get_task(name) for name in task_names]
-    summary = summarize(records, list(dict.fromkeys(arm.row for arm in arms)), tasks)
-    chance = chance_levels(shard_sets, tasks)
-    table = format_table(experiment, summary, tasks, chance, seeds)
-    write_results(records, experiment_dir / RESULTS_FILE)
-    (experiment_dir / TABLE_FILE).write_text(table)
-    plot_comparison(summary, tasks, chance, f"{experiment} (validation, {seeds} seed{'s' if seeds > 1 else ''})",
-                    experiment_dir / PLOT_FILE)
+    summary = summarize(records, list(dict.fromkeys(arm.row for arm in arms)), tasks, split)
+    chance = chance_levels(shard_sets, tasks, split)
+    table = format_table(experiment, summary, tasks, chance, seeds, split)
+    write_results(records, experiment_dir / split_file(RESULTS_FILE, split))
+    (experiment_dir / split_file(TABLE_FILE, split)).write_text(table)
+    plot_comparison(summary, tasks, chance, f"{experiment} ({SPLIT_NAMES[split]}, {seeds} seed{'s' if seeds > 1 else ''})",
+                    experiment_dir / split_file(PLOT_FILE, split))
     print(f"\n{table}")
     return experiment_dir
 
@@ -392,12 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="train every arm with seeds 0..N-1")
     parser.add_argument("--name", help="experiment folder under runs_dir (default: NAME)")
     parser.add_argument("--local", action="store_true", help="train in this process, no Ray")
+    parser.add_argument("--split", choices=SPLIT_CHOICES, default="val",
+                        help="split the table reports: val (from the runs' records) or test (best_model.pt evaluated)")
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     started = time.perf_counter()
     try:
-        experiment_dir = run_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name, args.local)
+        experiment_dir = run_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name, args.local,
+                                        args.split)
     except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -405,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"experiment done in {time.perf_counter() - started:.0f} s. Results in {experiment_dir}:")
-    print(f"  {TABLE_FILE}, {PLOT_FILE}, {RESULTS_FILE} (one row per arm x seed), <arm>-seed<k>/ (the runs)")
+    files = (split_file(name, args.split) for name in (TABLE_FILE, PLOT_FILE, RESULTS_FILE))
+    print("  {}, {}, {} (one row per arm x seed), <arm>-seed<k>/ (the runs)".format(*files))
     return 0
 
 

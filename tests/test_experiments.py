@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -156,6 +157,21 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
     assert {run: (experiment / run / "metrics.parquet").stat().st_mtime_ns for run in runs} == mtimes
     assert capsys.readouterr().out.count("finished, skipped") == 3
     assert (experiment / "table.md").read_text() == table
+
+    assert main([*argv, "--split", "test"]) == 0  # no training: each best_model.pt evaluated on the test split
+    assert capsys.readouterr().out.count("finished, skipped") == 3
+    test_table = (experiment / "table-test.md").read_text()
+    assert test_table.startswith("**mtl-vs-single**: test split") and "| MTL | " in test_table
+    assert (experiment / "table.md").read_text() == table and (experiment / "plot-test.png").exists()
+    test_results = pq.read_table(experiment / "results-test.parquet").to_pylist()
+    for record, run in zip(test_results, runs):
+        report = json.loads((experiment / run / "evaluation" / "test" / "metrics.json").read_text())
+        tasks = {"single-age-seed0": ["age"], "single-gender-seed0": ["gender"], "mtl-seed0": ["age", "gender"]}[run]
+        for task in tasks:
+            metric = get_task(task).metric
+            assert record[f"test/{task}/{metric}"] == pytest.approx(report["tasks"][task][metric])
+            assert record[f"test/{task}/count"] == report["tasks"][task]["count"] > 0
+    assert test_results[2]["test/age/mae"] != results[2]["val/age/mae"]
 
     assert main([*argv[:-1], "optim.lr=0.01", "--local"]) == 1  # another config in the same folder: refused
     assert "trained with another config (differs in optim.lr)" in capsys.readouterr().err
