@@ -112,8 +112,12 @@ def connect_ray(min_cpus: int) -> None:
         ray.init(address=address, runtime_env=runtime_env)
     else:
         # address="local": a new Ray here, never another job's `ray start` cluster on this machine, which a
-        # plain ray.init() would join.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=False,
+        # plain ray.init() would join. With its dashboard: the person watching has it (the next free port
+        # from 8265 on), and Ray Train's placement-group cleaner asks the state API, which the dashboard
+        # serves, whether the controller lives; without it, it logged a warning every second or two.
+        # (Ray prints its address.) Two Ray clusters on one machine still confuse the cleaner, whose state
+        # client looks the cluster up on its own: a traceback, harmless to the run.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True,
                  runtime_env=runtime_env)
 
 
