@@ -112,11 +112,8 @@ def connect_ray(min_cpus: int) -> None:
         ray.init(address=address, runtime_env=runtime_env)
     else:
         # address="local": a new Ray here, never another job's `ray start` cluster on this machine, which a
-        # plain ray.init() would join. With its dashboard: the person watching has it (the next free port
-        # from 8265 on), and Ray Train's placement-group cleaner asks the state API, which the dashboard
-        # serves, whether the controller lives; without it, it logged a warning every second or two.
-        # (Ray prints its address.) Two Ray clusters on one machine still confuse the cleaner, whose state
-        # client looks the cluster up on its own: a traceback, harmless to the run.
+        # plain ray.init() would join. With its dashboard, for the person watching (Ray prints its address:
+        # the next free port from 8265 on).
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True,
                  runtime_env=runtime_env)
 
@@ -127,10 +124,10 @@ def build_trainer(config: TrainConfig, max_failures: int, entry: Callable[[dict[
     checkpoints and Ray's records in ``runs_dir/name``. ``loop_extras`` and ``callbacks`` let a caller (a
     Tune trial) hear of every epoch."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     run_dir = config.run_dir.resolve()
-    return TorchTrainer(
+    return torch_trainer_class()(
         entry or ray_worker_entry,
         train_loop_config={"config": to_dict(config), "run_dir": str(run_dir), **(loop_extras or {})},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
@@ -144,6 +141,33 @@ def build_trainer(config: TrainConfig, max_failures: int, entry: Callable[[dict[
             callbacks=list(callbacks),
         ),
     )
+
+
+def torch_trainer_class() -> type:
+    """Ray's ``TorchTrainer`` without its placement-group cleaner (Ray Train v2).
+
+    The cleaner is a detached actor that asks Ray's state API whether the train controller still lives,
+    and removes the run's placement group when it hears it does not. Its state client finds "the" cluster
+    on its own (through /tmp/ray), so with a second Ray cluster on the machine (a test suite, a search
+    beside a training run, two users) it can ask the wrong cluster, hear "no such actor", and remove the
+    live run's placement group, whereupon Ray kills the workers ("Destroying worker since its placement
+    group was removed"). That killed a UTKFace run here when another process started a Ray. Without the
+    cleaner nothing leaks: a placement group is removed when the job that made it ends, and ours ends with
+    the training command.
+    """
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # a Ray without the cleaner
+        return TorchTrainer
+
+    class TorchTrainerWithoutCleaner(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            return [callback for callback in callbacks if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+    return TorchTrainerWithoutCleaner
 
 
 def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
