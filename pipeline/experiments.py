@@ -345,14 +345,14 @@ def train_arm(config_path: Path | None, overrides: Sequence[str], arm: Arm, seed
     return config.run_dir
 
 
-def split_metrics(report: Mapping[str, Any], split: str) -> dict[str, float]:
+def split_metrics(report: Mapping[str, Any], split: str) -> dict[str, int | float]:
     """``<split>/<task>/<metric>`` -> value of every numeric metric of a pipeline.evaluate report, named as
     metrics.parquet names the validation ones; a task without labels has none."""
-    return {f"{split}/{task}/{name}": float(value) for task, metrics in report["tasks"].items()
+    return {f"{split}/{task}/{name}": value for task, metrics in report["tasks"].items()
             for name, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
-def evaluate_best_model(run_dir: Path, split: str) -> dict[str, float]:
+def evaluate_best_model(run_dir: Path, split: str) -> dict[str, int | float]:
     """The run's best_model.pt on ``split`` of its own datasets (report in <run>/evaluation/<split>/)."""
     try:
         report, out_dir = evaluate_checkpoint(run_dir / BEST_MODEL_FILE, split, loader_workers=1, log=lambda line: None)
