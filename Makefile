@@ -25,6 +25,7 @@ bench: $(INSTALLED)
 	$(PY) bench/shard_throughput.py
 	$(PY) bench/loader_throughput.py
 	$(PY) bench/ddp_overhead.py
+	$(PY) bench/channels_last.py
 
 clean-shards:
 	find shards -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
