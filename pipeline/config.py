@@ -45,6 +45,8 @@ class ModelConfig:
     dropout: float = 0.3
     weights_path: str | None = None  # local backbone weights (torchvision state dict); never downloaded
     binary_outputs: int = 2  # 2 = two-way cross-entropy, 1 = BCE logit
+    # NHWC model and batches on every device: tensor cores on GPUs, oneDNN's NHWC kernels on CPUs
+    # (bench/channels_last.py, 2 cores: MobileNetV2 1.31x, ResNet-18 1.09x the NCHW training step)
     channels_last: bool = True
 
 

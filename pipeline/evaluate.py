@@ -33,7 +33,7 @@ import torch
 from pipeline.data import DataConfigError, EvalStream, ShardSet, eval_loader, open_shard_set
 from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, InferenceModel, choose_device,
                                 load_inference_model)
-from pipeline.loop import WorkerContext, evaluate_split, uses_channels_last
+from pipeline.loop import WorkerContext, evaluate_split
 from pipeline.metrics import MetricSums, TaskSums, per_class_accuracy
 from pipeline.schema import TaskSpec
 from pipeline.sources.base import SPLITS
@@ -276,7 +276,7 @@ def prepare_device(model: InferenceModel) -> None:
     """Run as training validates: all of this process's CPUs, and channels_last when the run used it."""
     if model.device.type == "cpu":
         torch.set_num_threads(local_cpu_count())
-    if uses_channels_last(model.config):
+    if model.config.model.channels_last:
         model.net.to(memory_format=torch.channels_last)
 
 
@@ -346,7 +346,7 @@ def evaluate_checkpoint(
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate the checkpoint at ``target`` on ``split`` of ``data_paths`` (default: its run's datasets),
     write metrics.json, metrics.md and the confusion PNGs to ``out_dir`` (default: :func:`default_output_dir`),
-    and return the report (as metrics.json holds it) and that folder.
+    and return the report (what metrics.json holds, plus ``written``: the files) and that folder.
 
     Raises :class:`CheckpointError`, :class:`DeviceError` or :class:`EvaluationError` for a target, device or
     data that cannot be evaluated."""
