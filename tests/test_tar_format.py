@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipeline.data import tar_samples
-from pipeline.tar_format import tar_end, tar_member_bytes, tar_members
+from pipeline.data import DataConfigError, tar_samples
+from pipeline.tar_format import TarFormatError, tar_end, tar_member_bytes, tar_members
 
 MEMBERS = [("a.jpg", b"x" * 700), ("a.json", b"{}"), ("k" * 150 + ".jpg", b"long name"), ("b.jpg", b"")]
 
@@ -46,10 +46,43 @@ def test_reader_agrees_with_tarfile_on_tarfiles_own_output(tmp_path: Path) -> No
     assert list(tar_members(buffer.getvalue(), "t.tar")) == MEMBERS
 
 
-def test_reader_groups_samples_and_names_a_truncated_shard(tmp_path: Path) -> None:
+SAMPLES = [("a.jpg", b"x" * 700), ("a.json", b"{}"), ("k" * 150 + ".jpg", b"long name"), ("k" * 150 + ".json", b"{}")]
+
+
+def write_sample_tar(path: Path) -> bytes:
+    data = b"".join(tar_member_bytes(name, payload) for name, payload in SAMPLES) + tar_end()
+    path.write_bytes(data)
+    return data
+
+
+def test_reader_groups_members_into_samples_by_key(tmp_path: Path) -> None:
     path = tmp_path / "t.tar"
-    data = write_tar(path)
-    assert [s["__key__"] for s in tar_samples([{"url": str(path)}])] == ["a", "k" * 150, "b"]
-    path.write_bytes(data[:1000])
-    with pytest.raises(ValueError, match="t.tar: truncated tar"):
+    write_sample_tar(path)
+    samples = list(tar_samples([{"url": str(path)}]))
+    assert [(s["__key__"], s["jpg"], s["json"]) for s in samples] == [("a", b"x" * 700, b"{}"), ("k" * 150, b"long name", b"{}")]
+
+
+@pytest.mark.parametrize(
+    ("cut", "where"),
+    [(512 * 3 + 100, "inside the header at byte 1536"),  # a.json's header, cut half way
+     (512 + 300, r"the member at byte 0 needs 700 bytes"),  # inside a.jpg's payload
+     (512 * 5, "before the end-of-archive marker")],  # at a sample boundary: the end blocks are missing
+)
+def test_a_cut_tar_is_named_truncated_with_the_byte_it_ends_at(tmp_path: Path, cut: int, where: str) -> None:
+    data = write_sample_tar(tmp_path / "t.tar")
+    with pytest.raises(TarFormatError, match=rf"t.tar is truncated at byte {cut} \({where}\)"):
+        list(tar_members(data[:cut], "t.tar"))
+
+
+def test_bytes_that_are_not_a_header_are_named_with_their_offset(tmp_path: Path) -> None:
+    data = bytearray(write_sample_tar(tmp_path / "t.tar"))
+    data[512 * 3 + 10] ^= 0xFF  # a byte of the name in a.json's header
+    with pytest.raises(TarFormatError, match="t.tar is damaged: the bytes at 1536 are not a tar header"):
+        list(tar_members(bytes(data), "t.tar"))
+
+
+def test_a_sample_without_its_json_member_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "t.tar"
+    path.write_bytes(tar_member_bytes("a.jpg", b"x") + tar_end())
+    with pytest.raises(DataConfigError, match="t.tar: sample 'a' has no .json member"):
         list(tar_samples([{"url": str(path)}]))
