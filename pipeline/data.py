@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import webdataset as wds
@@ -33,7 +34,7 @@ from torchvision.transforms.v2 import functional as transforms_functional
 
 from pipeline.config import AugmentConfig
 from pipeline.schema import get_task
-from pipeline.tar_format import tar_members
+from pipeline.tar_format import TarFormatError, tar_members
 
 # torchvision 0.29 deprecates its JPEG decoder in favour of torchcodec; it is still ~2x faster than Pillow
 # for our small crops (bench/loader_throughput.py), so we keep it until torchcodec is a dependency.
@@ -44,33 +45,40 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DataConfigError(ValueError):
-    """Datasets and tasks that cannot be combined into a training stream."""
+    """Shard folders that cannot be read, or datasets and tasks that cannot be combined into a training stream;
+    the message names the file or dataset and what is wrong."""
 
 
 # ---------------------------------------------------------------- shard folders
 
+SUMMARY_FILE = "summary.json"
+MANIFEST_FILE = "manifest.parquet"
+SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
+SHARD_HINT = "run the python -m pipeline.shard command that wrote it again (it writes only missing shards)"
+
 
 @dataclass(frozen=True)
 class ShardSet:
-    """One dataset as ``pipeline.shard`` wrote it: its wids indices and its summary."""
+    """One dataset as ``pipeline.shard`` wrote it: its summary and, per split, its shards as the wids index
+    lists them (``url`` as a path, ``nsamples``, ``filesize``, ``index``: the index file's name)."""
 
     name: str
     root: Path
     summary: dict
+    shard_index: dict[str, list[dict]]
+
+    def shards(self, split: str) -> list[dict]:
+        return self.shard_index.get(split, [])
 
     def urls(self, split: str) -> list[str]:
-        index_path = self.root / f"{split}.json"
-        if not index_path.exists():
-            return []
-        index = json.loads(index_path.read_text())
-        return [str(self.root / entry["url"]) for entry in index["shardlist"]]
+        return [shard["url"] for shard in self.shards(split)]
 
     def num_samples(self, split: str) -> int:
         return int(self.summary["samples_per_split"].get(split, 0))
 
     def labels(self, task: str, split: str = "train") -> list[float]:
         """A task's non-null labels in a split, read from the manifest's label column only."""
-        table = pq.read_table(self.root / "manifest.parquet", columns=["split", task], filters=[("split", "=", split)])
+        table = pq.read_table(self.root / MANIFEST_FILE, columns=["split", task], filters=[("split", "=", split)])
         return [v for v in table.column(task).to_pylist() if v is not None]
 
     def label_mean(self, task: str, split: str = "train") -> tuple[float, int]:
@@ -86,12 +94,106 @@ class ShardSet:
 
 
 def open_shard_set(path: str | Path) -> ShardSet:
+    """Open a shard folder and check it before anything reads a sample: summary, manifest and wids indices
+    parse, the indices count the samples the summary counts, and every tar has the byte size its index records.
+
+    Only ``stat`` touches the tars (cheap for any number of shards); their sample counts are checked as they
+    are read (:func:`tar_samples`). Raises :class:`DataConfigError` naming the file and what is wrong.
+    """
     root = Path(path)
-    summary_path = root / "summary.json"
+    summary_path = root / SUMMARY_FILE
     if not summary_path.exists():
-        raise DataConfigError(f"{root} is not a shard folder (no summary.json); create it with python -m pipeline.shard")
-    summary = json.loads(summary_path.read_text())
-    return ShardSet(summary["dataset"], root, summary)
+        raise DataConfigError(f"{root} is not a shard folder (no {SUMMARY_FILE}); create it with python -m pipeline.shard")
+    summary = _read_json(summary_path, root)
+    _check_summary(summary, summary_path, root)
+    _check_manifest(root, summary)
+    shard_index = {split: _read_shard_index(root, split, count) for split, count in summary["samples_per_split"].items()}
+    return ShardSet(summary["dataset"], root, summary, shard_index)
+
+
+def _metadata_hint(root: Path) -> str:
+    """How to rewrite a folder's summary, manifest and indices: merge rebuilds them from ``_parts/``."""
+    return f"rebuild it with python -m pipeline.shard merge {root}" if (root / "_parts").is_dir() else \
+        "shard the dataset again with python -m pipeline.shard"
+
+
+def _read_json(path: Path, root: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataConfigError(f"{path} is missing; {_metadata_hint(root)}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataConfigError(f"{path} cannot be read ({error}); {_metadata_hint(root)}") from None
+    except json.JSONDecodeError as error:
+        raise DataConfigError(f"{path} is not valid JSON ({error}); {_metadata_hint(root)}") from None
+
+
+def _check_summary(summary: object, path: Path, root: Path) -> None:
+    """The fields readers use: dataset (text), samples_per_split (split -> count), labelled_per_task."""
+    if not isinstance(summary, dict):
+        raise DataConfigError(f"{path} holds a {type(summary).__name__}, not a summary object; {_metadata_hint(root)}")
+    missing = [key for key in ("dataset", "samples_per_split", "labelled_per_task") if key not in summary]
+    if missing:
+        raise DataConfigError(f"{path} lacks {', '.join(missing)}; {_metadata_hint(root)}")
+    counts, coverage = summary["samples_per_split"], summary["labelled_per_task"]
+    well_formed = (
+        isinstance(summary["dataset"], str)
+        and isinstance(counts, dict) and all(isinstance(n, int) and n >= 0 for n in counts.values())
+        and isinstance(coverage, dict) and all(isinstance(per_split, dict) for per_split in coverage.values())
+    )
+    if not well_formed:
+        raise DataConfigError(f"{path} is malformed (dataset must be text, samples_per_split split -> count, "
+                              f"labelled_per_task task -> split -> count); {_metadata_hint(root)}")
+
+
+def _check_manifest(root: Path, summary: dict) -> None:
+    """The manifest is a Parquet file with the columns readers take labels from (its footer only is read)."""
+    manifest_path = root / MANIFEST_FILE
+    try:
+        columns = pq.read_schema(manifest_path).names
+    except FileNotFoundError:
+        raise DataConfigError(f"{manifest_path} is missing; {_metadata_hint(root)}") from None
+    except (pa.ArrowException, OSError) as error:
+        raise DataConfigError(f"{manifest_path} is not a readable Parquet file ({error}); {_metadata_hint(root)}") from None
+    missing = [column for column in ("split", *summary["labelled_per_task"]) if column not in columns]
+    if missing:
+        raise DataConfigError(f"{manifest_path} has no column {', '.join(missing)}; {_metadata_hint(root)}")
+
+
+def _read_shard_index(root: Path, split: str, expected_samples: int) -> list[dict]:
+    """A split's wids index, checked against the summary's count and each tar's size on disk."""
+    index_path = root / f"{split}.json"
+    if not index_path.exists():
+        raise DataConfigError(f"no {SPLIT_WORDS.get(split, split)} split in {root}: {index_path.name} is missing, though "
+                              f"{SUMMARY_FILE} counts {expected_samples} {split} samples; {_metadata_hint(root)}")
+    index = _read_json(index_path, root)
+    try:
+        shards = [{"url": str(root / entry["url"]), "nsamples": int(entry["nsamples"]), "filesize": int(entry["filesize"]),
+                   "index": index_path.name} for entry in index["shardlist"]]
+    except (KeyError, TypeError, ValueError):
+        raise DataConfigError(f"{index_path} is not a wids shard index (a shardlist of url, nsamples, filesize); "
+                              f"{_metadata_hint(root)}") from None
+    indexed = sum(shard["nsamples"] for shard in shards)
+    if indexed != expected_samples:
+        raise DataConfigError(f"{index_path} lists {indexed} samples, {SUMMARY_FILE} counts {expected_samples}; "
+                              f"{_metadata_hint(root)}")
+    for shard in shards:
+        try:
+            size = Path(shard["url"]).stat().st_size
+        except FileNotFoundError:
+            raise DataConfigError(f"{shard['url']} is missing (listed in {index_path}); {SHARD_HINT}") from None
+        check_shard_size(shard, size)
+    return shards
+
+
+def check_shard_size(shard: Mapping[str, object], size: int) -> None:
+    """A tar must have the byte size its index records: shorter is a truncated copy, longer a changed one."""
+    if size < shard["filesize"]:
+        raise DataConfigError(f"{shard['url']} is truncated at byte {size}: {shard['index']} records {shard['filesize']} "
+                              f"bytes; delete it and {SHARD_HINT}")
+    if size > shard["filesize"]:
+        raise DataConfigError(f"{shard['url']} has {size} bytes, {shard['index']} records {shard['filesize']}: it changed "
+                              f"after sharding; delete it and {SHARD_HINT}")
 
 
 def resolve_tasks(shard_sets: Sequence[ShardSet], requested: Sequence[str]) -> list[str]:
@@ -112,6 +214,10 @@ def resolve_tasks(shard_sets: Sequence[ShardSet], requested: Sequence[str]) -> l
 def check_validation_labels(shard_sets: Sequence[ShardSet], tasks: Sequence[str]) -> None:
     """Every task needs labelled validation samples: its validation loss drives Early Freeze and the
     choice of the best model, and a task without one would make the total validation loss NaN."""
+    if not any(s.shards("val") for s in shard_sets):
+        folders = ", ".join(str(s.root) for s in shard_sets)
+        raise DataConfigError(f"no validation split in {folders}; shard one (pipeline.shard --val-fraction, or the "
+                              "dataset's published protocol) or add a dataset that has one")
     for task in tasks:
         if not any(s.labelled_fraction(task, "val") > 0 for s in shard_sets):
             names = ", ".join(s.name for s in shard_sets)
@@ -252,28 +358,53 @@ def normalize_images(images: torch.Tensor, channels_last: bool = False) -> torch
 # ---------------------------------------------------------------- reading tars
 
 
-def tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
-    """webdataset pipeline stage: shard urls -> samples ``{"__key__", "__url__", "jpg", "json"}``.
+SAMPLE_MEMBERS = ("jpg", "json")
 
-    Members are grouped by key (the file name up to its first dot), as webdataset does.
+
+def tar_samples(shards: Iterable[Mapping[str, object]]) -> Iterator[dict]:
+    """webdataset pipeline stage: shards -> samples ``{"__key__", "__url__", "jpg", "json"}``.
+
+    A shard is ``{"url"}``, or an entry of :attr:`ShardSet.shard_index`, whose recorded byte size and sample
+    count the tar must then have. Members are grouped by key (the file name up to its first dot), as
+    webdataset does. A tar that is truncated, damaged or disagrees with its index raises
+    :class:`DataConfigError` naming the file.
     """
     for shard in shards:
-        url = shard["url"]
+        url = str(shard["url"])
         with open(url, "rb") as handle:
             data = handle.read()
+        if "filesize" in shard:
+            check_shard_size(shard, len(data))
+        count = 0
         sample: dict = {}
-        for name, payload in tar_members(data, url):
-            directory, _, base = name.rpartition("/")
-            key, _, suffix = base.partition(".")
-            key = f"{directory}/{key}" if directory else key
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            if not sample:
-                sample = {"__key__": key, "__url__": url}
-            sample[suffix] = payload
+        try:
+            for name, payload in tar_members(data, url):
+                directory, _, base = name.rpartition("/")
+                key, _, suffix = base.partition(".")
+                key = f"{directory}/{key}" if directory else key
+                if sample and sample["__key__"] != key:
+                    yield _complete_sample(sample)
+                    count += 1
+                    sample = {}
+                if not sample:
+                    sample = {"__key__": key, "__url__": url}
+                sample[suffix] = payload
+        except TarFormatError as error:
+            raise DataConfigError(f"{error}; delete it and {SHARD_HINT}") from None
         if sample:
-            yield sample
+            yield _complete_sample(sample)
+            count += 1
+        if "nsamples" in shard and count != shard["nsamples"]:
+            raise DataConfigError(f"{url} holds {count} samples, {shard['index']} records {shard['nsamples']}; "
+                                  f"delete it and {SHARD_HINT}")
+
+
+def _complete_sample(sample: dict) -> dict:
+    missing = [suffix for suffix in SAMPLE_MEMBERS if suffix not in sample]
+    if missing:
+        raise DataConfigError(f"{sample['__url__']}: sample {sample['__key__']!r} has no "
+                              f"{' or '.join('.' + suffix for suffix in missing)} member; delete it and {SHARD_HINT}")
+    return sample
 
 
 # ---------------------------------------------------------------- training stream
@@ -295,9 +426,9 @@ class TaskBalancedStream(IterableDataset):
         rank: int = 0,
         epoch: int = 0,
     ) -> None:
-        self.sources = [(s.name, s.urls("train")) for s in shard_sets if quotas.get(s.name, 0) > 0]
-        for name, urls in self.sources:
-            if not urls:
+        self.sources = [(s.name, s.shards("train")) for s in shard_sets if quotas.get(s.name, 0) > 0]
+        for name, shards in self.sources:
+            if not shards:
                 raise DataConfigError(f"dataset {name!r} has no train shards")
         self.quotas = dict(quotas)
         self.tasks = list(tasks)
@@ -305,11 +436,12 @@ class TaskBalancedStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.rank, self.epoch = seed, rank, epoch
 
-    def _samples(self, name: str, urls: list[str], worker: int) -> Iterator[dict]:
+    def _samples(self, name: str, shards: list[dict], worker: int) -> Iterator[dict]:
         seed = stream_seed(self.seed, self.rank, worker, self.epoch, name)
+        by_url = {shard["url"]: shard for shard in shards}
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(urls, seed=seed, worker_seed=lambda: 0, deterministic=True),
-            tar_samples,
+            wds.ResampledShards(list(by_url), seed=seed, worker_seed=lambda: 0, deterministic=True),
+            lambda picked: tar_samples(by_url[pick["url"]] for pick in picked),  # with its index entry, to check
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed),
         )
         return iter(pipeline)
@@ -317,7 +449,8 @@ class TaskBalancedStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info else 0
-        streams = [(index, self.quotas[name], self._samples(name, urls, worker)) for index, (name, urls) in enumerate(self.sources)]
+        streams = [(index, self.quotas[name], self._samples(name, shards, worker))
+                   for index, (name, shards) in enumerate(self.sources)]
         while True:
             images, targets, masks, sources = [], [], [], []
             for source_index, quota, stream in streams:
@@ -356,7 +489,7 @@ class EvalStream(IterableDataset):
 
     def __init__(self, shard_sets: Sequence[ShardSet], split: str, tasks: Sequence[str], image_size: int,
                  rank: int = 0, world_size: int = 1) -> None:
-        self.sources = [(s.name, s.urls(split)) for s in shard_sets]
+        self.sources = [(s.name, s.shards(split)) for s in shard_sets]
         self.tasks, self.image_size = list(tasks), image_size
         self.rank, self.world_size = rank, world_size
 
@@ -364,9 +497,9 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         readers, reader = self.world_size * workers, self.rank * workers + worker
-        for source_index, (_, urls) in enumerate(self.sources):
+        for source_index, (_, shards) in enumerate(self.sources):
             position = 0
-            for sample in wds.DataPipeline(wds.SimpleShardList(urls), tar_samples) if urls else ():
+            for sample in tar_samples(shards):
                 mine = position % readers == reader
                 position += 1
                 if not mine:

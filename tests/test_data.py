@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from pipeline.data import (
     tar_samples,
     train_loader,
 )
+from pipeline.tar_format import tar_end, tar_member_bytes
 
 TASKS = ["age", "gender", "race", "smile", "young", "emotion"]
 DISJOINT = {"utk": {"age": 1, "gender": 1, "race": 1}, "fer": {"emotion": 1}, "celeba": {"gender": 1, "smile": 1, "young": 1}}
@@ -97,6 +99,29 @@ def test_validation_reads_every_sample_exactly_once_across_two_ranks_and_two_wor
         for batch in loader:
             keys.extend(batch["key"])
     assert len(keys) == expected and len(set(keys)) == expected
+
+
+def test_reading_a_shard_checks_its_size_and_sample_count_against_its_index_entry(tmp_path: Path) -> None:
+    tar = tmp_path / "val-000000.tar"
+    tar.write_bytes(b"".join(tar_member_bytes(f"s{i}.{suffix}", b"{}") for i in range(2) for suffix in ("jpg", "json"))
+                    + tar_end())
+    entry = {"url": str(tar), "nsamples": 2, "filesize": tar.stat().st_size, "index": "val.json"}
+    assert [s["__key__"] for s in tar_samples([entry])] == ["s0", "s1"]
+    with pytest.raises(DataConfigError, match=f"{tar} holds 2 samples, val.json records 3"):
+        list(tar_samples([{**entry, "nsamples": 3}]))
+    with pytest.raises(DataConfigError, match=f"{tar} is truncated at byte {entry['filesize']}: val.json records"):
+        list(tar_samples([{**entry, "filesize": entry["filesize"] + 512}]))
+
+
+def test_validation_stream_stops_at_a_damaged_shard_naming_it(synthetic_shards: dict[str, Path], tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(synthetic_shards["fer"], tmp_path / "fer"))
+    tar = folder / "val-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[3] ^= 0xFF  # in the first member's name: the size is unchanged, so only reading finds it
+    shard_set = open_shard_set(folder)
+    tar.write_bytes(bytes(data))
+    with pytest.raises(DataConfigError, match=f"{tar} is damaged: the bytes at 0 are not a tar header"):
+        list(EvalStream([shard_set], "val", ["emotion"], 32))
 
 
 def test_augment_batch_is_seeded_keeps_shape_and_is_the_identity_when_off() -> None:
