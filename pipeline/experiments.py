@@ -63,7 +63,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.config import ConfigError, TrainConfig, load_config, to_dict, with_absolute_paths
+from pipeline.config import (
+    ConfigError, TrainConfig, config_differences, describe_differences, load_config, to_dict, with_absolute_paths,
+)
 from pipeline.data import DataConfigError, ShardSet, open_shard_set, resolve_tasks
 from pipeline.evaluate import EvaluationError, evaluate_checkpoint
 from pipeline.freeze import MODES as FREEZE_MODES
@@ -81,8 +83,6 @@ LAMBDA_GRID = (0.001, 0.01, 0.1, 1.0)  # thesis Table 5.5
 # The row every other row's Δm is measured against.
 BASELINE_ROW = {"mtl-vs-single": "single-task", "weighting": "equal", "freeze": "early-stop", "lambda": "λ=0.1"}
 LOWER_IS_BETTER = frozenset({"mae", "rmse"})
-# Keys an arm's run may change without becoming another experiment: a longer run resumes the same one.
-RESUMABLE_KEYS = frozenset({"max_epochs"})
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.parquet", "table.md", "plot.png"
 SPLIT_CHOICES = ("val", "test")
 SPLIT_NAMES = {"val": "validation", "test": "test"}
@@ -163,22 +163,6 @@ def run_is_finished(rows: Sequence[Mapping[str, Any]], max_epochs: int) -> bool:
     tasks = {key.split("/")[1] for key in last if key.startswith("val/") and key.endswith("/loss")}
     done = last.get("freeze/frozen_tasks") or "[]"
     return bool(tasks) and tasks <= set(json.loads(done) if isinstance(done, str) else done)
-
-
-def config_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any], ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
-    """Dotted keys whose values differ between two config mappings (nested sections compared key by key)."""
-    def flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-        items: dict[str, Any] = {}
-        for key, value in mapping.items():
-            if isinstance(value, Mapping) and value:
-                items |= flat(value, f"{prefix}{key}.")
-            else:
-                items[f"{prefix}{key}"] = value
-        return items
-
-    saved_flat, wanted_flat = flat(saved), flat(wanted)
-    keys = sorted(set(saved_flat) | set(wanted_flat))
-    return [key for key in keys if key not in ignore and saved_flat.get(key) != wanted_flat.get(key)]
 
 
 # ---------------------------------------------------------------- aggregation and Δm (pure)
@@ -321,9 +305,11 @@ def check_run_folder(config: TrainConfig) -> None:
     saved_path = config.run_dir / CONFIG_FILE
     if not saved_path.exists():
         return
-    differences = config_differences(yaml.safe_load(saved_path.read_text()) or {}, to_dict(config))
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    differences = config_differences(saved, to_dict(config))
     if differences:
-        raise ExperimentError(f"{config.run_dir} was trained with another config (differs in {', '.join(differences)}); "
+        raise ExperimentError(f"{config.run_dir} was trained with another config "
+                              f"({describe_differences(saved, to_dict(config), differences)}); "
                               "use another --name for this experiment or delete that run folder")
 
 

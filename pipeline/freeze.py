@@ -298,12 +298,28 @@ class SnapshotStore:
         for epoch in [e for e in self._snapshots if e not in needed_epochs]:
             del self._snapshots[epoch]
 
-    def state_dict(self) -> dict[str, Any]:
-        """Tensors inside: for ``torch.save`` with the checkpoint, not for JSON."""
-        return {"snapshots": dict(self._snapshots)}
+    def state_dict(self, share_with: Mapping[str, torch.Tensor] | None = None, prefix: str = "") -> dict[str, Any]:
+        """Tensors inside: for ``torch.save`` with the checkpoint, not for JSON.
+
+        A snapshot tensor equal to ``share_with[prefix + name]`` (the model's current state, saved beside)
+        is replaced by that tensor, so that ``torch.save`` stores its bytes once: the snapshot of the epoch
+        just validated, and frozen parameters, are the current weights.
+        """
+        share_with = share_with or {}
+        shared = {}
+        for epoch, snapshot in self._snapshots.items():
+            shared[epoch] = {}
+            for name, tensor in snapshot.items():
+                current = share_with.get(prefix + name)
+                same = current is not None and current.dtype == tensor.dtype and current.shape == tensor.shape \
+                    and torch.equal(current.detach().cpu(), tensor)
+                shared[epoch][name] = current if same else tensor
+        return {"snapshots": shared}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._snapshots = {int(epoch): dict(snapshot) for epoch, snapshot in state["snapshots"].items()}
+        # Copies on the CPU: a tensor shared with the saved model state must not follow the live model.
+        self._snapshots = {int(epoch): {name: tensor.detach().to("cpu", copy=True) for name, tensor in snapshot.items()}
+                           for epoch, snapshot in state["snapshots"].items()}
 
 
 def apply_decision(model: nn.Module, decision: FreezeDecision, store: SnapshotStore) -> None:

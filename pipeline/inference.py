@@ -2,9 +2,9 @@
 
 Shared by ``python -m pipeline.evaluate`` and ``python -m pipeline.predict``. A path may name
 
-    runs/demo                          a run folder: its best_model.pt, else its checkpoint.pt (a --local run),
-                                       else the newest readable checkpoint_*/checkpoint.pt (a Ray Train run)
-    runs/demo/checkpoint_2025-...      a Ray checkpoint folder: its checkpoint.pt
+    runs/demo                          a run folder: its best_model.pt, else its checkpoint.pt (older --local
+                                       runs), else the newest readable checkpoint_*/checkpoint.pt
+    runs/demo/checkpoint_2025-...      a checkpoint folder: its checkpoint.pt
     runs/demo/best_model.pt            a checkpoint file, as given
 
 Reading runs no code from the file (``torch.load(weights_only=True)``), and every way a path can fail to
@@ -25,13 +25,13 @@ from pipeline.config import ConfigError, TrainConfig, load_config_dict
 from pipeline.loop import MultiTaskObjective, resolve_device, weighting_options
 from pipeline.losses import build_weighting
 from pipeline.model import MultiTaskNet, describe_state_mismatch
-from pipeline.run_records import BEST_MODEL_FILE, CHECKPOINT_FILE
+from pipeline.run_records import BEST_MODEL_FILE, CHECKPOINT_FILE, checkpoint_folders
 from pipeline.schema import TaskSpec, get_task
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 CPU = torch.device("cpu")
 REQUIRED_KEYS = ("objective", "config", "tasks")  # what best_model.pt and checkpoint.pt both hold
-RAY_CHECKPOINTS = f"checkpoint_*/{CHECKPOINT_FILE}"  # Ray Train names the folders by time: newest sorts last
+RAY_CHECKPOINTS = f"checkpoint_*/{CHECKPOINT_FILE}"
 
 
 class CheckpointError(Exception):
@@ -108,7 +108,7 @@ def checkpoint_candidates(target: Path) -> list[Path]:
     for name in (BEST_MODEL_FILE, CHECKPOINT_FILE):
         if (target / name).is_file():
             return [target / name]
-    ray_checkpoints = sorted(target.glob(RAY_CHECKPOINTS), key=lambda path: path.parent.name, reverse=True)
+    ray_checkpoints = [folder / CHECKPOINT_FILE for folder in checkpoint_folders(target)]
     if not ray_checkpoints:
         raise CheckpointError(
             f"{target} holds no {BEST_MODEL_FILE}, {CHECKPOINT_FILE} or {RAY_CHECKPOINTS}: pass a run folder, "
@@ -185,10 +185,10 @@ def build_objective(config: TrainConfig, tasks: list[TaskSpec]) -> MultiTaskObje
 
 def load_objective_weights(path: Path, objective: MultiTaskObjective, state: Mapping[str, Any]) -> None:
     """Load ``state`` strictly; keys or shapes that do not fit are listed in the error."""
-    problems = describe_state_mismatch(objective.state_dict(), state)
-    if problems:
-        raise CheckpointError(f"{path}: weights do not fit the model its config describes: " + "; ".join(problems))
     try:
-        objective.load_state_dict(state, strict=True)
-    except RuntimeError as error:  # values that are not tensors
+        objective.load_state_dict(state, strict=True)  # the loss weighting also reads older checkpoints' layout
+    except RuntimeError as error:
+        problems = describe_state_mismatch(objective.state_dict(), state)
+        if problems:
+            raise CheckpointError(f"{path}: weights do not fit the model its config describes: " + "; ".join(problems)) from None
         raise CheckpointError(f"{path}: weights cannot be loaded: {' '.join(str(error).split())}") from None

@@ -16,16 +16,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.config import TrainConfig, to_dict
+from pipeline.config import TrainConfig, config_differences, describe_differences, to_dict
 from pipeline.data import (
     EvalStream,
     ShardSet,
@@ -57,17 +59,22 @@ class MultiTaskObjective(nn.Module):
         super().__init__()
         self.net, self.weighting, self.tasks = net, weighting, list(tasks)
         self.age_scale, self.regression_loss = config.loss.age_scale, config.loss.regression_loss
+        # DDP expects a gradient for every trainable parameter at every step; one process does not, and
+        # there an absent task's head and loss weight get no gradient at all (so Adam leaves them alone).
+        self.every_parameter_in_graph = False
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, loss_tasks: Sequence[str]):
         outputs = self.net(images)
         task_losses = masked_task_losses(outputs, labels, mask, self.tasks, self.age_scale, self.regression_loss)
         contributing = {t: loss for t, loss in task_losses.items() if t in loss_tasks}
         total = self.weighting.combine(contributing)
-        # Heads without a labelled sample in this batch still join the graph with weight 0, so DDP sees
-        # a gradient (zero) for every trainable parameter and needs no find_unused_parameters.
-        idle = [outputs[t].sum() * 0.0 for t in outputs if t not in contributing and outputs[t].requires_grad]
-        if idle:
-            total = total + torch.stack(idle).sum()
+        if self.every_parameter_in_graph:
+            # Under DDP, heads and loss weights of tasks without a labelled sample in this batch join the
+            # graph with weight 0: a zero gradient, and no find_unused_parameters.
+            idle = [outputs[t].sum() * 0.0 for t in outputs if t not in contributing and outputs[t].requires_grad]
+            idle += [p.sum() * 0.0 for p in self.weighting.parameters() if p.requires_grad]
+            if idle:
+                total = total + torch.stack(idle).sum()
         return total, task_losses, outputs
 
 
@@ -122,8 +129,17 @@ class RunState:
     """Everything a resumed run needs besides the modules' weights."""
 
     epoch: int = 0  # next epoch to run
+    step: int = 0  # optimizer steps taken
     best_total_val_loss: float = math.inf
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_epoch_rngs(seed: int, rank: int, epoch: int) -> None:
+    """Torch (CPU and CUDA), numpy and Python RNGs at the start of an epoch, from (seed, rank, epoch) alone:
+    dropout differs between ranks, and a run resumed at an epoch boundary draws exactly what it would have."""
+    torch.manual_seed(stream_seed(seed, rank, epoch, "torch"))
+    np.random.seed(stream_seed(seed, rank, epoch, "numpy") % 2**32)
+    random.seed(stream_seed(seed, rank, epoch, "python"))
 
 
 def build_optimizer(objective: MultiTaskObjective, config: TrainConfig) -> torch.optim.Optimizer:
@@ -160,11 +176,11 @@ def train_one_epoch(
     context: WorkerContext,
     config: TrainConfig,
     augment_generator: torch.Generator,
+    grad_scaler: torch.amp.GradScaler,
 ) -> dict[str, float]:
     """``steps`` optimizer steps; returns mean task losses, labelled examples per batch and images/s."""
     model.train()
     amp_dtype = autocast_dtype(config, context.device)
-    grad_scaler = torch.amp.GradScaler(context.device.type, enabled=amp_dtype == torch.float16)
     loss_sum = {t.name: 0.0 for t in tasks}
     loss_batches = {t.name: 0 for t in tasks}
     labelled = torch.zeros(len(tasks))
@@ -262,13 +278,22 @@ def prepare(config: TrainConfig, world_size: int) -> TrainingSetup:
 Reporter = Callable[[dict[str, Any], dict[str, Any]], None]  # (metrics, checkpoint payload) -> None
 
 
+class ResumeError(ValueError):
+    """A checkpoint this run cannot continue from: another config, or state that does not fit."""
+
+
 def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, resume: dict[str, Any] | None = None) -> RunState:
     """Train until every task is frozen/stopped or ``max_epochs``; ``report`` is called once per epoch."""
-    torch.manual_seed(config.seed)
+    if resume is not None:
+        differences = config_differences(resume["config"], to_dict(config))
+        if differences:
+            raise ResumeError(f"the checkpoint was written under another config: "
+                              f"{describe_differences(resume['config'], to_dict(config), differences)}")
     setup = prepare(config, context.world_size)
     if context.rank == 0:
         print(setup.description, flush=True)
         print(f"{setup.steps_per_epoch} steps per epoch, {context.world_size} worker(s), device {context.device}", flush=True)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     net = MultiTaskNet(
         setup.tasks, config.model.backbone, config.model.shared_dims, config.model.head_hidden, config.model.dropout,
         config.model.weights_path, config.model.binary_outputs,
@@ -277,16 +302,22 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
     for task, mean in setup.regression_means.items():
         net.set_output_bias(task, mean / config.loss.age_scale)
     objective = MultiTaskObjective(net, weighting, setup.tasks, config).to(context.device)
+    objective.every_parameter_in_graph = context.distributed
     if config.model.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
     freezer = EarlyFreeze([t.name for t in setup.tasks], config.freeze.patience, config.freeze.min_delta, config.freeze.mode)
     snapshots = SnapshotStore()
+    grad_scaler = torch.amp.GradScaler(context.device.type, enabled=autocast_dtype(config, context.device) == torch.float16)
     state = RunState()
     if resume is not None:
         objective.load_state_dict(resume["objective"])
         freezer.load_state_dict(resume["freeze"])
         snapshots.load_state_dict(resume["snapshots"])
-        net.apply_frozen_parts(resume["frozen_parts"])  # before the optimizer: it holds trainable parameters only
+        # Before the optimizer, which holds trainable parameters only.
+        net.apply_frozen_parts(resume["frozen_parts"])
+        for task in (*freezer.frozen_tasks, *freezer.stopped_tasks):
+            weighting.freeze_task(task)
+        grad_scaler.load_state_dict(resume["grad_scaler"])
         state = RunState(**resume["run_state"])
     optimizer = build_optimizer(objective, config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -303,6 +334,7 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
 
     while state.epoch < config.max_epochs and not freezer.all_done:
         epoch = state.epoch
+        seed_epoch_rngs(config.seed, context.rank, epoch)
         stream = TaskBalancedStream(
             setup.shard_sets, setup.quotas, [t.name for t in setup.tasks], config.data.image_size,
             config.data.shuffle_buffer, config.seed, context.rank, epoch,
@@ -312,9 +344,11 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
         started = time.perf_counter()
         metrics: dict[str, Any] = {"epoch": epoch}
         metrics |= train_one_epoch(
-            model, batches, setup.steps_per_epoch, optimizer, setup.tasks, freezer.loss_tasks(), context, config, augment_generator
+            model, batches, setup.steps_per_epoch, optimizer, setup.tasks, freezer.loss_tasks(), context, config,
+            augment_generator, grad_scaler,
         )
         del batches
+        state.step += setup.steps_per_epoch
         val = evaluate_split(net, val_loader, setup.tasks, context, config)
         val_loss_by_task = {task: values["loss"] for task, values in val.items()}
         total_val_loss = sum(val_loss_by_task.values())
@@ -329,6 +363,7 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
             snapshots.put(epoch, net, freezer)
         for decision in decisions:
             apply_decision(net, decision, snapshots)
+            weighting.freeze_task(decision.task)
         if decisions:
             optimizer = rebuild_optimizer(optimizer, objective, config)
             scheduler.optimizer = optimizer
@@ -350,16 +385,20 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
         state.epoch = epoch + 1
         if context.rank == 0:
             print(format_epoch_line(metrics, setup.tasks), flush=True)
+        objective_state = objective.state_dict()
         report(
             metrics,
             {
-                "objective": objective.state_dict(),
+                "objective": objective_state,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "grad_scaler": grad_scaler.state_dict(),
                 "freeze": freezer.state_dict(),
-                "snapshots": snapshots.state_dict(),
+                # Tensors equal to the current weights are saved once (torch.save stores a storage once).
+                "snapshots": snapshots.state_dict(share_with=objective_state, prefix="net."),
                 "frozen_parts": net.frozen_parts(),
-                "run_state": {"epoch": state.epoch, "best_total_val_loss": state.best_total_val_loss, "history": state.history},
+                "run_state": {"epoch": state.epoch, "step": state.step, "best_total_val_loss": state.best_total_val_loss,
+                              "history": state.history},
                 "config": to_dict(config),
                 "tasks": [t.name for t in setup.tasks],
                 "is_best": is_best,

@@ -10,6 +10,7 @@ subclass, registered by name in :data:`WEIGHTINGS`; :func:`build_weighting` pick
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -76,7 +77,8 @@ class LossWeighting(nn.Module):
     """Combines per-task losses into the loss to backpropagate; learnable weightings hold ``nn.Parameter``s.
 
     Only tasks present in ``task_losses`` contribute to :meth:`combine`; an absent task (no labelled
-    sample in the batch, or frozen) neither adds a term nor changes the weights of the others.
+    sample in the batch, or frozen) neither adds a term nor changes the weights of the others, and its
+    parameters take no part in the graph (no gradient at all).
     """
 
     def __init__(self, task_names: Sequence[str]) -> None:
@@ -95,12 +97,23 @@ class LossWeighting(nn.Module):
         """Current weight of every task, for logging."""
         raise NotImplementedError
 
-    def task_positions(self, task_losses: Mapping[str, Tensor]) -> list[int]:
-        """Index in ``task_names`` of every task in ``task_losses``; an unknown task is an error."""
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """The parameters that belong to ``task`` alone (none for weightings without parameters)."""
+        return []
+
+    def freeze_task(self, task: str) -> None:
+        """``task`` has stopped training (Early Freeze / Early Stop): its parameters stop training too."""
+        for parameter in self.task_parameters(task):
+            parameter.requires_grad_(False)
+
+    def is_frozen(self, task: str) -> bool:
+        return any(not parameter.requires_grad for parameter in self.task_parameters(task))
+
+    def check_tasks(self, task_losses: Mapping[str, Tensor]) -> None:
+        """An unknown task is an error."""
         unknown = [task for task in task_losses if task not in self.task_names]
         if unknown:
             raise KeyError(f"losses for unknown tasks {unknown}; the weighting knows {list(self.task_names)}")
-        return [self.task_names.index(task) for task in task_losses]
 
 
 class ConstantWeighting(LossWeighting):
@@ -111,7 +124,7 @@ class ConstantWeighting(LossWeighting):
         self.weight_by_task = {task: float(weight_by_task.get(task, 0.0)) for task in self.task_names}
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
-        self.task_positions(task_losses)
+        self.check_tasks(task_losses)
         total = self.zero.clone()
         for task, loss in task_losses.items():
             # Zero-weight tasks are skipped, not multiplied by 0, so that one-hot weights give exactly
@@ -146,45 +159,80 @@ class FixedWeighting(ConstantWeighting):
         super().__init__(task_names, weights)
 
 
-class LearnedWeighting(LossWeighting):
+class PerTaskParameterWeighting(LossWeighting):
+    """A weighting with one learnable scalar per task, kept apart so that a task's scalar can be frozen,
+    dropped from the optimizer and left out of the graph when the task is absent."""
+
+    def __init__(self, task_names: Sequence[str], attribute: str, initial: Tensor) -> None:
+        super().__init__(task_names)
+        self._attribute = attribute
+        setattr(self, attribute, nn.ParameterDict(
+            {task: nn.Parameter(value.clone()) for task, value in zip(self.task_names, initial)}))
+
+    @property
+    def scalars(self) -> nn.ParameterDict:
+        return getattr(self, self._attribute)
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return [self.scalars[task]]
+
+    def present_scalars(self, task_losses: Mapping[str, Tensor]) -> Tensor:
+        """The present tasks' scalars, stacked in the order of ``task_losses``."""
+        self.check_tasks(task_losses)
+        return torch.stack([self.scalars[task] for task in task_losses])
+
+    def training_tasks(self) -> list[str]:
+        return [task for task in self.task_names if not self.is_frozen(task)]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Checkpoints of earlier versions hold one vector for all tasks under the same name.
+        legacy = state_dict.pop(f"{prefix}{self._attribute}", None)
+        if legacy is not None and legacy.shape == (len(self.task_names),):
+            for task, value in zip(self.task_names, legacy):
+                state_dict[f"{prefix}{self._attribute}.{task}"] = value.clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class LearnedWeighting(PerTaskParameterWeighting):
     """The thesis' loss weight layer (eq. 3.5): L = sum_i w_i L_i + lam * ||w||^2, with w >= 0, sum w = 1.
 
-    The thesis does not say how the constraint is kept while w is learned; here w = softmax(theta),
-    which satisfies it exactly at every step and is differentiable, so theta is trained by backprop
-    with the network. theta starts random (torch's RNG), so the weights start as a random point of the
-    simplex. Minimising sum w_i L_i alone moves weight toward the smallest loss; lam * ||w||^2, smallest
-    at the uniform weights, pulls back toward them. The regulariser applies whichever tasks are present.
+    The thesis does not say how the constraint is kept while w is learned; here w = softmax(theta) over
+    the tasks present in the call (the tasks that are training), which satisfies it exactly at every step
+    and is differentiable, so theta is trained by backprop with the network. The regulariser is over the
+    same weights. A frozen or absent task's theta takes no part: with a softmax over all tasks, the
+    gradient on an absent task's logit, -w_j * sum_present w_i L_i, is negative, and descent would move
+    the weight onto tasks that no longer train. theta starts random (torch's RNG), near uniform.
     """
 
     def __init__(self, task_names: Sequence[str], lam: float = 0.1) -> None:
-        super().__init__(task_names)
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
-        self.lam = float(lam)
         # Small random logits: a random point of the simplex near uniform, so no task starts starved.
-        self.logits = nn.Parameter(0.1 * torch.randn(len(self.task_names)))
+        super().__init__(task_names, "logits", 0.1 * torch.randn(len(task_names)))
+        self.lam = float(lam)
 
-    def task_weights(self) -> Tensor:
-        """w = softmax(theta), differentiable."""
-        return torch.softmax(self.logits, dim=0)
-
-    def regulariser(self, task_weights: Tensor) -> Tensor:
-        """lam * ||w||^2."""
-        return self.lam * task_weights.square().sum()
+    def task_weights(self, task_losses: Mapping[str, Tensor]) -> Tensor:
+        """w = softmax(theta) over the tasks of ``task_losses``, in their order; differentiable."""
+        return torch.softmax(self.present_scalars(task_losses), dim=0)
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
-        task_weights = self.task_weights()
-        total = self.regulariser(task_weights)
-        if task_losses:
-            present = torch.tensor(self.task_positions(task_losses), device=task_weights.device)
-            total = total + (task_weights[present] * torch.stack(list(task_losses.values()))).sum()
-        return total
+        if not task_losses:
+            return self.zero.clone()
+        task_weights = self.task_weights(task_losses)
+        losses = torch.stack(list(task_losses.values()))
+        return (task_weights * losses).sum() + self.lam * task_weights.square().sum()
 
     def weights(self) -> dict[str, float]:
-        return dict(zip(self.task_names, self.task_weights().detach().tolist()))
+        """The weights of the training tasks when all are present; 0 for a frozen task (it has no loss term)."""
+        training = self.training_tasks()
+        weight_by_task = dict.fromkeys(self.task_names, 0.0)
+        if training:
+            logits = torch.stack([self.scalars[task].detach() for task in training])
+            weight_by_task |= dict(zip(training, torch.softmax(logits, dim=0).tolist()))
+        return weight_by_task
 
 
-class UncertaintyWeighting(LossWeighting):
+class UncertaintyWeighting(PerTaskParameterWeighting):
     """Kendall, Gal & Cipolla (2018), as LibMTL's UW: L = sum_i L_i / (2 exp(s_i)) + s_i / 2.
 
     s_i is a learnable log-variance per task, starting at 0 (weight 1/2). An absent task contributes
@@ -192,19 +240,19 @@ class UncertaintyWeighting(LossWeighting):
     """
 
     def __init__(self, task_names: Sequence[str]) -> None:
-        super().__init__(task_names)
-        self.log_variances = nn.Parameter(torch.zeros(len(self.task_names)))
+        super().__init__(task_names, "log_variances", torch.zeros(len(task_names)))
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
         if not task_losses:
-            return self.log_variances.sum() * 0.0
-        present = torch.tensor(self.task_positions(task_losses), device=self.log_variances.device)
-        log_variances = self.log_variances[present]
+            return self.zero.clone()
+        log_variances = self.present_scalars(task_losses)
         losses = torch.stack(list(task_losses.values()))
         return (losses / (2 * log_variances.exp()) + log_variances / 2).sum()
 
     def weights(self) -> dict[str, float]:
-        return dict(zip(self.task_names, (1 / (2 * self.log_variances.detach().exp())).tolist()))
+        """1 / (2 exp(s_i)) of each training task; 0 for a frozen task."""
+        training = set(self.training_tasks())
+        return {task: 1 / (2 * math.exp(self.scalars[task].item())) if task in training else 0.0 for task in self.task_names}
 
 
 WEIGHTINGS: dict[str, type[LossWeighting]] = {

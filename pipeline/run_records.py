@@ -4,7 +4,9 @@
     <run_dir>/metrics.parquet      one row per reported epoch (rewritten atomically every epoch)
     <run_dir>/tensorboard/         scalars per task, loss weights, freeze events
     <run_dir>/best_model.pt        weights + config of the epoch with the lowest total validation loss
-    <run_dir>/checkpoint_*/checkpoint.pt   (Ray Train) or <run_dir>/checkpoint.pt (--local): full state
+    <run_dir>/checkpoint_*/        checkpoint.pt (full training state) and progress.json (its epoch); Ray
+                                   Train names the folders by time, --local by epoch; the newest
+                                   ``keep_checkpoints`` are kept
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,16 @@ import pyarrow.parquet as pq
 import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PROGRESS_FILE = "progress.json"  # beside checkpoint.pt: the epochs it holds, readable without loading it
 BEST_MODEL_FILE = "best_model.pt"
 METRICS_FILE = "metrics.parquet"
 CONFIG_FILE = "config.yaml"
 TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_FOLDERS = "checkpoint_*"  # Ray Train's (named by time) and --local's (named by epoch)
+
+
+class CheckpointsUnusable(Exception):
+    """A run folder whose checkpoints all fail to load: resuming would silently start over."""
 
 
 def save_atomically(payload: Any, path: Path) -> None:
@@ -32,28 +41,70 @@ def save_atomically(payload: Any, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint file or a folder holding ``checkpoint.pt``."""
+def save_checkpoint(payload: dict[str, Any], folder: Path) -> None:
+    """``checkpoint.pt`` and its ``progress.json`` into ``folder``, each written atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_atomically(payload, folder / CHECKPOINT_FILE)
+    progress = folder / f"{PROGRESS_FILE}.tmp"
+    progress.write_text(json.dumps({"epoch": payload["run_state"]["epoch"], "step": payload["run_state"].get("step")}))
+    os.replace(progress, folder / PROGRESS_FILE)
+
+
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint file or a folder holding ``checkpoint.pt``; data only, no code (``weights_only``)."""
     path = path / CHECKPOINT_FILE if path.is_dir() else path
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def latest_checkpoint(run_dir: Path, also: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest loadable ``checkpoint_*/checkpoint.pt`` of a Ray run folder (and ``also``, if given).
+def checkpoint_folders(run_dir: Path, also: Path | None = None) -> list[Path]:
+    """Checkpoint folders of a run, newest first: by the epoch their progress.json records, then by name
+    (Ray's names sort by time; folders of older versions have no progress.json)."""
+    folders = {path.parent for path in run_dir.glob(f"{CHECKPOINT_FOLDERS}/{CHECKPOINT_FILE}")}
+    if also is not None and (also / CHECKPOINT_FILE).exists():
+        folders.add(also)
 
-    Ray Train resumes a run from its own snapshot file, which its controller writes a moment after each
-    report; a job killed in between (preemption, requeue) would start over although the checkpoint is
-    on disk. Ray names checkpoint folders by time, so the newest name is the latest epoch; a folder
-    whose file is incomplete (killed while copying) is skipped.
-    """
-    candidates = sorted({*run_dir.glob("checkpoint_*/" + CHECKPOINT_FILE), *([also / CHECKPOINT_FILE] if also else [])},
-                        key=lambda path: path.parent.name, reverse=True)
-    for path in candidates:
+    def recorded_epoch(folder: Path) -> int:
         try:
-            return path.parent, load_checkpoint(path)
-        except (OSError, RuntimeError, EOFError):
+            return int(json.loads((folder / PROGRESS_FILE).read_text())["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return -1
+
+    return sorted(folders, key=lambda folder: (recorded_epoch(folder), folder.name), reverse=True)
+
+
+def latest_checkpoint(run_dir: Path, also: Path | None = None, warn: Any = None,
+                      mmap: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable checkpoint folder of a run and its payload; None when the run has none.
+
+    A folder whose file does not load (a job killed while it was copied) is skipped, and ``warn`` (a
+    callable taking one line) hears which; when every one fails, :class:`CheckpointsUnusable` names them.
+    """
+    problems = []
+    for folder in checkpoint_folders(run_dir, also):
+        try:
+            payload = load_checkpoint(folder, mmap=mmap)
+        except Exception as error:  # a damaged zip fails as RuntimeError, EOFError, UnpicklingError, ...
+            problems.append(f"{folder / CHECKPOINT_FILE} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
             continue
+        if problems and warn is not None:
+            warn(f"warning: skipped unreadable checkpoint(s) {'; '.join(problems)}; resuming from {folder}")
+        return folder, payload
+    if problems:
+        raise CheckpointsUnusable(f"every checkpoint of {run_dir} is unreadable: {'; '.join(problems)}")
     return None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the ``keep`` newest checkpoint folders (0 = all)."""
+    if keep > 0:
+        for folder in checkpoint_folders(run_dir)[keep:]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def has_records(run_dir: Path) -> bool:
+    """Whether a run folder holds anything a restart would overwrite: checkpoints, metrics, a best model."""
+    return any(run_dir.glob(f"{CHECKPOINT_FOLDERS}/{CHECKPOINT_FILE}")) or any(
+        (run_dir / name).exists() for name in (METRICS_FILE, BEST_MODEL_FILE, CHECKPOINT_FILE))
 
 
 def best_model_payload(payload: dict[str, Any], epoch: int) -> dict[str, Any]:
@@ -90,18 +141,16 @@ class RunRecorder:
 
 
 class LocalRun:
-    """``pipeline.train --local``: one process, checkpoints in the run folder itself (no Ray)."""
+    """``pipeline.train --local``: one process, no Ray; checkpoint folders ``checkpoint_<epoch>`` in the run
+    folder, the ``keep`` newest kept, as Ray Train keeps its own."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.run_dir, self.keep = run_dir, keep
         self.recorder = RunRecorder(run_dir)
 
     def report(self, metrics: dict[str, Any], payload: dict[str, Any]) -> None:
-        save_atomically(payload, self.run_dir / CHECKPOINT_FILE)
+        save_checkpoint(payload, self.run_dir / f"checkpoint_{payload['run_state']['epoch']:06d}")
+        prune_checkpoints(self.run_dir, self.keep)
         if payload["is_best"]:
             save_atomically(best_model_payload(payload, metrics["epoch"]), self.run_dir / BEST_MODEL_FILE)
         self.recorder.record_epoch(metrics, payload["run_state"]["history"])
-
-    def resume_payload(self) -> dict[str, Any] | None:
-        path = self.run_dir / CHECKPOINT_FILE
-        return load_checkpoint(path) if path.exists() else None

@@ -8,7 +8,9 @@
 A run is ``runs_dir/name``. Starting a run again with the same name resumes from its last checkpoint
 (Ray Train restores it); a worker that dies is restarted by Ray from the last checkpoint, up to
 ``max_failures`` times. Checkpoints hold model, optimizer, scheduler, loss weights, Early Freeze state and
-its snapshots, the epoch and the metric history.
+its snapshots, the grad scaler, the epoch/step counters and the metric history; the newest
+``keep_checkpoints`` (default 2) are kept. A run folder whose checkpoints are all unreadable, or were written
+under a config that changes the maths, is refused; ``--restart`` starts it over.
 """
 
 from __future__ import annotations
@@ -16,23 +18,30 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline.config import ConfigError, TrainConfig, load_config, save_config, to_dict, with_absolute_paths
+from pipeline.config import (
+    RESUMABLE_KEYS, ConfigError, TrainConfig, config_differences, describe_differences, load_config, save_config, to_dict,
+    with_absolute_paths,
+)
 from pipeline.data import DataConfigError, check_validation_labels, open_shard_set, resolve_tasks
 from pipeline.run_records import (
     BEST_MODEL_FILE,
-    CHECKPOINT_FILE,
     CONFIG_FILE,
+    CheckpointsUnusable,
     LocalRun,
     RunRecorder,
     best_model_payload,
+    has_records,
     latest_checkpoint,
+    load_checkpoint,
     save_atomically,
+    save_checkpoint,
 )
 
 
@@ -72,7 +81,7 @@ def ray_worker_entry(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="facemtl-ckpt-") as folder:
             checkpoint = None
             if recorder is not None:
-                save_atomically(payload, Path(folder) / CHECKPOINT_FILE)
+                save_checkpoint(payload, Path(folder))
                 checkpoint = Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
         # Records after the checkpoint is persisted: an epoch in metrics.parquet can always be resumed from.
@@ -81,16 +90,30 @@ def ray_worker_entry(loop_config: dict[str, Any]) -> None:
                 save_atomically(best_model_payload(payload, metrics["epoch"]), run_dir / BEST_MODEL_FILE)
             recorder.record_epoch(metrics, payload["run_state"]["history"])
 
-    ray_checkpoint = ray.train.get_checkpoint()
-    found = latest_checkpoint(run_dir, Path(ray_checkpoint.path) if ray_checkpoint else None)
-    resume = None
-    if found is not None:
-        folder, resume = found
-        if context.rank == 0:
-            print(f"resuming from {folder} at epoch {resume['run_state']['epoch']}", flush=True)
+    resume = load_resume_payload(run_dir, ray.train.get_checkpoint(), context)
     train_loop(config, context, report, resume)
     if recorder is not None:
         recorder.close()
+
+
+def load_resume_payload(run_dir: Path, ray_checkpoint: Any, context: Any) -> dict[str, Any] | None:
+    """The checkpoint every rank resumes from: rank 0 chooses it (the newest loadable one), the others load
+    the folder rank 0 names, so that no rank can pick a newer file that appeared meanwhile."""
+    import torch.distributed as dist
+
+    chosen: list[str | None] = [None]
+    payload = None
+    if context.rank == 0:
+        found = latest_checkpoint(run_dir, Path(ray_checkpoint.path) if ray_checkpoint else None,
+                                  warn=lambda line: print(line, flush=True))
+        if found is not None:
+            chosen[0], payload = str(found[0]), found[1]
+            print(f"resuming from {found[0]} at epoch {payload['run_state']['epoch']}", flush=True)
+    if context.distributed:
+        dist.broadcast_object_list(chosen, src=0)
+        if context.rank != 0 and chosen[0] is not None:
+            payload = load_checkpoint(Path(chosen[0]))
+    return payload
 
 
 def worker_resources(config: TrainConfig) -> dict[str, float]:
@@ -186,12 +209,37 @@ def check_datasets(config: TrainConfig) -> None:
 def run_locally(config: TrainConfig) -> None:
     from pipeline.loop import WorkerContext, resolve_device, train_loop
 
-    run = LocalRun(config.run_dir)
-    resume = run.resume_payload()
-    if resume is not None:
-        print(f"resuming {config.run_dir} at epoch {resume['run_state']['epoch']}")
+    run = LocalRun(config.run_dir, config.keep_checkpoints)
+    found = latest_checkpoint(config.run_dir, warn=print)
+    resume = found[1] if found else None
+    if found is not None:
+        print(f"resuming from {found[0]} at epoch {resume['run_state']['epoch']}")
     train_loop(config, WorkerContext(device=resolve_device(config)), run.report, resume)
     run.recorder.close()
+
+
+def check_run_folder(config: TrainConfig, restart: bool) -> None:
+    """A run folder with records is resumed, never silently overwritten: refused when its checkpoints are all
+    unreadable or were written under a config that changes the maths; ``restart`` clears it instead."""
+    run_dir = config.run_dir
+    if not has_records(run_dir):
+        return
+    if restart:
+        print(f"--restart: removing the records of {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+        return
+    advice = f"run again with --restart to start {run_dir} over (this deletes its checkpoints and records)"
+    try:
+        found = latest_checkpoint(run_dir, mmap=True)
+    except CheckpointsUnusable as error:
+        raise ConfigError(f"{error}; {advice}") from None
+    if found is None:
+        raise ConfigError(f"{run_dir} holds training records but no checkpoint to resume from; {advice}")
+    saved, wanted = found[1]["config"], to_dict(config)
+    differences = config_differences(saved, wanted)
+    if differences:
+        raise ConfigError(f"{found[0]} was written under another config ({describe_differences(saved, wanted, differences)}); "
+                          f"only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume. Use another name, or {advice}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,10 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. num_workers=2 optim.lr=1e-3")
     parser.add_argument("--local", action="store_true", help="one process, no Ray")
     parser.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
+    parser.add_argument("--restart", action="store_true",
+                        help="delete the run folder's checkpoints and records and start over (default: resume)")
     args = parser.parse_args(argv)
     try:
         config = with_absolute_paths(load_config(args.config, args.overrides))
         check_datasets(config)
+        check_run_folder(config, args.restart)
     except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

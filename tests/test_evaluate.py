@@ -138,7 +138,7 @@ def test_outputs_are_json_markdown_and_a_confusion_png_per_classification_task(v
 
 def test_other_data_reports_the_models_unlabelled_tasks_as_no_labels(trained_run: Path, synthetic_shards, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    checkpoint = trained_run / "checkpoint.pt"
+    checkpoint = trained_run / "checkpoint_000001" / "checkpoint.pt"
     code = evaluate_main([str(checkpoint), "--split", "val", "--data", str(synthetic_shards["fer"]), "--out", str(tmp_path),
                           "--loader-workers", "0", "--batch-size", "7"])
     assert code == 0

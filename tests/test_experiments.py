@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.config import config_differences, load_config
 from pipeline.experiments import (
     CellStats,
     arm_overrides,
     best_epoch_row,
-    config_differences,
     delta_m,
     experiment_arms,
     format_table,
@@ -174,7 +173,7 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
     assert test_results[2]["test/age/mae"] != results[2]["val/age/mae"]
 
     assert main([*argv[:-1], "optim.lr=0.01", "--local"]) == 1  # another config in the same folder: refused
-    assert "trained with another config (differs in optim.lr)" in capsys.readouterr().err
+    assert "trained with another config (optim.lr 0.001 -> 0.01)" in capsys.readouterr().err
 
 
 def test_unknown_experiment_is_refused() -> None:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.run_records import load_checkpoint
+from pipeline.run_records import checkpoint_folders, load_checkpoint
 from pipeline.train import main as train_main
 
 TINY = ["model.shared_dims=[32]", "model.head_hidden=16", "data.image_size=32", "data.batch_size=24",
@@ -25,6 +25,17 @@ def metric_rows(run_dir: Path) -> list[dict]:
     return pq.read_table(run_dir / "metrics.parquet").to_pylist()
 
 
+def newest_checkpoint(run_dir: Path) -> dict:
+    return load_checkpoint(checkpoint_folders(run_dir)[0])
+
+
+TIMING_KEYS = ("epoch_seconds", "train/images_per_s")
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    return [{key: value for key, value in row.items() if key not in TIMING_KEYS} for row in rows]
+
+
 def test_local_run_writes_checkpoint_metrics_tensorboard_and_resumes(synthetic_shards, tmp_path: Path) -> None:
     args = tiny_overrides(synthetic_shards, tmp_path, "r", "max_epochs=2", "freeze.mode=none")
     assert train_main(["--local", *args]) == 0
@@ -38,13 +49,14 @@ def test_local_run_writes_checkpoint_metrics_tensorboard_and_resumes(synthetic_s
     assert rows[0]["train/emotion/labelled_per_batch"] == pytest.approx(8.0)  # quota 8 of 24 from the FER-like set
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").exists() and (run / "best_model.pt").exists()
-    first = load_checkpoint(run / "checkpoint.pt")
-    assert first["run_state"]["epoch"] == 2
+    first = newest_checkpoint(run)
+    assert first["run_state"]["epoch"] == 2 and first["run_state"]["step"] == 6
 
     assert train_main(["--local", *args[:-2], "max_epochs=3", "freeze.mode=none"]) == 0  # same name: resume
     rows = metric_rows(run)
     assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert load_checkpoint(run / "checkpoint.pt")["run_state"]["epoch"] == 3
+    assert newest_checkpoint(run)["run_state"]["epoch"] == 3
+    assert [folder.name for folder in checkpoint_folders(run)] == ["checkpoint_000003", "checkpoint_000002"]  # keep 2
 
 
 def test_early_freeze_in_the_loop_freezes_the_trunk_then_every_head_and_ends_early(synthetic_shards, tmp_path: Path) -> None:
@@ -59,7 +71,7 @@ def test_early_freeze_in_the_loop_freezes_the_trunk_then_every_head_and_ends_ear
     assert events[0] == [] and events[1] == ["freeze_trunk:age@1->0"]
     assert events[2] == [] and events[3] == ["freeze_head:emotion@3->2"]
     assert len(rows) == 4  # every task frozen: training ends before max_epochs
-    checkpoint = load_checkpoint(tmp_path / "f" / "checkpoint.pt")
+    checkpoint = newest_checkpoint(tmp_path / "f")
     assert checkpoint["frozen_parts"] == {"trunk": True, "heads": ["age", "emotion"]}
 
 
@@ -76,7 +88,7 @@ def test_early_stop_baseline_stops_tasks_without_restoring_and_keeps_the_trunk_t
     rows = metric_rows(tmp_path / "s")
     assert json.loads(rows[1]["freeze/events"]) == ["stop:age@1->None", "stop:emotion@1->None"]
     assert len(rows) == 2
-    checkpoint = load_checkpoint(tmp_path / "s" / "checkpoint.pt")
+    checkpoint = newest_checkpoint(tmp_path / "s")
     assert checkpoint["frozen_parts"] == {"trunk": False, "heads": ["age", "emotion"]}
 
 
@@ -101,3 +113,76 @@ def test_a_task_without_validation_labels_is_refused(synthetic_shards, tmp_path:
                        "--val-fraction", "0", "--out", str(no_val)]) == 0
     assert train_main([f"data.datasets=[{no_val},{synthetic_shards['utk']}]", f"runs_dir={tmp_path}", "name=m"]) == 2
     assert "task 'smile' has no labelled validation sample in any dataset (noval, utk)" in capsys.readouterr().err
+
+
+def freezing_run(shards: dict[str, Path], runs: Path, name: str, epochs: int) -> list[str]:
+    """Dropout, augmentation, learned weights and a trunk freeze at epoch 1 (patience 1, nothing improves)."""
+    datasets = f"data.datasets=[{shards['utk']},{shards['fer']}]"
+    return tiny_overrides(shards, runs, name, datasets, "data.tasks=[age,gender,emotion]", f"max_epochs={epochs}",
+                          "freeze.patience=1", "freeze.min_delta=1e9", "model.dropout=0.3")
+
+
+def test_a_resumed_local_run_is_bit_identical_to_an_uninterrupted_one(synthetic_shards, tmp_path: Path) -> None:
+    assert train_main(["--local", *freezing_run(synthetic_shards, tmp_path, "straight", 4)]) == 0
+    assert train_main(["--local", *freezing_run(synthetic_shards, tmp_path, "resumed", 3)]) == 0
+    assert train_main(["--local", *freezing_run(synthetic_shards, tmp_path, "resumed", 4)]) == 0
+    straight, resumed = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "resumed")
+    assert json.loads(straight[1]["freeze/events"]) == ["freeze_trunk:age@1->0"]
+    assert without_timings(resumed) == without_timings(straight)
+    final = [newest_checkpoint(tmp_path / name) for name in ("straight", "resumed")]
+    assert final[0]["objective"].keys() == final[1]["objective"].keys()
+    for key, tensor in final[0]["objective"].items():
+        assert torch.equal(tensor, final[1]["objective"][key]), key
+    assert final[0]["optimizer"]["state"].keys() == final[1]["optimizer"]["state"].keys()
+    assert final[0]["run_state"]["step"] == final[1]["run_state"]["step"] == 4 * 3
+
+
+def test_resuming_under_a_config_that_changes_the_maths_is_refused_and_overwrites_nothing(
+        synthetic_shards, tmp_path: Path, capsys) -> None:
+    args = tiny_overrides(synthetic_shards, tmp_path, "c", "max_epochs=1", "freeze.mode=none")
+    assert train_main(["--local", *args]) == 0
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "c").rglob("*") if path.is_file()}
+    assert train_main(["--local", *args, "optim.lr=0.01", "loss.lam=0.5", "max_epochs=2"]) == 2
+    error = capsys.readouterr().err
+    differences = error.split("another config (")[1].split("); ")[0]
+    assert differences == "loss.lam 0.1 -> 0.5, optim.lr 0.001 -> 0.01"  # max_epochs may change
+    assert "--restart" in error
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "c").rglob("*") if path.is_file()} == before
+
+
+def test_unreadable_checkpoints_are_skipped_with_a_warning_or_refused_when_none_is_left(
+        synthetic_shards, tmp_path: Path, capsys) -> None:
+    args = tiny_overrides(synthetic_shards, tmp_path, "t", "max_epochs=2", "freeze.mode=none")
+    assert train_main(["--local", *args]) == 0
+    run = tmp_path / "t"
+    newest, older = (folder / "checkpoint.pt" for folder in checkpoint_folders(run))
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    assert train_main(["--local", *args[:-2], "max_epochs=3", "freeze.mode=none"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: skipped unreadable checkpoint(s) {newest}" in out and f"resuming from {older.parent}" in out
+    assert [r["epoch"] for r in metric_rows(run)] == [0, 1, 2]  # epoch 1 again, from epoch 0's checkpoint
+
+    for folder in checkpoint_folders(run):
+        path = folder / "checkpoint.pt"
+        path.write_bytes(path.read_bytes()[:1000])
+    metrics_before = (run / "metrics.parquet").read_bytes()
+    assert train_main(["--local", *args[:-2], "max_epochs=4", "freeze.mode=none"]) == 2
+    error = capsys.readouterr().err
+    assert f"every checkpoint of {run} is unreadable" in error and "--restart" in error
+    assert (run / "metrics.parquet").read_bytes() == metrics_before
+    assert train_main(["--local", *args[:-2], "max_epochs=1", "freeze.mode=none", "--restart"]) == 0
+    assert [r["epoch"] for r in metric_rows(run)] == [0]
+
+
+def test_a_checkpoint_stores_the_snapshot_of_its_own_epoch_once(synthetic_shards, tmp_path: Path) -> None:
+    """Weights + Adam's two moments + a little: the Early-Freeze snapshot of the epoch just validated shares
+    the weights' bytes instead of adding a fourth copy."""
+    args = tiny_overrides(synthetic_shards, tmp_path, "z", "max_epochs=1", "model.backbone=resnet18")
+    assert train_main(["--local", *args]) == 0
+    folder = checkpoint_folders(tmp_path / "z")[0]
+    payload = load_checkpoint(folder)
+    assert list(payload["snapshots"]["snapshots"]) == [0]  # epoch 0 is every task's best so far
+    parameter_bytes = sum(t.numel() * t.element_size() for t in payload["objective"].values())
+    ratio = (folder / "checkpoint.pt").stat().st_size / parameter_bytes
+    assert 2.9 < ratio < 3.2, ratio

@@ -46,7 +46,9 @@ from ray.util.queue import Queue
 from pipeline.config import ConfigError, TrainConfig, load_config, load_config_dict, save_config, to_dict, with_absolute_paths
 from pipeline.metrics import delta_m, normalized_score
 from pipeline.data import DataConfigError, check_validation_labels, open_shard_set, resolve_tasks
-from pipeline.run_records import CHECKPOINT_FILE, CONFIG_FILE, TENSORBOARD_DIR, latest_checkpoint, load_checkpoint, save_atomically
+from pipeline.run_records import (
+    CHECKPOINT_FILE, CONFIG_FILE, TENSORBOARD_DIR, checkpoint_folders, latest_checkpoint, load_checkpoint, save_checkpoint,
+)
 from pipeline.schema import get_task
 from pipeline.train import build_trainer, connect_ray, ray_worker_entry, worker_resources
 from tune.hparams import OBJECTIVE, TrialHParams, write_search_experiment
@@ -176,9 +178,11 @@ class SearchTrial(Trainable):
         payload = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
         set_learning_rates(payload["optimizer"], self.train_config)
         payload["freeze"]["patience"] = self.train_config.freeze.patience  # counters go on, against this patience
+        payload["config"] = to_dict(self.train_config)  # the run continues under this trial's own config
+        for own in checkpoint_folders(self.train_config.run_dir):  # superseded: the adopted state is the run now
+            shutil.rmtree(own)
         adopted = self.train_config.run_dir / f"checkpoint_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
-        adopted.mkdir(parents=True)
-        save_atomically(payload, adopted / CHECKPOINT_FILE)
+        save_checkpoint(payload, adopted)
         self.finished_epochs.clear()  # Tune knows the adopted epochs already
         self.last_checkpoint = str(adopted)
         self.epochs_done = payload["run_state"]["epoch"]
