@@ -192,6 +192,37 @@ def test_table_with_a_missing_column_names_it(tmp_path: Path, capsys) -> None:
     assert "column(s) ['Sex'] not found" in capsys.readouterr().err
 
 
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    for index in range(3):
+        write_face_jpeg(images / f"{index}.jpg", index)
+    table = tmp_path / "labels.csv"
+    table.write_text("image,Age\n" + "".join(f"{index}.jpg,{20 + index}\n" for index in range(3)), encoding="utf-8-sig")
+    assert table.read_bytes().startswith(b"\xef\xbb\xbf")
+    out = tmp_path / "out"
+    assert shard("table", table, "--image-root", images, "--map", "Age=age", "--out", out) == 0
+    assert sorted(r["age"] for r in read_manifest(out)) == [20.0, 21.0, 22.0]
+
+
+def test_table_rejections_cite_the_csv_row_and_conflicting_duplicates_reject_every_row(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    for index, name in enumerate("abcde"):
+        write_face_jpeg(images / f"{name}.jpg", index)
+    rows = ["a.jpg,30", "b.jpg,abc", "c.jpg,200", "a.jpg,31", "d.jpg,40", "d.jpg,40", "e.jpg,50"]  # csv rows 2-8
+    table = tmp_path / "labels.csv"
+    table.write_text("image,Age\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert shard("table", table, "--image-root", images, "--map", "Age=age", "--out", out) == 0
+    assert sorted((r["key"], r["age"]) for r in read_manifest(out)) == [("d", 40.0), ("e", 50.0)]
+    assert {r["source_id"]: r["reason"] for r in read_rejected(out)} == {
+        f"{table}:3": "label out of range: age: 'abc' is not a number",
+        f"{table}:4": "label out of range: age: 200 is outside [0, 120]",
+        f"{table}:2": f"conflicting duplicate of {table}:5 (same sample key 'a'): age 30.0 here, 31.0 there",
+        f"{table}:5": f"conflicting duplicate of {table}:2 (same sample key 'a'): age 31.0 here, 30.0 there",
+        f"{table}:7": f"duplicate sample key 'd' (also {table}:6)",
+    }
+
+
 def test_synthetic_source_labels_only_the_requested_tasks(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert shard("synthetic", "--num-samples", "40", "--tasks", "emotion", "--out", out, "--size", "64") == 0

@@ -12,7 +12,7 @@ import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 import numpy as np
 from PIL import Image
@@ -87,12 +87,19 @@ class Rejection:
 
 @dataclass
 class SourceListing:
-    """Everything a reader found: the usable records and the rejected inputs."""
+    """Everything a reader found: the usable records and the rejected inputs.
+
+    Inputs with the same sample key but different labels are all rejected, each reason citing another of
+    them, since nothing says which is right; exact duplicates are kept here and dropped by
+    ``pipeline.shard.select_records``, which keeps the first.
+    """
 
     dataset: str
     records: list[SourceRecord] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    _records_by_key: dict[str, list[SourceRecord]] = field(default_factory=dict, repr=False)
+    _conflicting_keys: set[str] = field(default_factory=set, repr=False)
 
     def add(
         self,
@@ -109,10 +116,34 @@ class SourceListing:
         except LabelError as error:
             self.reject(source_id, f"label out of range: {error}", stage="labels")
             return
-        self.records.append(SourceRecord(sanitize_key(key), split, checked, source_id, image, extras or {}))
+        record = SourceRecord(sanitize_key(key), split, checked, source_id, image, extras or {})
+        same_key = self._records_by_key.setdefault(record.key, [])
+        if record.key in self._conflicting_keys:
+            self.reject(source_id, _conflict_reason(record, same_key[0]), stage="labels")
+        elif same_key and same_key[0].labels != record.labels:
+            self._conflicting_keys.add(record.key)
+            for earlier in same_key:
+                self.records.remove(earlier)
+                self.reject(earlier.source_id, _conflict_reason(earlier, record), stage="labels")
+            self.reject(source_id, _conflict_reason(record, same_key[0]), stage="labels")
+        else:
+            same_key.append(record)
+            self.records.append(record)
 
     def reject(self, source_id: str, reason: str, stage: str = "listing") -> None:
         self.rejections.append(Rejection(source_id, stage, reason))
+
+
+def _conflict_reason(record: SourceRecord, other: SourceRecord) -> str:
+    differences = ", ".join(f"{task} {value} here, {other.labels[task]} there"
+                            for task, value in record.labels.items() if value != other.labels[task])
+    return (f"conflicting duplicate of {other.source_id} (same sample key {record.key!r}): "
+            f"{differences or 'same labels, which another input contradicts'}")
+
+
+def open_text(path: Path) -> TextIO:
+    """A csv or annotation text file; a UTF-8 byte-order mark, which Excel writes, is dropped."""
+    return path.open(newline="", encoding="utf-8-sig")
 
 
 class SourceInputError(Exception):

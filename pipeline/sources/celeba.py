@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.sources.base import FileImage, SourceInputError, SourceListing, require_path, seeded_split
+from pipeline.sources.base import FileImage, SourceInputError, SourceListing, open_text, require_path, seeded_split
 
 ATTRIBUTE_TO_TASK = {"Male": "gender", "Smiling": "smile", "Young": "young"}
 PARTITION_TO_SPLIT = {"0": "train", "1": "val", "2": "test"}
@@ -23,7 +23,7 @@ IMAGE_FOLDER = "img_align_celeba"
 
 def read_celeba_table(path: Path) -> tuple[list[str], dict[str, list[str]]]:
     """Read a CelebA annotation table (count line, header line, rows): (column names, name -> values)."""
-    with path.open() as handle:
+    with open_text(path) as handle:
         lines = handle.read().splitlines()
     if len(lines) < 2:
         raise SourceInputError(f"{path}: expected a count line and a header line")
@@ -97,7 +97,9 @@ def list_celeba(
 
 def _read_partition(path: Path) -> dict[str, str]:
     partition: dict[str, str] = {}
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+    with open_text(path) as handle:
+        lines = handle.read().splitlines()
+    for line_number, line in enumerate(lines, start=1):
         fields = line.split()
         if not fields:
             continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from pipeline.sources.base import FileImage, SourceInputError, SourceListing, require_path
+from pipeline.sources.base import FileImage, SourceInputError, SourceListing, open_text, require_path
 
 CHALEARN_SPLITS = {"train": "train", "valid": "val", "val": "val", "test": "test"}
 
@@ -26,7 +26,7 @@ def list_chalearn(input_dir: Path, dataset: str = "chalearn") -> SourceListing:
         raise SourceInputError(f"{input_dir}: no train_gt.csv / valid_gt.csv / test_gt.csv found")
     for csv_path, folder_name, split in found:
         image_dir = input_dir / folder_name
-        with csv_path.open(newline="") as handle:
+        with open_text(csv_path) as handle:
             for row_number, row in enumerate(csv.reader(handle), start=1):
                 if not row or (row_number == 1 and not _is_number(row[1] if len(row) > 1 else "")):
                     continue  # blank line or header
@@ -44,7 +44,7 @@ def list_chalearn(input_dir: Path, dataset: str = "chalearn") -> SourceListing:
                     continue
                 extras = {"age_std": float(row[2])} if len(row) > 2 and _is_number(row[2]) else {}
                 key = f"{folder_name}_{image_name.rsplit('.', 1)[0]}"
-                listing.add(key, split, {"age": float(mean_age)}, str(image_path), FileImage(str(image_path)), extras)
+                listing.add(key, split, {"age": float(mean_age)}, source_id, FileImage(str(image_path)), extras)
     return listing
 
 

@@ -20,6 +20,7 @@ from pipeline.sources.base import (
     SourceListing,
     holdout_split,
     is_image_name,
+    open_text,
     require_path,
 )
 
@@ -38,7 +39,7 @@ def list_fer2013(input_path: Path, seed: int = 0, val_fraction: float = 0.1, dat
 
 def _list_csv(csv_path: Path, dataset: str) -> SourceListing:
     listing = SourceListing(dataset)
-    with csv_path.open(newline="") as handle:
+    with open_text(csv_path) as handle:
         reader = csv.DictReader(handle)
         required = {"emotion", "pixels"}
         if reader.fieldnames is None or not required <= set(reader.fieldnames):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.schema import get_task
-from pipeline.sources.base import FileImage, SourceInputError, SourceListing, require_path, seeded_split
+from pipeline.sources.base import FileImage, SourceInputError, SourceListing, open_text, require_path, seeded_split
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 GENDER_SHORT_FORMS = {"m": "male", "f": "female"}
@@ -67,7 +67,7 @@ def list_table(
         columns, rows = set(table.column_names), table.to_pylist()
     else:
         # Cells stay text ("007", "m") and are checked against the schema below.
-        with table_path.open(newline="") as handle:
+        with open_text(table_path) as handle:
             reader = csv.DictReader(handle)
             columns, rows = set(reader.fieldnames or ()), list(reader)
     wanted = [image_column, *column_map]
@@ -100,5 +100,5 @@ def list_table(
         else:
             listing.reject(source_id, f"split {raw_split!r} is not one of {', '.join(SPLIT_NAMES)}")
             continue
-        listing.add(key, split, labels, str(image_path), FileImage(str(image_path)))
+        listing.add(key, split, labels, source_id, FileImage(str(image_path)))
     return listing

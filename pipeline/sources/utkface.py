@@ -19,6 +19,7 @@ from pipeline.sources.base import (
     SourceListing,
     holdout_split,
     is_image_name,
+    open_text,
     require_path,
     seeded_split,
 )
@@ -45,7 +46,7 @@ def _read_coral_split(split_csv_dir: Path) -> dict[str, tuple[str, int]]:
     assignment: dict[str, tuple[str, int]] = {}
     for split, file_name in (("train", "utk_train.csv"), ("test", "utk_test.csv")):
         path = require_path(split_csv_dir / file_name, "CORAL split csv")
-        with path.open(newline="") as handle:
+        with open_text(path) as handle:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or not {"file", "age"} <= set(reader.fieldnames):
                 raise SourceInputError(f"{path}: expected columns 'file' and 'age', found {reader.fieldnames}")
