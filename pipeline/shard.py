@@ -33,11 +33,15 @@ from tqdm import tqdm
 
 from pipeline.schema import TASKS, parse_task_list
 from pipeline.shard_writer import (
+    MANIFEST_COMPRESSION,
+    MANIFEST_FORMAT,
     PARTS_DIR,
     EncodeSettings,
     ShardPlan,
     ShardResult,
+    manifest_format,
     manifest_schema,
+    read_part_status,
     shard_is_complete,
     write_shard,
 )
@@ -155,6 +159,7 @@ def _prepare_out_dir(listing: SourceListing, plans: list[ShardPlan], job: ShardJ
                 f"{job.out_dir} holds shards of a different input or settings (plan {previous['fingerprint'][:12]}, "
                 f"this run {fingerprint[:12]}); use another --out or pass --overwrite"
             )
+        _refuse_to_mix_manifest_formats(job.out_dir, plans)
     parts_dir.mkdir(parents=True, exist_ok=True)
     for plan in shards_for_task(plans, job.task_index, job.num_tasks):  # only this part's: others may be writing
         for stale in (job.out_dir / f"{plan.name}.tar.tmp", *parts_dir.glob(f"{plan.name}.*.tmp")):
@@ -171,6 +176,19 @@ def _prepare_out_dir(listing: SourceListing, plans: list[ShardPlan], job: ShardJ
             "notes": listing.notes,
         },
     )
+
+
+def _refuse_to_mix_manifest_formats(out_dir: Path, plans: list[ShardPlan]) -> None:
+    """A folder holds one manifest format. An older version's complete folder is kept as it is (its summary
+    says it can be rewritten); an incomplete one cannot be finished by this version without mixing formats."""
+    older = [p.name for p in plans if shard_is_complete(out_dir, p.name)
+             and manifest_format(read_part_status(out_dir, p.name)) < MANIFEST_FORMAT]
+    if older and len(older) < len(plans):
+        raise ShardingError(
+            f"{out_dir} holds {len(older)} shards written by an older pipeline.shard (image bytes in the manifest) "
+            f"and {len(plans) - len(older)} still to write, which would mix two manifest formats in one folder; "
+            f"pass --overwrite to rewrite it all"
+        )
 
 
 # ---------------------------------------------------------------- running
@@ -238,14 +256,15 @@ def merge_shards(out_dir: Path) -> dict[str, object]:
             f"{len(missing)} of {len(plan['shards'])} shards are not complete yet ({', '.join(missing[:5])}"
             f"{', ...' if len(missing) > 5 else ''}); re-run the sharding command (it resumes) and merge again"
         )
-    parts_dir = out_dir / PARTS_DIR
-    statuses = [json.loads((parts_dir / f"{entry['name']}.json").read_text()) for entry in plan["shards"]]
-    manifest = pa.concat_tables(
-        [pq.read_table(parts_dir / f"{entry['name']}.parquet", schema=manifest_schema()) for entry in plan["shards"]]
-    ) if plan["shards"] else manifest_schema().empty_table()
+    statuses = [read_part_status(out_dir, entry["name"]) for entry in plan["shards"]]
+    older = [status["name"] for status in statuses if manifest_format(status) < MANIFEST_FORMAT]
+    if older and len(older) < len(statuses):
+        raise ShardingError(
+            f"{out_dir} mixes shards of two manifest formats ({len(older)} written by an older pipeline.shard, e.g. "
+            f"{older[0]}); shard the folder again with --overwrite"
+        )
+    labelled = _write_manifest(out_dir, statuses, current_format=not older)
     rejections = [*plan["listing_rejections"], *(r for status in statuses for r in status["rejections"])]
-
-    _write_parquet_atomically(manifest, out_dir / MANIFEST_FILE)
     _write_parquet_atomically(
         pa.Table.from_pylist(rejections, schema=pa.schema([("source_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])),
         out_dir / REJECTED_FILE,
@@ -266,11 +285,35 @@ def merge_shards(out_dir: Path) -> dict[str, object]:
                     ],
                 },
             )
-    summary = summarize(plan["dataset"], manifest, rejections, plan["encode"], plan["notes"])
+    summary = summarize(plan["dataset"], statuses, labelled, rejections, plan["encode"], plan["notes"])
+    summary["manifest_bytes"] = (out_dir / MANIFEST_FILE).stat().st_size
+    if older:
+        sizes = f"{_human_size(summary['manifest_bytes'])} beside {_human_size(summary['tar_bytes'])} of tars"
+        summary["notes"].append(
+            f"written by an older pipeline.shard: {MANIFEST_FILE} repeats every JPEG ({sizes}); run the same command "
+            f"with --overwrite to rewrite the folder with a manifest of offsets and hashes only"
+        )
     _write_json_atomically(out_dir / SUMMARY_FILE, summary)
     if summary["num_samples"] == 0:
         raise ShardingError(f"no usable sample in the input: all {len(rejections)} inputs were rejected (see {out_dir / REJECTED_FILE})")
     return summary
+
+
+def _write_manifest(out_dir: Path, statuses: list[dict], current_format: bool) -> Counter[tuple[str, str]]:
+    """Append the manifest parts in plan order, one at a time (memory: one part, never all of them), and
+    count the labelled samples per (task, split). An older folder's parts keep their own columns."""
+    part_paths = [out_dir / PARTS_DIR / f"{status['name']}.parquet" for status in statuses]
+    schema = manifest_schema() if current_format or not part_paths else pq.read_schema(part_paths[0])
+    labelled: Counter[tuple[str, str]] = Counter()
+    temporary = _temporary_name(out_dir / MANIFEST_FILE)
+    with pq.ParquetWriter(temporary, schema, compression=MANIFEST_COMPRESSION) as writer:
+        for status, part_path in zip(statuses, part_paths):
+            part = pq.read_table(part_path, schema=schema)
+            writer.write_table(part)
+            for task in TASKS:
+                labelled[task, status["split"]] += part.num_rows - part.column(task).null_count
+    os.replace(temporary, out_dir / MANIFEST_FILE)
+    return labelled
 
 
 def _write_parquet_atomically(table: pa.Table, path: Path) -> None:
@@ -279,27 +322,36 @@ def _write_parquet_atomically(table: pa.Table, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def summarize(dataset: str, manifest: pa.Table, rejections: list[dict[str, str]], encode: dict, notes: list[str]) -> dict[str, object]:
+def summarize(
+    dataset: str, statuses: list[dict], labelled: Counter[tuple[str, str]], rejections: list[dict[str, str]],
+    encode: dict, notes: list[str],
+) -> dict[str, object]:
     """Samples per split, labelled samples per task and split, rejections by reason."""
-    splits = manifest.column("split").to_pylist()
-    samples_per_split = {split: splits.count(split) for split in SPLITS if split in splits}
-    coverage: dict[str, dict[str, int]] = {}
-    for task in TASKS:
-        labelled = [split for split, value in zip(splits, manifest.column(task).to_pylist()) if value is not None]
-        if labelled:
-            coverage[task] = {split: labelled.count(split) for split in samples_per_split}
+    samples_per_split = {split: sum(s["num_samples"] for s in statuses if s["split"] == split) for split in SPLITS}
+    samples_per_split = {split: count for split, count in samples_per_split.items() if count}
+    coverage = {
+        task: {split: labelled[task, split] for split in samples_per_split}
+        for task in TASKS
+        if any(labelled[task, split] for split in samples_per_split)
+    }
     reasons = Counter(_reason_kind(r["reason"]) for r in rejections)
     return {
         "dataset": dataset,
-        "num_samples": manifest.num_rows,
+        "num_samples": sum(samples_per_split.values()),
         "samples_per_split": samples_per_split,
         "labelled_per_task": coverage,
         "tasks": list(coverage),
         "num_rejected": len(rejections),
         "rejected_by_reason": dict(reasons.most_common()),
         "image_size": encode["image_size"],
-        "notes": notes,
+        "manifest_format": min((manifest_format(s) for s in statuses), default=MANIFEST_FORMAT),
+        "tar_bytes": sum(s["num_bytes"] for s in statuses),
+        "notes": list(notes),
     }
+
+
+def _human_size(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB" if num_bytes >= 1e6 else f"{num_bytes / 1e3:.1f} kB"
 
 
 def _reason_kind(reason: str) -> str:
@@ -319,6 +371,9 @@ def print_summary(summary: dict[str, object], out_dir: Path, seconds: float, enc
         print(f"  rejected {summary['num_rejected']} inputs (details: {rejections_path}):")
         for reason, count in list(summary["rejected_by_reason"].items())[:8]:
             print(f"    {count:>6}  {reason}")
+    ratio = summary["manifest_bytes"] / summary["tar_bytes"] if summary["tar_bytes"] else 0.0
+    print(f"  manifest: {_human_size(summary['manifest_bytes'])} beside {_human_size(summary['tar_bytes'])} of tars "
+          f"({ratio:.1%})")
     for note in summary["notes"]:
         print(f"  note: {note}")
     rate = encoded / seconds if seconds > 0 else 0.0

@@ -1,9 +1,10 @@
 """Write one shard: decode, fit and encode its images, then publish tar + manifest part atomically.
 
 This is the unit of work of ``pipeline.shard``: a worker process (or a SLURM array task) gets a
-:class:`ShardPlan` and produces ``<split>-NNNNNN.tar`` plus its manifest part in ``_parts/``. Nothing
-is visible under its final name until it is complete: files are written as ``*.tmp``, fsynced and
-renamed, the tar last, so "the tar exists" means "the shard and its part are complete".
+:class:`ShardPlan` and produces ``<split>-NNNNNN.tar`` plus its manifest part and status in ``_parts/``.
+Nothing is visible under its final name until it is complete: files are written as ``*.tmp``, fsynced
+and renamed, the tar last, so "the tar exists" means "the shard and its part are complete".
+The tar is the one copy of the pixels: the manifest locates each sample in it (offset, size, sha256).
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from pipeline.sources.base import Rejection, SourceRecord
 from pipeline.tar_format import tar_end, tar_member_bytes
 
 PARTS_DIR = "_parts"
+# 1 (status files without the field): the manifest repeated every JPEG in an ``image`` column;
+# 2: the manifest locates each sample in its tar (``offset``, ``size``).
+MANIFEST_FORMAT = 2
+# zstd halves a manifest against Parquet's default snappy (its largest column, the hex sha256, is random).
+MANIFEST_COMPRESSION = "zstd"
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,9 @@ def sample_metadata(record: SourceRecord, dataset: str) -> bytes:
 
 
 def manifest_schema() -> pa.Schema:
-    """Columns of ``manifest.parquet``: identity, one nullable column per task, the image and its hash."""
+    """Columns of ``manifest.parquet``: identity, one nullable column per task, where the sample lies in its
+    tar (``offset`` of its first header, ``size`` of its .jpg and .json members with headers and padding)
+    and the sha256 of its JPEG bytes."""
     label_fields = [
         pa.field(name, pa.float64() if spec.kind == "regression" else pa.int16(), nullable=True)
         for name, spec in TASKS.items()
@@ -103,7 +111,8 @@ def manifest_schema() -> pa.Schema:
             pa.field("source_id", pa.string()),
             *label_fields,
             pa.field("extras", pa.string()),
-            pa.field("image", pa.binary()),
+            pa.field("offset", pa.int64()),
+            pa.field("size", pa.int64()),
             pa.field("sha256", pa.string()),
         ]
     )
@@ -131,11 +140,20 @@ def shard_is_complete(out_dir: Path, name: str) -> bool:
     return (out_dir / f"{name}.tar").exists() and (out_dir / PARTS_DIR / f"{name}.json").exists()
 
 
+def read_part_status(out_dir: Path, name: str) -> dict:
+    """A complete shard's ``_parts/<name>.json``: counts, tar size, rejections, manifest format."""
+    return json.loads((out_dir / PARTS_DIR / f"{name}.json").read_text())
+
+
+def manifest_format(status: dict) -> int:
+    return int(status.get("manifest_format", 1))
+
+
 def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSettings) -> ShardResult:
     """Encode every record of ``plan``; bad images become rejections, the rest a complete shard."""
     started = time.perf_counter()
     if shard_is_complete(out_dir, plan.name):
-        status = json.loads((out_dir / PARTS_DIR / f"{plan.name}.json").read_text())
+        status = read_part_status(out_dir, plan.name)
         rejections = tuple(Rejection(**entry) for entry in status["rejections"])
         return ShardResult(plan.name, plan.split, status["num_samples"], status["num_bytes"], rejections, 0.0, True)
 
@@ -143,6 +161,7 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
     rejections: list[Rejection] = []
     manifest_rows: list[dict[str, object]] = []
     tar_parts: list[bytes] = []
+    offset = 0
     for record in plan.records:
         try:
             image = fit_image(record.image.load(), settings.image_size)
@@ -150,8 +169,10 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
         except Exception as error:  # any decoder failure is a property of that one input file
             rejections.append(Rejection(record.source_id, "image", describe_image_error(error)))
             continue
-        tar_parts.append(tar_member_bytes(f"{record.key}.jpg", jpeg))
-        tar_parts.append(tar_member_bytes(f"{record.key}.json", sample_metadata(record, dataset)))
+        jpg_member = tar_member_bytes(f"{record.key}.jpg", jpeg)
+        json_member = tar_member_bytes(f"{record.key}.json", sample_metadata(record, dataset))
+        tar_parts += [jpg_member, json_member]
+        sample_size = len(jpg_member) + len(json_member)
         manifest_rows.append(
             {
                 "key": record.key,
@@ -161,21 +182,25 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
                 "source_id": record.source_id,
                 **record.labels,
                 "extras": json.dumps(record.extras, sort_keys=True) if record.extras else None,
-                "image": jpeg,
+                "offset": offset,
+                "size": sample_size,
                 "sha256": hashlib.sha256(jpeg).hexdigest(),
             }
         )
+        offset += sample_size
     tar_bytes = b"".join(tar_parts) + tar_end()
 
     parts_dir = out_dir / PARTS_DIR
     part_buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(manifest_rows, schema=manifest_schema()), part_buffer)
+    pq.write_table(pa.Table.from_pylist(manifest_rows, schema=manifest_schema()), part_buffer,
+                   compression=MANIFEST_COMPRESSION)
     status = {
         "name": plan.name,
         "split": plan.split,
         "num_samples": len(manifest_rows),
         "num_bytes": len(tar_bytes),
         "rejections": [vars(r) for r in rejections],
+        "manifest_format": MANIFEST_FORMAT,
     }
     # Stage all three, then publish with the tar last: its presence means the shard is complete.
     staged = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import tarfile
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from pipeline.sources.celeba import read_celeba_table
 from tests.conftest import SHARED_DATA, requires_shared_data, write_face_jpeg
-from tests.shard_helpers import read_manifest, read_rejected, read_samples, shard
+from tests.shard_helpers import read_manifest, read_rejected, read_samples, sample_members, shard
 
 UTK_ODD_NAMES = {
     "24_0_1_20170116220224657 .jpg.chip.jpg",  # space before the extension
@@ -54,6 +55,10 @@ def test_real_utkface_files_including_the_odd_names_shard_with_their_labels(utkf
         "age": 39.0, "gender": 0, "race": None, "smile": None, "young": None, "emotion": None}
     assert by_source["24_0_1_20170116220224657 .jpg.chip.jpg"]["gender"] == 1
     assert by_source["55_0_0_20170116232725357jpg.chip.jpg"]["age"] == 55.0
+    for row in read_manifest(out):  # each manifest row seeks to its sample's members in the tar
+        members = dict(sample_members(out / row["shard"], row["offset"], row["size"]))
+        assert hashlib.sha256(members[f"{row['key']}.jpg"]).hexdigest() == row["sha256"]
+        assert members[f"{row['key']}.jpg"] == samples[row["key"]]["jpg"]
 
 
 @requires_shared_data("utkface.tar", "utkface-coral-split/utk_train.csv")

@@ -1,9 +1,11 @@
-"""The shard contract: members, keys, labels, indices, bad input, interruption, determinism, array split."""
+"""The shard contract: members, keys, labels, indices, bad input, interruption, determinism, array split,
+the manifest's offsets, folders of the older manifest format."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -13,14 +15,26 @@ import tarfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.data import EvalStream, open_shard_set
 from pipeline.schema import TASKS
 from pipeline.shard import plan_shards, select_records, shards_for_task
 from pipeline.sources.base import FileImage, SourceListing
 from tests.conftest import write_face_jpeg
-from tests.shard_helpers import REPO, read_manifest, read_rejected, read_samples, shard, shard_cli, tar_bytes
+from tests.shard_helpers import (
+    REPO,
+    read_manifest,
+    read_rejected,
+    read_samples,
+    rewrite_in_older_format,
+    sample_members,
+    shard,
+    shard_cli,
+    tar_bytes,
+)
 
 
 def test_every_sample_has_image_and_labels_and_tools_agree_on_the_contents(utkface_dir: Path, tmp_path: Path) -> None:
@@ -39,9 +53,9 @@ def test_every_sample_has_image_and_labels_and_tools_agree_on_the_contents(utkfa
     for row in manifest:
         sample = samples[row["key"]]
         assert row["shard"] == sample["url"]
-        assert row["image"] == sample["jpg"] and row["sha256"] == hashlib.sha256(sample["jpg"]).hexdigest()
+        assert row["sha256"] == hashlib.sha256(sample["jpg"]).hexdigest()
         assert {task: row[task] for task in TASKS} == sample["json"]["labels"]
-    assert Image.open(io.BytesIO(manifest[0]["image"])).size == (96, 96)
+    assert {Image.open(io.BytesIO(sample["jpg"])).size for sample in samples.values()} == {(96, 96)}
 
 
 def test_wids_index_lists_every_shard_with_its_sample_count(utkface_dir: Path, tmp_path: Path) -> None:
@@ -84,12 +98,14 @@ def test_nothing_usable_or_missing_input_fails_with_a_clear_message(tmp_path: Pa
     assert result.returncode == 2 and "UTKFace folder not found" in result.stderr
 
 
-def test_two_runs_and_any_worker_count_give_byte_identical_shards(utkface_dir: Path, tmp_path: Path) -> None:
+def test_two_runs_and_any_worker_count_give_byte_identical_shards_manifest_and_summary(
+    utkface_dir: Path, tmp_path: Path
+) -> None:
     runs = []
     for name, workers in (("a", "1"), ("b", "1"), ("c", "2")):
         out = tmp_path / name
         assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "6", "--workers", workers) == 0
-        runs.append((tar_bytes(out), (out / "manifest.parquet").read_bytes()))
+        runs.append((tar_bytes(out), (out / "manifest.parquet").read_bytes(), (out / "summary.json").read_bytes()))
     assert runs[0] == runs[1] == runs[2]
     assert len(runs[0][0]) >= 4
 
@@ -209,3 +225,100 @@ def test_tar_members_have_fixed_metadata(utkface_dir: Path, tmp_path: Path) -> N
     assert shard("utkface", utkface_dir, "--out", out) == 0
     with tarfile.open(next(out.glob("*.tar"))) as tar:
         assert {(m.mtime, m.uid, m.gid, m.mode) for m in tar.getmembers()} == {(0, 0, 0, 0o644)}
+
+
+# ---------------------------------------------------------------- the manifest: where each sample lies
+
+
+def test_manifest_offset_and_size_seek_to_exactly_the_samples_members(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    names = ["short", "n" * 130, "m" * 95]  # a key over 100 bytes needs a GNU long-name header before its member
+    for index in range(12):
+        write_face_jpeg(images / f"{names[index % 3]}{index}.jpg", seed=index)
+    table = tmp_path / "labels.csv"
+    table.write_text("image,age\n" + "".join(f"{names[i % 3]}{i}.jpg,{20 + i}\n" for i in range(12)))
+    out = tmp_path / "out"
+    assert shard("table", table, "--image-root", images, "--map", "age=age", "--out", out, "--samples-per-shard", "5") == 0
+    samples = read_samples(out)
+    manifest = read_manifest(out)
+    assert "image" not in manifest[0] and len(manifest) == 12
+    for row in manifest:
+        members = sample_members(out / row["shard"], row["offset"], row["size"])
+        assert [name for name, _ in members] == [f"{row['key']}.jpg", f"{row['key']}.json"]
+        jpeg, metadata = members[0][1], json.loads(members[1][1])
+        assert hashlib.sha256(jpeg).hexdigest() == row["sha256"] and jpeg == samples[row["key"]]["jpg"]
+        assert metadata["labels"]["age"] == row["age"]
+    for tar_path in out.glob("*.tar"):  # the samples tile their tar: nothing between them, the end marker after
+        rows = sorted((r for r in manifest if r["shard"] == tar_path.name), key=lambda r: r["offset"])
+        assert [r["offset"] for r in rows] == [0, *itertools.accumulate(r["size"] for r in rows[:-1])]
+        assert rows[-1]["offset"] + rows[-1]["size"] + 1024 == tar_path.stat().st_size
+
+
+def test_manifest_is_a_small_fraction_of_the_tars(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert shard("synthetic", "--num-samples", "400", "--tasks", "age,gender", "--size", "64", "--out", out,
+                 "--samples-per-shard", "100") == 0
+    manifest_bytes = (out / "manifest.parquet").stat().st_size
+    tar_bytes_total = sum(path.stat().st_size for path in out.glob("*.tar"))
+    assert manifest_bytes <= 0.05 * tar_bytes_total
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["manifest_bytes"], summary["tar_bytes"]) == (manifest_bytes, tar_bytes_total)
+
+
+# ---------------------------------------------------------------- folders written by the older format
+
+
+def test_readers_read_a_folder_whose_manifest_still_holds_the_images(utkface_dir: Path, tmp_path: Path) -> None:
+    current, older = tmp_path / "current", tmp_path / "older"
+    for out in (current, older):
+        assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "7") == 0
+    rewrite_in_older_format(older)
+    assert "image" in pq.read_schema(older / "manifest.parquet").names
+    current_set, older_set = open_shard_set(current), open_shard_set(older)
+    for split in ("train", "test"):
+        assert older_set.labels("age", split) == current_set.labels("age", split)
+    assert [sample["key"] for sample in EvalStream([older_set], "train", ["age", "gender"], 32)] == \
+           [sample["key"] for sample in EvalStream([current_set], "train", ["age", "gender"], 32)]
+
+
+def test_a_complete_older_folder_is_kept_whole_and_its_summary_says_it_can_be_rewritten(
+    utkface_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "7") == 0
+    rewrite_in_older_format(out)
+    older_manifest, older_tars = read_manifest(out), tar_bytes(out)
+    capsys.readouterr()
+    assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "7") == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["manifest_format"] == 1
+    assert any("older pipeline.shard" in note and "--overwrite" in note for note in summary["notes"])
+    assert "older pipeline.shard" in printed and "--overwrite" in printed
+    assert read_manifest(out) == older_manifest and tar_bytes(out) == older_tars  # one format, nothing re-encoded
+    assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "7", "--overwrite") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["manifest_format"] == 2 and not any("older" in note for note in summary["notes"])
+    assert "image" not in read_manifest(out)[0] and tar_bytes(out) == older_tars
+
+
+def test_an_incomplete_older_folder_is_not_finished_in_the_new_format(
+    utkface_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "7") == 0
+    rewrite_in_older_format(out)
+    missing = sorted(out.glob("*.tar"))[1]
+    missing.unlink()
+    assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "7") == 2
+    error = capsys.readouterr().err
+    assert "older pipeline.shard" in error and "mix two manifest formats" in error and "--overwrite" in error
+    assert not missing.exists()
+
+
+def test_merge_refuses_parts_of_two_manifest_formats(utkface_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "7") == 0
+    rewrite_in_older_format(out, names=["train-000001"])
+    assert shard("merge", out) == 2
+    assert "mixes shards of two manifest formats" in capsys.readouterr().err
