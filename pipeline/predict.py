@@ -17,8 +17,10 @@ does not match the eager one, 2 a checkpoint or command line that cannot be used
 An image is prepared as training prepared it. A square JPEG is what a shard stores, so it is read the way
 the training and validation streams read a shard (:func:`pipeline.data.decode_image`); any other image is
 first made a crop the way the shard writer makes one (:func:`pipeline.shard_writer.fit_image`: RGB,
-scaled to fit the square and padded with black, keeping its aspect), at the model's input size. Both are
-then normalised by :func:`pipeline.data.normalize_images`.
+scaled to fit the square and padded with black, keeping its aspect), at the model's input size; a
+transparent image (a PNG with alpha) is first composited onto the ImageNet mean colour, as the shard readers do
+(:func:`pipeline.sources.base.decode_image_bytes`). Both are then normalised by
+:func:`pipeline.data.normalize_images`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pipeline.losses import predict_age
 from pipeline.model import MultiTaskNet
 from pipeline.schema import TaskSpec
 from pipeline.shard_writer import describe_image_error, fit_image
-from pipeline.sources.base import IMAGE_SUFFIXES, decode_image_bytes, is_image_name
+from pipeline.sources.base import IMAGE_SUFFIXES, NEUTRAL_BACKGROUND, decode_image_bytes, is_image_name
 
 EXPORT_TOLERANCE = 1e-5  # max abs difference between the exported and the eager model's outputs
 EXPORT_METADATA_NAME = "facemtl.json"  # TorchScript extra file / ONNX metadata key describing inputs and outputs
@@ -215,7 +217,8 @@ def export_metadata(model: InferenceModel) -> dict[str, Any]:
     return {
         "input": {"shape": ["N", 3, model.image_size, model.image_size], "dtype": "float32", "channels": "RGB",
                   "normalisation": "(pixel / 255 - mean) / std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                  "crop": "scaled to fit the square and padded with black, keeping the aspect"},
+                  "crop": f"transparent pixels composited onto RGB {NEUTRAL_BACKGROUND}, then scaled to fit the square "
+                          "and padded with black, keeping the aspect"},
         "outputs": [{"task": task.name, "kind": task.kind, "classes": list(task.classes)} for task in model.tasks],
         "age_scale": model.age_scale,
         "binary_heads": "one column: BCE logit of classes[1]; two columns: softmax logits",

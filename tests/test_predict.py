@@ -27,6 +27,7 @@ from pipeline.predict import (
     task_predictions,
 )
 from pipeline.schema import TASKS
+from pipeline.sources.base import NEUTRAL_BACKGROUND
 from pipeline.train import main as train_main
 from tests.test_train import tiny_overrides
 
@@ -85,6 +86,17 @@ def test_a_non_square_image_is_scaled_to_fit_and_padded_with_black_like_the_shar
     # 50x40 scaled to 32x26 (round(32 * 40 / 50)), centred: 3 black rows above, 3 below
     assert (image[:, :3] == 0).all() and (image[:, 29:] == 0).all()
     assert (image[:, 3:29] == 255).all()
+
+
+def test_a_transparent_png_is_composited_onto_a_neutral_background_not_its_hidden_colour(tmp_path: Path) -> None:
+    pixels = np.zeros((32, 32, 4), dtype=np.uint8)  # black where transparent, as many editors store it
+    pixels[:, 16:] = (200, 30, 30, 255)  # the right half opaque red
+    path = tmp_path / "cutout.png"
+    Image.fromarray(pixels, mode="RGBA").save(path)
+    image = load_image(path, 32)
+    assert image.shape == (3, 32, 32)
+    assert (image[:, :, :16] == torch.tensor(NEUTRAL_BACKGROUND).view(3, 1, 1)).all()
+    assert (image[:, :, 16:] == torch.tensor([200, 30, 30]).view(3, 1, 1)).all()
 
 
 # ---------------------------------------------------------------- a tiny trained run
@@ -181,7 +193,7 @@ def test_a_run_folder_its_best_model_and_its_checkpoint_give_the_same_prediction
 ) -> None:
     crop = str(next((image_folder / "shard").iterdir()))
     predictions = []
-    for index, checkpoint in enumerate((trained_run, trained_run / "best_model.pt", trained_run / "checkpoint.pt")):
+    for index, checkpoint in enumerate((trained_run, trained_run / "best_model.pt", trained_run / "checkpoint_000001" / "checkpoint.pt")):
         out = tmp_path / f"{index}.jsonl"  # one epoch: the checkpoint is the best model
         assert main([str(checkpoint), crop, "--out", str(out), "--device", "cpu"]) == 0
         predictions.append(read_records(out)[0]["predictions"])

@@ -57,11 +57,20 @@ class PixelImage:
         return Image.fromarray(values.astype(np.uint8).reshape(self.height, self.width), mode="L")
 
 
+# The ImageNet mean colour: zero after normalisation, so a transparent background reads as "nothing here".
+NEUTRAL_BACKGROUND = (124, 116, 104)
+
+
 def decode_image_bytes(data: bytes) -> Image.Image:
-    """Decode an encoded image fully, so truncated and corrupt files fail here and not later."""
+    """Decode an encoded image fully, so truncated and corrupt files fail here and not later; transparent
+    pixels are composited onto :data:`NEUTRAL_BACKGROUND` (dropping alpha would leave black or whatever
+    colour the file stores under it)."""
     image = Image.open(io.BytesIO(data))
     image.load()
-    return image
+    if not image.has_transparency_data:
+        return image
+    background = Image.new("RGBA", image.size, (*NEUTRAL_BACKGROUND, 255))
+    return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
 
 
 @dataclass(frozen=True)
