@@ -9,6 +9,7 @@ The tar is the one copy of the pixels: the manifest locates each sample in it (o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,10 +29,11 @@ from pipeline.tar_format import tar_end, tar_member_bytes
 
 PARTS_DIR = "_parts"
 # 1 (status files without the field): the manifest repeated every JPEG in an ``image`` column;
-# 2: the manifest locates each sample in its tar (``offset``, ``size``).
+# 2: the manifest locates each sample in its tar (``offset``, ``size``); statuses carry image statistics.
 MANIFEST_FORMAT = 2
 # zstd halves a manifest against Parquet's default snappy (its largest column, the hex sha256, is random).
 MANIFEST_COMPRESSION = "zstd"
+_GREY_LEVELS = np.arange(256, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,48 @@ class ShardPlan:
     name: str  # e.g. "train-000003"; the tar is <name>.tar
     split: str
     records: tuple[SourceRecord, ...]
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """Integer sums over the grey levels of written crops: exact, so any merge order gives the same totals."""
+
+    num_images: int = 0
+    num_pixels: int = 0
+    pixel_sum: int = 0
+    pixel_square_sum: int = 0
+    abs_diff_sum: int = 0  # |grey[y, x + 1] - grey[y, x]|, summed
+    num_diffs: int = 0
+
+    @classmethod
+    def of(cls, image: Image.Image) -> "ImageStats":
+        """~50 us for a 128 px crop (5 % of sharding it): moments from the grey histogram, differences in int16."""
+        grey = np.asarray(image.convert("L"))
+        histogram = np.bincount(grey.ravel(), minlength=256)
+        grey16 = grey.astype(np.int16)
+        return cls(
+            1, grey.size, int(histogram @ _GREY_LEVELS), int(histogram @ _GREY_LEVELS**2),
+            int(np.abs(grey16[:, 1:] - grey16[:, :-1]).sum(dtype=np.int64)), grey.shape[0] * (grey.shape[1] - 1),
+        )
+
+    def __add__(self, other: "ImageStats") -> "ImageStats":
+        return ImageStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    @property
+    def mean(self) -> float:
+        return self.pixel_sum / self.num_pixels if self.num_pixels else 0.0
+
+    @property
+    def std(self) -> float:
+        if not self.num_pixels:
+            return 0.0
+        variance_times_n2 = self.num_pixels * self.pixel_square_sum - self.pixel_sum**2  # exact in integers
+        return (variance_times_n2 / self.num_pixels**2) ** 0.5
+
+    @property
+    def sharpness(self) -> float:
+        """Mean absolute horizontal difference of grey levels: low for blurred images."""
+        return self.abs_diff_sum / self.num_diffs if self.num_diffs else 0.0
 
 
 @dataclass(frozen=True)
@@ -141,7 +186,7 @@ def shard_is_complete(out_dir: Path, name: str) -> bool:
 
 
 def read_part_status(out_dir: Path, name: str) -> dict:
-    """A complete shard's ``_parts/<name>.json``: counts, tar size, rejections, manifest format."""
+    """A complete shard's ``_parts/<name>.json``: counts, tar size, rejections, format, image statistics."""
     return json.loads((out_dir / PARTS_DIR / f"{name}.json").read_text())
 
 
@@ -161,6 +206,7 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
     rejections: list[Rejection] = []
     manifest_rows: list[dict[str, object]] = []
     tar_parts: list[bytes] = []
+    image_stats = ImageStats()
     offset = 0
     for record in plan.records:
         try:
@@ -173,6 +219,7 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
         json_member = tar_member_bytes(f"{record.key}.json", sample_metadata(record, dataset))
         tar_parts += [jpg_member, json_member]
         sample_size = len(jpg_member) + len(json_member)
+        image_stats += ImageStats.of(image)
         manifest_rows.append(
             {
                 "key": record.key,
@@ -201,6 +248,7 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
         "num_bytes": len(tar_bytes),
         "rejections": [vars(r) for r in rejections],
         "manifest_format": MANIFEST_FORMAT,
+        "image_stats": dataclasses.asdict(image_stats),
     }
     # Stage all three, then publish with the tar last: its presence means the shard is complete.
     staged = [

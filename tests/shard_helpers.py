@@ -67,14 +67,14 @@ def sample_members(tar_path: Path, offset: int, size: int) -> list[tuple[str, by
 
 def rewrite_in_older_format(out_dir: Path, names: list[str] | None = None) -> None:
     """Make a shard folder look as the first pipeline.shard wrote it: every JPEG again in an ``image`` column of
-    the manifest parts and manifest (no offset, size), part statuses without a format.
+    the manifest parts and manifest (no offset, size), part statuses without format or image statistics.
     ``names``: only these shards' parts (a folder that mixes formats); the manifest is left alone then."""
     parts = out_dir / "_parts"
     for status_path in sorted(parts.glob("*-*.json")):
         if names is not None and status_path.stem not in names:
             continue
         status = json.loads(status_path.read_text())
-        status.pop("manifest_format")
+        status.pop("manifest_format"), status.pop("image_stats")
         status_path.write_text(json.dumps(status, indent=1))
         part_path = parts / f"{status_path.stem}.parquet"
         part = pq.read_table(part_path)
@@ -88,6 +88,6 @@ def rewrite_in_older_format(out_dir: Path, names: list[str] | None = None) -> No
         manifest = pa.concat_tables(pq.read_table(parts / f"{entry['name']}.parquet") for entry in plan["shards"])
         pq.write_table(manifest, out_dir / "manifest.parquet")
         summary = json.loads((out_dir / "summary.json").read_text())
-        for key in ("manifest_format", "tar_bytes", "manifest_bytes"):
+        for key in ("image_stats", "manifest_format", "tar_bytes", "manifest_bytes"):
             summary.pop(key)
         (out_dir / "summary.json").write_text(json.dumps(summary))

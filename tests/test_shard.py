@@ -1,5 +1,5 @@
 """The shard contract: members, keys, labels, indices, bad input, interruption, determinism, array split,
-the manifest's offsets, folders of the older manifest format."""
+the manifest's offsets, folders of the older manifest format, image statistics per split."""
 
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from pipeline.data import EvalStream, open_shard_set
 from pipeline.schema import TASKS
-from pipeline.shard import plan_shards, select_records, shards_for_task
+from pipeline.shard import plan_shards, select_records, shards_for_task, sharpness_warnings
+from pipeline.shard_writer import ImageStats
 from pipeline.sources.base import FileImage, SourceListing
 from tests.conftest import write_face_jpeg
 from tests.shard_helpers import (
@@ -107,7 +109,7 @@ def test_two_runs_and_any_worker_count_give_byte_identical_shards_manifest_and_s
         assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "6", "--workers", workers) == 0
         runs.append((tar_bytes(out), (out / "manifest.parquet").read_bytes(), (out / "summary.json").read_bytes()))
     assert runs[0] == runs[1] == runs[2]
-    assert len(runs[0][0]) >= 4
+    assert len(runs[0][0]) >= 4 and json.loads(runs[0][2])["image_stats"]["train"]["sharpness"] > 0
 
 
 def test_rerun_skips_complete_shards_and_finishes_the_missing_ones(utkface_dir: Path, tmp_path: Path) -> None:
@@ -292,7 +294,7 @@ def test_a_complete_older_folder_is_kept_whole_and_its_summary_says_it_can_be_re
     assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "7") == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["manifest_format"] == 1
+    assert summary["manifest_format"] == 1 and summary["image_stats"] == {}
     assert any("older pipeline.shard" in note and "--overwrite" in note for note in summary["notes"])
     assert "older pipeline.shard" in printed and "--overwrite" in printed
     assert read_manifest(out) == older_manifest and tar_bytes(out) == older_tars  # one format, nothing re-encoded
@@ -322,3 +324,67 @@ def test_merge_refuses_parts_of_two_manifest_formats(utkface_dir: Path, tmp_path
     rewrite_in_older_format(out, names=["train-000001"])
     assert shard("merge", out) == 2
     assert "mixes shards of two manifest formats" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- image statistics per split
+
+
+def _fer_folders_with_train_blurred(root: Path, blur_radius: float) -> Path:
+    """The FER2013 folder layout with textured 48 px grey faces; train's blurred as in the broken copy."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 3)):
+        for emotion in ("angry", "happy", "sad"):
+            for index in range(count):
+                texture = rng.integers(0, 256, (12, 12), dtype=np.uint8)
+                face = Image.fromarray(texture, mode="L").resize((48, 48), Image.Resampling.NEAREST)
+                if split == "train" and blur_radius:
+                    face = face.filter(ImageFilter.GaussianBlur(blur_radius))
+                (root / split / emotion).mkdir(parents=True, exist_ok=True)
+                face.save(root / split / emotion / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize("blur_radius", [0, 2])
+def test_summary_warns_when_train_and_test_images_differ_in_sharpness(
+    tmp_path: Path, capsys, blur_radius: float
+) -> None:
+    source = _fer_folders_with_train_blurred(tmp_path / "fer2013", blur_radius)
+    out = tmp_path / "out"
+    assert shard("fer2013", source, "--size", "48", "--val-fraction", "0.3", "--out", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    stats = summary["image_stats"]
+    assert set(stats) == {"train", "val", "test"} and sum(s["num_images"] for s in stats.values()) == 27
+    assert all(0 < s["mean"] < 255 and s["std"] > 0 for s in stats.values())
+    warnings = [note for note in summary["notes"] if note.startswith("WARNING")]
+    printed = capsys.readouterr().out
+    if blur_radius:
+        assert stats["test"]["sharpness"] > 1.5 * stats["train"]["sharpness"]
+        assert len(warnings) == 1 and "train and test images differ in sharpness" in warnings[0]
+        assert warnings[0] in printed
+    else:
+        assert warnings == [] and "WARNING" not in printed
+
+
+def _stats_with_sharpness(sharpness: float) -> ImageStats:
+    return ImageStats(num_images=10, num_pixels=1000, pixel_sum=100_000, pixel_square_sum=12_000_000,
+                      abs_diff_sum=round(sharpness * 900), num_diffs=900)
+
+
+@pytest.mark.parametrize(
+    ("train", "val", "test", "warned"),
+    [(10.0, 10.5, 14.9, []), (10.0, 10.0, 15.2, ["test"]), (14.0, 3.9, 11.6, ["val"]), (11.6, 11.7, 0.0, ["test"]),
+     (0.0, 0.0, 0.0, [])],
+)
+def test_sharpness_warning_fires_beyond_a_ratio_of_one_and_a_half_either_way(train, val, test, warned) -> None:
+    stats = {split: _stats_with_sharpness(value) for split, value in (("train", train), ("val", val), ("test", test))}
+    assert [text.split(" images differ")[0].split()[-1] for text in sharpness_warnings(stats)] == warned
+
+
+def test_image_statistics_are_exact_sums_of_the_grey_crops() -> None:
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    stats = ImageStats.of(Image.fromarray(grey, mode="L").convert("RGB"))
+    values = grey.astype(np.float64)
+    assert (stats.num_images, stats.num_pixels, stats.num_diffs) == (1, 12, 9)
+    assert stats.mean == pytest.approx(values.mean()) and stats.std == pytest.approx(values.std())
+    assert stats.sharpness == 20.0
+    assert stats + ImageStats() == stats and (stats + stats).mean == stats.mean
