@@ -49,6 +49,13 @@ class DataConfigError(ValueError):
     the message names the file or dataset and what is wrong."""
 
 
+def data_error_line(error: DataConfigError) -> str:
+    """The one line a :class:`DataConfigError` says, also when a DataLoader worker raised it: torch raises it
+    again in the main process with the worker's traceback as its message, our line last."""
+    last = str(error).strip().splitlines()[-1]
+    return last.removeprefix(f"{DataConfigError.__module__}.{DataConfigError.__qualname__}: ")
+
+
 # ---------------------------------------------------------------- shard folders
 
 SUMMARY_FILE = "summary.json"

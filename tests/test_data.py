@@ -16,6 +16,7 @@ from pipeline.data import (
     TaskBalancedStream,
     augment_batch,
     compute_quotas,
+    data_error_line,
     eval_loader,
     expected_labelled_per_batch,
     open_shard_set,
@@ -122,6 +123,9 @@ def test_validation_stream_stops_at_a_damaged_shard_naming_it(synthetic_shards: 
     tar.write_bytes(bytes(data))
     with pytest.raises(DataConfigError, match=f"{tar} is damaged: the bytes at 0 are not a tar header"):
         list(EvalStream([shard_set], "val", ["emotion"], 32))
+    with pytest.raises(DataConfigError) as raised:  # from a loader worker: torch adds the worker's traceback
+        list(eval_loader(EvalStream([shard_set], "val", ["emotion"], 32), batch_size=8, loader_workers=1))
+    assert data_error_line(raised.value).startswith(f"{tar} is damaged: the bytes at 0 are not a tar header")
 
 
 def test_augment_batch_is_seeded_keeps_shape_and_is_the_identity_when_off() -> None:
