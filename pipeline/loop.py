@@ -14,6 +14,7 @@ total validation loss) is kept.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -100,12 +101,45 @@ class WorkerContext:
         dist.all_reduce(reduced)
         return reduced.cpu()
 
+    def broadcast_buffers(self, module: nn.Module) -> None:
+        """Rank 0's BatchNorm statistics to every rank: each rank's last training batch moved its own, and
+        validation and the checkpoint must see one model."""
+        if self.distributed:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def check_ranks_identical(self, module: nn.Module, when: str) -> str:
+        """The digest of ``module``'s state, after checking that every rank holds the same one."""
+        digest = state_digest(module)
+        if self.distributed:
+            digests: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(digests, digest)
+            check_digests_agree(digests, when)
+        return digest
+
     def wrap(self, module: nn.Module) -> nn.Module:
-        """DDP over the trainable parameters (frozen ones are left out by DDP itself)."""
-        if not self.distributed:
+        """DDP over the trainable parameters (frozen ones are left out by DDP itself); with nothing left to
+        train (every task frozen), there is nothing to synchronise."""
+        if not self.distributed or not any(parameter.requires_grad for parameter in module.parameters()):
             return module
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer of ``module``, by name: equal digests, identical state."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_digests_agree(digests: Sequence[str | None], when: str) -> None:
+    """Raise when ranks hold different model states: a DDP bug, never to be trained on silently."""
+    if len(set(digests)) > 1:
+        by_rank = ", ".join(f"rank {rank} {digest[:12] if digest else digest}" for rank, digest in enumerate(digests))
+        raise RuntimeError(f"ranks hold different model states {when}: {by_rank}")
 
 
 def resolve_device(config: TrainConfig) -> torch.device:
@@ -326,6 +360,7 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+    context.check_ranks_identical(objective, "before the first step")  # same seed, same weights: not only by DDP
     model = context.wrap(objective)
     val_loader = eval_loader(
         EvalStream(setup.shard_sets, "val", [t.name for t in setup.tasks], config.data.image_size, context.rank, context.world_size),
@@ -349,6 +384,7 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
         )
         del batches
         state.step += setup.steps_per_epoch
+        context.broadcast_buffers(objective)
         val = evaluate_split(net, val_loader, setup.tasks, context, config)
         val_loss_by_task = {task: values["loss"] for task, values in val.items()}
         total_val_loss = sum(val_loss_by_task.values())
@@ -381,6 +417,7 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
         if is_best:
             state.best_total_val_loss = total_val_loss
         metrics["is_best"] = is_best
+        metrics["state_digest"] = context.check_ranks_identical(objective, f"after epoch {epoch}")
         state.history.append(_plain_metrics(metrics))
         state.epoch = epoch + 1
         if context.rank == 0:
