@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 from pipeline.config import AugmentConfig
 from pipeline.data import TaskBalancedStream, augment_batch, decode_image, open_shard_set, train_loader
 from pipeline.shard import main as shard_main
+from pipeline.tar_format import tar_end, tar_members
 
 WORKERS = 2
 
@@ -63,16 +64,21 @@ def main() -> None:
         shards = work / "shards"
         assert shard_main(["synthetic", "--tasks", "age,gender,race", "--num-samples", str(args.samples),
                            "--size", str(args.size), "--out", str(shards), "--workers", "2"]) == 0
-        manifest = pq.read_table(shards / "manifest.parquet", columns=["key", "split", "gender", "image"]).to_pylist()
+        columns = ["key", "split", "gender", "shard", "offset", "size"]
+        manifest = pq.read_table(shards / "manifest.parquet", columns=columns).to_pylist()
         folder = work / "imagefolder"
         jpegs = []
         for row in manifest:
             if row["split"] != "train":
                 continue
+            with open(shards / row["shard"], "rb") as tar:  # the manifest locates the sample; the tar holds it
+                tar.seek(row["offset"])
+                sample = dict(tar_members(tar.read(row["size"]) + tar_end(), row["shard"]))
+            jpeg = sample[f"{row['key']}.jpg"]
             target = folder / str(row["gender"]) / f"{row['key']}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(row["image"])
-            jpegs.append(row["image"])
+            target.write_bytes(jpeg)
+            jpegs.append(jpeg)
 
         shard_set = open_shard_set(shards)
         stream = TaskBalancedStream([shard_set], {shard_set.name: args.batch}, ["age", "gender", "race"], args.size,
