@@ -110,11 +110,13 @@ def open_shard_set(path: str | Path) -> ShardSet:
     root = Path(path)
     summary_path = root / SUMMARY_FILE
     if not summary_path.exists():
-        raise DataConfigError(f"{root} is not a shard folder (no {SUMMARY_FILE}); create it with python -m pipeline.shard")
+        raise DataConfigError(f"{root} is not a shard folder (no {SUMMARY_FILE}); "
+                              "create it with python -m pipeline.shard")
     summary = _read_json(summary_path, root)
     _check_summary(summary, summary_path, root)
     _check_manifest(root, summary)
-    shard_index = {split: _read_shard_index(root, split, count) for split, count in summary["samples_per_split"].items()}
+    shard_index = {split: _read_shard_index(root, split, count)
+                   for split, count in summary["samples_per_split"].items()}
     return ShardSet(summary["dataset"], root, summary, shard_index)
 
 
@@ -161,7 +163,8 @@ def _check_manifest(root: Path, summary: dict) -> None:
     except FileNotFoundError:
         raise DataConfigError(f"{manifest_path} is missing; {_metadata_hint(root)}") from None
     except (pa.ArrowException, OSError) as error:
-        raise DataConfigError(f"{manifest_path} is not a readable Parquet file ({error}); {_metadata_hint(root)}") from None
+        raise DataConfigError(f"{manifest_path} is not a readable Parquet file ({error}); "
+                              f"{_metadata_hint(root)}") from None
     missing = [column for column in ("split", *summary["labelled_per_task"]) if column not in columns]
     if missing:
         raise DataConfigError(f"{manifest_path} has no column {', '.join(missing)}; {_metadata_hint(root)}")
@@ -171,12 +174,12 @@ def _read_shard_index(root: Path, split: str, expected_samples: int) -> list[dic
     """A split's wids index, checked against the summary's count and each tar's size on disk."""
     index_path = root / f"{split}.json"
     if not index_path.exists():
-        raise DataConfigError(f"no {SPLIT_WORDS.get(split, split)} split in {root}: {index_path.name} is missing, though "
-                              f"{SUMMARY_FILE} counts {expected_samples} {split} samples; {_metadata_hint(root)}")
+        raise DataConfigError(f"no {SPLIT_WORDS.get(split, split)} split in {root}: {index_path.name} is missing, "
+                              f"though {SUMMARY_FILE} counts {expected_samples} {split} samples; {_metadata_hint(root)}")
     index = _read_json(index_path, root)
     try:
-        shards = [{"url": str(root / entry["url"]), "nsamples": int(entry["nsamples"]), "filesize": int(entry["filesize"]),
-                   "index": index_path.name} for entry in index["shardlist"]]
+        shards = [{"url": str(root / entry["url"]), "nsamples": int(entry["nsamples"]),
+                   "filesize": int(entry["filesize"]), "index": index_path.name} for entry in index["shardlist"]]
     except (KeyError, TypeError, ValueError):
         raise DataConfigError(f"{index_path} is not a wids shard index (a shardlist of url, nsamples, filesize); "
                               f"{_metadata_hint(root)}") from None
@@ -196,11 +199,11 @@ def _read_shard_index(root: Path, split: str, expected_samples: int) -> list[dic
 def check_shard_size(shard: Mapping[str, object], size: int) -> None:
     """A tar must have the byte size its index records: shorter is a truncated copy, longer a changed one."""
     if size < shard["filesize"]:
-        raise DataConfigError(f"{shard['url']} is truncated at byte {size}: {shard['index']} records {shard['filesize']} "
-                              f"bytes; delete it and {SHARD_HINT}")
+        raise DataConfigError(f"{shard['url']} is truncated at byte {size}: {shard['index']} records "
+                              f"{shard['filesize']} bytes; delete it and {SHARD_HINT}")
     if size > shard["filesize"]:
-        raise DataConfigError(f"{shard['url']} has {size} bytes, {shard['index']} records {shard['filesize']}: it changed "
-                              f"after sharding; delete it and {SHARD_HINT}")
+        raise DataConfigError(f"{shard['url']} has {size} bytes, {shard['index']} records {shard['filesize']}: "
+                              f"it changed after sharding; delete it and {SHARD_HINT}")
 
 
 def resolve_tasks(shard_sets: Sequence[ShardSet], requested: Sequence[str]) -> list[str]:

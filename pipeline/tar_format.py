@@ -78,7 +78,8 @@ def tar_members(data: bytes, url: str) -> Iterator[tuple[str, bytes]]:
         start = offset + TAR_BLOCK
         end = start + size
         if end > len(data):
-            raise TarFormatError(f"{url} is truncated at byte {len(data)} (the member at byte {offset} needs {size} bytes)")
+            raise TarFormatError(f"{url} is truncated at byte {len(data)} "
+                                 f"(the member at byte {offset} needs {size} bytes)")
         offset = start + -(-size // TAR_BLOCK) * TAR_BLOCK
         if kind == b"L":  # GNU long name: the next member's name is this payload
             long_name = data[start:end].split(b"\0", 1)[0].decode()

@@ -66,7 +66,8 @@ def test_a_train_tar_cut_inside_a_header_is_named_truncated_with_its_size(shards
          "{d}/summary.json is not valid JSON (Expecting value: line 1 column 1 (char 0)); "
          "rebuild it with python -m pipeline.shard merge {d}"),
         (lambda d: (d / "summary.json").write_text("{}"),
-         "{d}/summary.json lacks dataset, samples_per_split, labelled_per_task; rebuild it with python -m pipeline.shard merge {d}"),
+         "{d}/summary.json lacks dataset, samples_per_split, labelled_per_task; "
+         "rebuild it with python -m pipeline.shard merge {d}"),
         (lambda d: (d / "train.json").unlink(),
          "no training split in {d}: train.json is missing, though summary.json counts {train} train samples; "
          "rebuild it with python -m pipeline.shard merge {d}"),
@@ -79,7 +80,8 @@ def test_a_train_tar_cut_inside_a_header_is_named_truncated_with_its_size(shards
          "no validation split in {d}: val.json is missing, though summary.json counts {val} val samples; "
          "rebuild it with python -m pipeline.shard merge {d}"),
     ],
-    ids=["summary-garbage", "summary-empty", "train-index-missing", "train-index-garbage", "manifest-missing", "no-val-index"],
+    ids=["summary-garbage", "summary-empty", "train-index-missing", "train-index-garbage", "manifest-missing",
+         "no-val-index"],
 )
 def test_a_damaged_or_missing_metadata_file_is_named_before_ray_starts(shards: Path, tmp_path: Path, capsys,
                                                                       damage, expected: str) -> None:

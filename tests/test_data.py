@@ -114,7 +114,8 @@ def test_reading_a_shard_checks_its_size_and_sample_count_against_its_index_entr
         list(tar_samples([{**entry, "filesize": entry["filesize"] + 512}]))
 
 
-def test_validation_stream_stops_at_a_damaged_shard_naming_it(synthetic_shards: dict[str, Path], tmp_path: Path) -> None:
+def test_validation_stream_stops_at_a_damaged_shard_naming_it(synthetic_shards: dict[str, Path],
+                                                              tmp_path: Path) -> None:
     folder = Path(shutil.copytree(synthetic_shards["fer"], tmp_path / "fer"))
     tar = folder / "val-000000.tar"
     data = bytearray(tar.read_bytes())

@@ -59,7 +59,8 @@ def test_reader_groups_members_into_samples_by_key(tmp_path: Path) -> None:
     path = tmp_path / "t.tar"
     write_sample_tar(path)
     samples = list(tar_samples([{"url": str(path)}]))
-    assert [(s["__key__"], s["jpg"], s["json"]) for s in samples] == [("a", b"x" * 700, b"{}"), ("k" * 150, b"long name", b"{}")]
+    assert [(s["__key__"], s["jpg"], s["json"]) for s in samples] == [
+        ("a", b"x" * 700, b"{}"), ("k" * 150, b"long name", b"{}")]
 
 
 @pytest.mark.parametrize(
