@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from pipeline.data import DataConfigError, EvalStream, ShardSet, eval_loader, open_shard_set
+from pipeline.data import DataConfigError, EvalStream, ShardSet, data_error_line, eval_loader, open_shard_set
 from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, InferenceModel, choose_device,
                                 load_inference_model)
 from pipeline.loop import WorkerContext, evaluate_split
@@ -126,7 +126,10 @@ def evaluate_dataset(model: InferenceModel, shard_set: ShardSet, split: str, opt
     loader = eval_loader(stream, options.batch_size, options.loader_workers, pin_memory=model.device.type == "cuda")
     batches = CountingBatches(loader)
     context = SumsKeepingContext(device=model.device)
-    evaluate_split(model.net, batches, model.tasks, context, model.config)
+    try:
+        evaluate_split(model.net, batches, model.tasks, context, model.config)
+    except DataConfigError as error:  # a shard whose damage its size does not show, found while reading it
+        raise EvaluationError(data_error_line(error)) from None
     sums = MetricSums(model.tasks)
     sums.load_tensor(context.reduced)
     return DatasetSums(shard_set.name, shard_set.root, batches.samples, sums)

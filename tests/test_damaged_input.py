@@ -140,3 +140,16 @@ def test_an_index_that_disagrees_with_the_summary_is_refused(shards: Path, tmp_p
     assert refused_training(shards, tmp_path / "runs", capsys) == (f"{shards}/val.json lists {counted - 1} samples, "
                                                                    f"summary.json counts {counted}; rebuild it with "
                                                                    f"python -m pipeline.shard merge {shards}")
+
+
+def test_evaluate_names_a_shard_damaged_where_its_size_does_not_show(checkpoint, shards, tmp_path, capsys) -> None:
+    tar = shards / "val-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[:TAR_BLOCK] = b"\x5a" * TAR_BLOCK
+    tar.write_bytes(bytes(data))
+    out = tmp_path / "evaluation"
+    assert evaluate_main([str(checkpoint), "--split", "val", "--data", str(shards), "--out", str(out),
+                          "--loader-workers", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tar} is damaged: the bytes at 0 are not a tar header (no ustar magic); delete it and {HINT_SHARD}"]
+    assert not out.exists()

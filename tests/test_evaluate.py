@@ -21,6 +21,7 @@ from pipeline.evaluate import (
 )
 from pipeline.metrics import MetricSums, classification_metrics, per_class_accuracy
 from pipeline.schema import TaskSpec, get_task
+from pipeline.shard import main as shard_main
 from pipeline.train import main as train_main
 from tests.test_train import tiny_overrides
 
@@ -170,9 +171,8 @@ def test_cuda_without_a_gpu_exits_2(trained_run: Path, monkeypatch: pytest.Monke
 
 def test_split_that_no_dataset_has_is_an_error_naming_it_and_others_are_skipped(synthetic_shards, tmp_path: Path) -> None:
     train_only = tmp_path / "train_only"
-    train_only.mkdir()
-    summary = {"dataset": "train_only", "samples_per_split": {"train": 5}, "labelled_per_task": {"age": {"train": 5}}}
-    (train_only / "summary.json").write_text(json.dumps(summary))
+    assert shard_main(["synthetic", "--name", "train_only", "--num-samples", "5", "--size", "32", "--val-fraction", "0",
+                       "--test-fraction", "0", "--out", str(train_only)]) == 0
     with pytest.raises(EvaluationError, match="no dataset has a 'test' split"):
         open_evaluation_data([train_only], "test")
     data = open_evaluation_data([train_only, synthetic_shards["fer"]], "test")

@@ -354,7 +354,7 @@ def test_snapshot_store_state_dict_round_trip_through_torch_save(scripted_run: S
     torch.save(scripted_run.store_state, buffer)
     buffer.seek(0)
     restored = SnapshotStore()
-    restored.load_state_dict(torch.load(buffer))
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.epochs == (1, 2)
     for epoch in restored.epochs:
         assert_state_equal(restored.get(epoch), scripted_run.validated[epoch], ("",))
