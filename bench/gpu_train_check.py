@@ -41,10 +41,11 @@ class Tolerance:
                 f"accuracy {self.accuracy_absolute:g} absolute")
 
 
-# bf16 autocast against fp32 after 2 x 30 Adam steps at lr 1e-3 from scratch: the two runs drift apart like two
-# nearby trajectories, not like two seeds. Measured on the CPU (bf16 autocast vs fp32, same batches, this model
-# and data): see the GPU check's section of the README. The bounds are about twice what was measured there.
-TOLERANCE_BF16 = Tolerance(loss_relative=0.10, accuracy_absolute=0.06, mae_relative=0.10)
+# bf16 autocast against fp32 after 2 x 30 Adam steps at lr 1e-3 from scratch drift apart like two nearby trajectories,
+# not like two seeds. Measured on the CPU (bf16 autocast against fp32, same init and batches, this model and data
+# at these sizes, 2026-11-29): total validation loss 1.4 %, per-task loss up to 4.6 % (gender), accuracy up to 0.046
+# (young: 5 of 108 validation samples), age MAE 0.5 %. The bounds are about twice the largest of these.
+TOLERANCE_BF16 = Tolerance(loss_relative=0.10, accuracy_absolute=0.10, mae_relative=0.10)
 # Same device, same precision: only the order of float sums may differ.
 TOLERANCE_SAME = Tolerance(loss_relative=1e-3, accuracy_absolute=1e-3, mae_relative=1e-3)
 
@@ -66,9 +67,10 @@ def run_training(command: list[str], log: Path, timeout: float) -> tuple[int, st
     try:
         completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
         code, output = completed.returncode, completed.stdout + completed.stderr
-    except subprocess.TimeoutExpired as error:
-        code, output = -1, f"{error.stdout or ''}{error.stderr or ''}\ntimed out after {timeout:.0f} s"
-        output = output if isinstance(output, str) else output.decode(errors="replace")
+    except subprocess.TimeoutExpired as error:  # its captured output comes as bytes, text=True or not
+        captured = [part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                    for part in (error.stdout, error.stderr)]
+        code, output = -1, "".join(captured) + f"\ntimed out after {timeout:.0f} s"
     log.write_text(output)
     print(f"  exit {code} in {time.perf_counter() - started:.0f} s, output in {log}", flush=True)
     return code, output
