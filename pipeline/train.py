@@ -16,7 +16,6 @@ under a config that changes the maths, is refused; ``--restart`` starts it over.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -51,13 +50,11 @@ def ray_log_level() -> str:
 
 
 def quiet_report_log() -> None:
-    """Ray Train logs each report (every metric) at INFO under a logger named by its source file, which its
-    LoggingConfig does not reach; hold it to our level so the job's output shows our epoch lines only."""
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-    except ImportError:  # another Ray version: nothing to quiet
-        return
-    logging.getLogger(train_context.__file__).setLevel(ray_log_level())
+    """Ray Train logs each report (every metric) at INFO; hold it to our level so the job's output shows our
+    epoch lines only."""
+    from pipeline.ray_compat import quiet_train_reports
+
+    quiet_train_reports(ray_log_level())
 
 
 def ray_worker_entry(loop_config: dict[str, Any]) -> None:
@@ -125,20 +122,22 @@ def connect_ray(min_cpus: int) -> None:
     """Join ``RAY_ADDRESS`` when set, else start a local Ray with this machine's CPUs, at least ``min_cpus``."""
     import ray
 
+    from pipeline.cluster import free_port
+    from pipeline.ray_compat import check_ray, job_environment
+
     if ray.is_initialized():
         return
-    # Ray Train re-routes print() on its workers through the logging module, which shows every progress
-    # line twice; the workers print their own lines, once.
-    runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    check_ray()
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env={"env_vars": job_environment(gcs_address=address)})
     else:
         # address="local": a new Ray here, never another job's `ray start` cluster on this machine, which a
-        # plain ray.init() would join. With its dashboard, for the person watching (Ray prints its address:
-        # the next free port from 8265 on).
+        # plain ray.init() would join. With its dashboard, for the person watching (Ray prints its address).
+        dashboard_port = free_port()
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True,
-                 runtime_env=runtime_env)
+                 dashboard_port=dashboard_port,
+                 runtime_env={"env_vars": job_environment(dashboard_url=f"http://127.0.0.1:{dashboard_port}")})
 
 
 def build_trainer(config: TrainConfig, max_failures: int, entry: Callable[[dict[str, Any]], None] | None = None,
@@ -147,10 +146,10 @@ def build_trainer(config: TrainConfig, max_failures: int, entry: Callable[[dict[
     checkpoints and Ray's records in ``runs_dir/name``. ``loop_extras`` and ``callbacks`` let a caller (a
     Tune trial) hear of every epoch."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     run_dir = config.run_dir.resolve()
-    return torch_trainer_class()(
+    return TorchTrainer(
         entry or ray_worker_entry,
         train_loop_config={"config": to_dict(config), "run_dir": str(run_dir), **(loop_extras or {})},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
@@ -164,33 +163,6 @@ def build_trainer(config: TrainConfig, max_failures: int, entry: Callable[[dict[
             callbacks=list(callbacks),
         ),
     )
-
-
-def torch_trainer_class() -> type:
-    """Ray's ``TorchTrainer`` without its placement-group cleaner (Ray Train v2).
-
-    The cleaner is a detached actor that asks Ray's state API whether the train controller still lives,
-    and removes the run's placement group when it hears it does not. Its state client finds "the" cluster
-    on its own (through /tmp/ray), so with a second Ray cluster on the machine (a test suite, a search
-    beside a training run, two users) it can ask the wrong cluster, hear "no such actor", and remove the
-    live run's placement group, whereupon Ray kills the workers ("Destroying worker since its placement
-    group was removed"). That killed a UTKFace run here when another process started a Ray. Without the
-    cleaner nothing leaks: a placement group is removed when the job that made it ends, and ours ends with
-    the training command.
-    """
-    from ray.train.torch import TorchTrainer
-
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:  # a Ray without the cleaner
-        return TorchTrainer
-
-    class TorchTrainerWithoutCleaner(TorchTrainer):
-        def _create_default_callbacks(self) -> list[Any]:
-            callbacks = super()._create_default_callbacks()
-            return [callback for callback in callbacks if not isinstance(callback, PlacementGroupCleanerCallback)]
-
-    return TorchTrainerWithoutCleaner
 
 
 def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:

@@ -134,21 +134,3 @@ def test_a_killed_worker_is_restarted_and_training_finishes_all_epochs(synthetic
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert all(math.isfinite(r["val/total_loss"]) for r in rows)
     assert "resuming from" in log.read_text()
-
-
-def test_trainer_runs_without_the_placement_group_cleaner_that_can_ask_another_cluster(tmp_path: Path) -> None:
-    # The cleaner removed a live run's placement group (and so killed its workers) when a second Ray
-    # cluster started on the machine; see pipeline.train.torch_trainer_class.
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    from pipeline.config import TrainConfig
-    from pipeline.train import build_trainer
-
-    config = TrainConfig(name="cleanerless", runs_dir=str(tmp_path))
-    trainer = build_trainer(config, max_failures=0)
-    assert isinstance(trainer, TorchTrainer)
-    default = TorchTrainer(lambda: None)._create_default_callbacks()
-    ours = trainer._create_default_callbacks()
-    assert any(isinstance(callback, PlacementGroupCleanerCallback) for callback in default)
-    assert [type(c) for c in ours] == [type(c) for c in default if not isinstance(c, PlacementGroupCleanerCallback)]
