@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.schema import TASKS
+
 
 @dataclass
 class AugmentConfig:
@@ -170,14 +172,29 @@ def apply_override(document: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {yaml_problem(error)}") from None
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (line and column, counted from 1)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or error}{where}"
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config (or the defaults), apply overrides, validate, and return the dataclass tree."""
     document: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {yaml_problem(error)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}")
         document = loaded or {}
     for override in overrides:
         apply_override(document, override)
@@ -211,6 +228,9 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    unknown = [task for task in config.data.tasks if task not in TASKS]
+    if unknown:
+        raise ConfigError(f"data.tasks names unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(TASKS)}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -200,6 +200,15 @@ def rebuild_optimizer(old: torch.optim.Optimizer, objective: MultiTaskObjective,
 # ---------------------------------------------------------------- one epoch
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite training loss: the run stops, and nothing of the epoch is saved."""
+
+
+# Steps between the checks for a non-finite loss: each costs one host-device sync (and an all-reduce),
+# so not every step; the losses themselves are summed on the device and read once per epoch.
+DIVERGENCE_CHECK_STEPS = 50
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterator[dict[str, torch.Tensor]],
@@ -211,16 +220,23 @@ def train_one_epoch(
     config: TrainConfig,
     augment_generator: torch.Generator,
     grad_scaler: torch.amp.GradScaler,
+    epoch: int = 0,
 ) -> dict[str, float]:
-    """``steps`` optimizer steps; returns mean task losses, labelled examples per batch and images/s."""
+    """``steps`` optimizer steps; returns mean task losses, labelled examples per batch and images/s.
+
+    Raises :class:`TrainingDiverged` (on every rank alike) when a loss turns NaN or infinite.
+    """
     model.train()
     amp_dtype = autocast_dtype(config, context.device)
-    loss_sum = {t.name: 0.0 for t in tasks}
-    loss_batches = {t.name: 0 for t in tasks}
+    column = {t.name: i for i, t in enumerate(tasks)}
+    # Running sums on the device, read once at the end: no sync per step. Row T is the total loss.
+    loss_sums = torch.zeros(len(tasks) + 1, dtype=torch.float64, device=context.device)
+    loss_batches = torch.zeros(len(tasks) + 1, dtype=torch.float64, device=context.device)
+    first_bad_step = torch.full((len(tasks) + 1,), -1, dtype=torch.long, device=context.device)
     labelled = torch.zeros(len(tasks))
-    images_seen, total_sum = 0, 0.0
+    images_seen = 0
     started = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         batch = next(batches)
         images = augment_batch(batch["images"].to(context.device, non_blocking=True), config.data.augment, augment_generator)
         images = normalize_images(images, config.model.channels_last)
@@ -233,17 +249,39 @@ def train_one_epoch(
         grad_scaler.scale(total).backward()  # a no-op scale unless fp16, whose small gradients underflow
         grad_scaler.step(optimizer)
         grad_scaler.update()
-        for task, loss in task_losses.items():
-            loss_sum[task] += loss.detach().item()
-            loss_batches[task] += 1
+        for index, loss in [(column[task], loss) for task, loss in task_losses.items()] + [(len(tasks), total)]:
+            value = loss.detach().double()
+            loss_sums[index] += value
+            loss_batches[index] += 1
+            first_bad_step[index] = torch.where((first_bad_step[index] < 0) & ~torch.isfinite(value), step, first_bad_step[index])
         labelled += batch["mask"].sum(dim=0).float()
         images_seen += images.shape[0]
-        total_sum += total.detach().item()
+        if (step + 1) % DIVERGENCE_CHECK_STEPS == 0 or step + 1 == steps:
+            check_finite(first_bad_step, loss_sums, tasks, context, epoch, steps)
     seconds = time.perf_counter() - started
-    metrics = {f"train/{t}/loss": loss_sum[t] / loss_batches[t] for t in loss_sum if loss_batches[t]}
+    sums, counts = loss_sums.tolist(), loss_batches.tolist()
+    metrics = {f"train/{t.name}/loss": sums[i] / counts[i] for i, t in enumerate(tasks) if counts[i]}
     metrics |= {f"train/{t.name}/labelled_per_batch": float(labelled[i] / steps) for i, t in enumerate(tasks)}
-    metrics |= {"train/total_loss": total_sum / steps, "train/images_per_s": images_seen * context.world_size / seconds}
+    metrics |= {"train/total_loss": sums[-1] / steps, "train/images_per_s": images_seen * context.world_size / seconds}
     return metrics
+
+
+def check_finite(first_bad_step: torch.Tensor, loss_sums: torch.Tensor, tasks: Sequence[TaskSpec], context: WorkerContext,
+                 epoch: int, steps: int) -> None:
+    """Raise :class:`TrainingDiverged` on every rank once any rank has seen a non-finite loss."""
+    bad_here = first_bad_step >= 0
+    ranks_bad = int(context.all_reduce_sum(bad_here.any().float().reshape(1).cpu())[0])
+    if not ranks_bad:
+        return
+    if not bad_here.any():
+        raise TrainingDiverged(f"training diverged in epoch {epoch}: a loss became non-finite on another rank")
+    names = [t.name for t in tasks] + ["total"]
+    steps_by_index = first_bad_step.tolist()
+    index = min((i for i, s in enumerate(steps_by_index) if s >= 0), key=lambda i: (steps_by_index[i], i))
+    value = loss_sums[index].item()
+    raise TrainingDiverged(
+        f"training diverged at epoch {epoch}, step {steps_by_index[index]} of {steps}: the loss of task "
+        f"{names[index]!r} became {value}; nothing of this epoch was saved (try a lower optim.lr)")
 
 
 @torch.no_grad()
@@ -380,13 +418,17 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
         metrics: dict[str, Any] = {"epoch": epoch}
         metrics |= train_one_epoch(
             model, batches, setup.steps_per_epoch, optimizer, setup.tasks, freezer.loss_tasks(), context, config,
-            augment_generator, grad_scaler,
+            augment_generator, grad_scaler, epoch,
         )
         del batches
         state.step += setup.steps_per_epoch
         context.broadcast_buffers(objective)
         val = evaluate_split(net, val_loader, setup.tasks, context, config)
         val_loss_by_task = {task: values["loss"] for task, values in val.items()}
+        for task in freezer.loss_tasks():
+            if not math.isfinite(val_loss_by_task.get(task, math.nan)):
+                raise TrainingDiverged(f"training diverged: the validation loss of task {task!r} at epoch {epoch} is "
+                                       f"{val_loss_by_task.get(task)}; nothing of this epoch was saved (try a lower optim.lr)")
         total_val_loss = sum(val_loss_by_task.values())
         for task, values in val.items():
             metrics |= {f"val/{task}/{name}": value for name, value in values.items()}

@@ -29,6 +29,7 @@ METRICS_FILE = "metrics.parquet"
 CONFIG_FILE = "config.yaml"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_FOLDERS = "checkpoint_*"  # Ray Train's (named by time) and --local's (named by epoch)
+STOPPED_FILE = "stopped.json"  # why a run stopped on purpose (divergence, a refused resume): not retried
 
 
 class CheckpointsUnusable(Exception):
@@ -105,6 +106,19 @@ def has_records(run_dir: Path) -> bool:
     """Whether a run folder holds anything a restart would overwrite: checkpoints, metrics, a best model."""
     return any(run_dir.glob(f"{CHECKPOINT_FOLDERS}/{CHECKPOINT_FILE}")) or any(
         (run_dir / name).exists() for name in (METRICS_FILE, BEST_MODEL_FILE, CHECKPOINT_FILE))
+
+
+def record_stop(run_dir: Path, reason: str) -> None:
+    """Why the run stopped without finishing, for the launching process to report (a Ray worker cannot)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    temporary = run_dir / f"{STOPPED_FILE}.tmp"
+    temporary.write_text(json.dumps({"reason": reason}))
+    os.replace(temporary, run_dir / STOPPED_FILE)
+
+
+def read_stop(run_dir: Path) -> str | None:
+    path = run_dir / STOPPED_FILE
+    return json.loads(path.read_text())["reason"] if path.exists() else None
 
 
 def best_model_payload(payload: dict[str, Any], epoch: int) -> dict[str, Any]:

@@ -28,20 +28,27 @@ from pipeline.config import (
     RESUMABLE_KEYS, ConfigError, TrainConfig, config_differences, describe_differences, load_config, save_config, to_dict,
     with_absolute_paths,
 )
-from pipeline.data import DataConfigError, check_validation_labels, open_shard_set, resolve_tasks
+from pipeline.data import DataConfigError, check_validation_labels, data_error_line, open_shard_set, resolve_tasks
+from pipeline.loop import ResumeError, TrainingDiverged
 from pipeline.run_records import (
     BEST_MODEL_FILE,
     CONFIG_FILE,
     CheckpointsUnusable,
+    STOPPED_FILE,
     LocalRun,
     RunRecorder,
     best_model_payload,
     has_records,
     latest_checkpoint,
     load_checkpoint,
+    read_stop,
+    record_stop,
     save_atomically,
     save_checkpoint,
 )
+
+# Errors that come back on every try: the run stops with one line, and Ray Train does not retry it.
+DETERMINISTIC_STOPS = (TrainingDiverged, ResumeError, DataConfigError)
 
 
 def ray_log_level() -> str:
@@ -87,10 +94,17 @@ def ray_worker_entry(loop_config: dict[str, Any]) -> None:
                 save_atomically(best_model_payload(payload, metrics["epoch"]), run_dir / BEST_MODEL_FILE)
             recorder.record_epoch(metrics, payload["run_state"]["history"])
 
-    resume = load_resume_payload(run_dir, ray.train.get_checkpoint(), context)
-    train_loop(config, context, report, resume)
-    if recorder is not None:
-        recorder.close()
+    try:
+        resume = load_resume_payload(run_dir, ray.train.get_checkpoint(), context)
+        train_loop(config, context, report, resume)
+    except DETERMINISTIC_STOPS as error:
+        # The same run would fail the same way again: recorded for the launcher, and not a worker failure
+        # that Ray Train would retry.
+        if context.rank == 0:
+            record_stop(run_dir, data_error_line(error) if isinstance(error, DataConfigError) else str(error))
+    finally:
+        if recorder is not None:
+            recorder.close()
 
 
 def load_resume_payload(run_dir: Path, ray_checkpoint: Any, context: Any) -> dict[str, Any] | None:
@@ -174,6 +188,8 @@ def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
 def check_datasets(config: TrainConfig) -> None:
     """Every dataset is a shard folder and every task has training and validation labels: refused here,
     before Ray starts workers that would each fail on it."""
+    if not config.data.datasets:
+        raise ConfigError("data.datasets is empty: name at least one shard folder written by python -m pipeline.shard")
     shard_sets = [open_shard_set(path) for path in config.data.datasets]
     check_validation_labels(shard_sets, resolve_tasks(shard_sets, config.data.tasks))
 
@@ -186,8 +202,18 @@ def run_locally(config: TrainConfig) -> None:
     resume = found[1] if found else None
     if found is not None:
         print(f"resuming from {found[0]} at epoch {resume['run_state']['epoch']}")
-    train_loop(config, WorkerContext(device=resolve_device(config)), run.report, resume)
-    run.recorder.close()
+    try:
+        train_loop(config, WorkerContext(device=resolve_device(config)), run.report, resume)
+    except DETERMINISTIC_STOPS as error:
+        record_stop(config.run_dir, data_error_line(error) if isinstance(error, DataConfigError) else str(error))
+    finally:
+        run.recorder.close()
+
+
+def failure_line(error: BaseException) -> str:
+    """The cause of a failed run in one line: the last line of the innermost error Ray reports."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def check_run_folder(config: TrainConfig, restart: bool) -> None:
@@ -231,15 +257,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     save_config(config, config.run_dir / CONFIG_FILE)
+    (config.run_dir / STOPPED_FILE).unlink(missing_ok=True)
     print(f"run folder: {config.run_dir.resolve()}\nconfig:\n{Path(config.run_dir / CONFIG_FILE).read_text()}", flush=True)
     started = time.perf_counter()
     if args.local:
         run_locally(config)
     else:
-        result = fit_with_ray(config, args.max_failures)
-        if result.error is not None:
-            print(f"training failed: {result.error}", file=sys.stderr)
+        try:
+            result = fit_with_ray(config, args.max_failures)
+            error = result.error
+        except Exception as raised:  # Ray 2.60's fit() raises what earlier versions returned
+            error = raised
+        if error is not None and read_stop(config.run_dir) is None:
+            print(f"training failed: {failure_line(error)} (the traceback is above)", file=sys.stderr)
             return 1
+    stopped = read_stop(config.run_dir)
+    if stopped is not None:
+        print(f"error: {stopped}", file=sys.stderr)
+        return 1
     print(f"\ndone in {time.perf_counter() - started:.0f} s. Results in {config.run_dir.resolve()}:")
     print(f"  best model {BEST_MODEL_FILE}, metrics.parquet, tensorboard/ (tensorboard --logdir {config.run_dir})")
     return 0

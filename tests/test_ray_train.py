@@ -134,3 +134,11 @@ def test_a_killed_worker_is_restarted_and_training_finishes_all_epochs(synthetic
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
     assert all(math.isfinite(r["val/total_loss"]) for r in rows)
     assert "resuming from" in log.read_text()
+
+
+def test_under_ray_a_diverging_run_is_one_line_and_not_retried(local_ray, synthetic_shards, tmp_path: Path, capsys) -> None:
+    args = tiny_overrides(synthetic_shards, tmp_path, "nan", "max_epochs=2", "freeze.mode=none", "optim.lr=1e12")
+    assert train_main(args) == 1
+    captured = capsys.readouterr()
+    ours = [line for line in captured.err.strip().splitlines() if line.startswith(("error:", "training failed:"))]
+    assert len(ours) == 1 and ours[0].startswith("error: training diverged at epoch 0, step "), captured.err[-2000:]

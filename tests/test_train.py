@@ -186,3 +186,35 @@ def test_a_checkpoint_stores_the_snapshot_of_its_own_epoch_once(synthetic_shards
     parameter_bytes = sum(t.numel() * t.element_size() for t in payload["objective"].values())
     ratio = (folder / "checkpoint.pt").stat().st_size / parameter_bytes
     assert 2.9 < ratio < 3.2, ratio
+
+
+@pytest.mark.parametrize(("config_text", "overrides", "line"), [
+    ("data:\n  batch_size: [64\n", [], "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1"),
+    (None, ["data.tasks=[foo]"], "data.tasks names unknown task(s) 'foo'; known: age, gender"),
+    (None, ["keep_checkpoints=-1"], "keep_checkpoints must be >= 0 (0 keeps all), got -1"),
+    (None, ["data.datasets=[]"], "data.datasets is empty: name at least one shard folder"),
+    (None, ["optim.lr=[1"], "override 'optim.lr=[1': the value is not valid YAML"),
+])
+def test_a_bad_config_is_one_error_line_and_exit_2_before_ray_starts(tmp_path: Path, capsys, config_text, overrides, line) -> None:
+    import ray
+
+    argv = ["--local", f"runs_dir={tmp_path}", *overrides]
+    if config_text is not None:
+        (tmp_path / "bad.yaml").write_text(config_text)
+        argv = ["--config", str(tmp_path / "bad.yaml"), *argv]
+    assert train_main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and line in error[0]
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_at_once_naming_epoch_step_and_task_and_saves_nothing_of_it(
+        synthetic_shards, tmp_path: Path, capsys) -> None:
+    args = tiny_overrides(synthetic_shards, tmp_path, "d", "max_epochs=3", "freeze.mode=none", "optim.lr=1e12")
+    assert train_main(["--local", *args]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: training diverged at epoch 0, step "), error
+    assert "the loss of task" in error[0] and "nothing of this epoch was saved" in error[0]
+    assert checkpoint_folders(tmp_path / "d") == [] and not (tmp_path / "d" / "best_model.pt").exists()
+    assert train_main(["--local", *args]) == 1  # deterministic: the same line again, not a retry loop
+    assert capsys.readouterr().err.strip().splitlines() == error
