@@ -370,7 +370,7 @@ def measure_ddp(plan: Plan, plan_path: str, writer: RowWriter) -> None:
             return
     else:
         world, backend = plan.cpu_ddp_workers, "gloo"
-    launcher = "Ray Train TorchTrainer" if plan.use_ray else "torchrun (Ray not installed)"
+    launcher = "Ray Train TorchTrainer" if plan.use_ray else "torchrun (without Ray)"
     what = f"DDP {backend}, {world} {'GPUs' if plan.device == 'cuda' else 'CPU processes'}, {launcher}, {model.label}"
     result = str(Path(plan.work) / "ddp.result.json")
     try:

@@ -30,6 +30,7 @@ from pipeline.config import (
 )
 from pipeline.data import DataConfigError, check_validation_labels, data_error_line, open_shard_set, resolve_tasks
 from pipeline.loop import ResumeError, TrainingDiverged
+from pipeline.run_summary import at_chance_warning, format_summary_table, summarize_run, write_run_summary
 from pipeline.run_records import (
     BEST_MODEL_FILE,
     CONFIG_FILE,
@@ -275,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     if stopped is not None:
         print(f"error: {stopped}", file=sys.stderr)
         return 1
+    summary = summarize_run(config.run_dir, [open_shard_set(path) for path in config.data.datasets])
+    write_run_summary(config.run_dir, summary)
+    print(f"\nbest epoch {summary['best_epoch']}, validation split:\n{format_summary_table(summary)}")
+    warning = at_chance_warning(summary, str(config.run_dir))
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"\ndone in {time.perf_counter() - started:.0f} s. Results in {config.run_dir.resolve()}:")
     print(f"  best model {BEST_MODEL_FILE}, metrics.parquet, tensorboard/ (tensorboard --logdir {config.run_dir})")
     return 0
