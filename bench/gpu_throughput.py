@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import traceback
 import warnings
@@ -324,7 +323,7 @@ def ddp_settings(plan: Plan, result: str) -> dict:
             "max_seconds": plan.max_timed_s, "result": result}
 
 
-def run_with_ray(settings: dict, world: int, use_gpu: bool) -> None:
+def run_with_ray(settings: dict, world: int, use_gpu: bool, storage: Path) -> None:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -341,7 +340,7 @@ def run_with_ray(settings: dict, world: int, use_gpu: bool) -> None:
             worker, train_loop_config=settings,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=world, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name="gpu-check-ddp", storage_path=tempfile.mkdtemp(prefix="facemtl-gpu-check-ray-")),
+            run_config=RunConfig(name="gpu-check-ddp", storage_path=str(storage)),
         )
         result = trainer.fit()
         if result.error is not None:
@@ -375,7 +374,7 @@ def measure_ddp(plan: Plan, plan_path: str, writer: RowWriter) -> None:
     result = str(Path(plan.work) / "ddp.result.json")
     try:
         if plan.use_ray:
-            run_with_ray(ddp_settings(plan, result), world, plan.device == "cuda")
+            run_with_ray(ddp_settings(plan, result), world, plan.device == "cuda", Path(plan.work) / "ray")
         else:
             run_with_torchrun(plan_path, result, world)
         measured = json.loads(Path(result).read_text())
