@@ -18,13 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pipeline.config import load_config
-from pipeline.data import open_shard_set
-from pipeline.metrics import chance_level
-from pipeline.run_records import METRICS_FILE
-from pipeline.schema import get_task
+from pipeline.run_summary import format_summary_table, read_run_summary
 from pipeline.shard import main as shard_main
 from pipeline.train import main as train_main
 
@@ -71,28 +66,6 @@ def shard_demo_datasets(shard_root: Path, image_size: int, workers: int, scale: 
     return out_dirs
 
 
-def results_table(run_dir: Path, shard_dirs: list[Path], split: str = "val") -> list[dict[str, object]]:
-    """Per task: the metric of the best epoch (lowest total validation loss) and the chance level."""
-    rows = pq.read_table(run_dir / METRICS_FILE).to_pylist()
-    best = min(rows, key=lambda row: row["val/total_loss"])
-    shard_sets = [open_shard_set(path) for path in shard_dirs]
-    table = []
-    for key in sorted(k for k in best if k.startswith(f"{split}/") and k.endswith(("/accuracy", "/mae"))):
-        task = get_task(key.split("/")[1])
-        train = [v for s in shard_sets for v in s.labels(task.name, "train")]
-        held_out = [v for s in shard_sets for v in s.labels(task.name, split)]
-        table.append({"task": task.name, "metric": key.split("/")[2], "model": best[key],
-                      "chance": chance_level(task, train, held_out), "epoch": best["epoch"]})
-    return table
-
-
-def format_table(table: list[dict[str, object]]) -> str:
-    lines = ["| task | metric | model | chance level |", "|---|---|---|---|"]
-    for row in table:
-        lines.append(f"| {row['task']} | {row['metric']} | {row['model']:.3f} | {row['chance']:.3f} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=Path, default=Path("shards/demo"), help="where the demo shards go")
@@ -109,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         return code
     print(f"\nvalidation metrics of the best epoch ({config.run_dir}), synthetic data:")
-    print(format_table(results_table(config.run_dir, shard_dirs)))
+    print(format_summary_table(read_run_summary(config.run_dir)))
     search_dir = None
     if args.search_trials:
         search_dir = run_demo_search(datasets, args.search_trials, args.overrides, config.runs_dir)

@@ -35,6 +35,7 @@ from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, In
                                 load_inference_model)
 from pipeline.loop import WorkerContext, evaluate_split
 from pipeline.metrics import MetricSums, TaskSums, per_class_accuracy
+from pipeline.run_summary import chance_levels, headline_metric, no_better_than_chance
 from pipeline.schema import TaskSpec
 from pipeline.sources.base import SPLITS
 
@@ -304,6 +305,17 @@ def build_report(
     }
 
 
+def tasks_at_chance(tasks: Sequence[TaskSpec], task_reports: dict[str, dict[str, Any]],
+                    chance: dict[str, float]) -> list[tuple[str, str, float]]:
+    """(task, metric, value) of each scored task that is no better than its chance level."""
+    found = []
+    for task in tasks:
+        entry, metric = task_reports[task.name], headline_metric(task)
+        if entry.get("count") and no_better_than_chance(task, entry[metric], chance[task.name]):
+            found.append((task.name, metric, entry[metric]))
+    return found
+
+
 def write_outputs(report: dict[str, Any], markdown: str, out_dir: Path) -> list[Path]:
     """metrics.json, metrics.md and a confusion PNG per classification task with labels."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -366,6 +378,12 @@ def evaluate_checkpoint(
         log(f"evaluating {shard_set.name} {split} ({shard_set.num_samples(split)} samples) on {model.device}")
         per_dataset.append(evaluate_dataset(model, shard_set, split, options))
     report = build_report(model, data, per_dataset, options)
+    report["chance"] = chance_levels(data.shard_sets, model.tasks, split)
+    report["at_chance"] = tasks_at_chance(model.tasks, report["tasks"], report["chance"])
+    if report["at_chance"]:
+        log(f"WARNING: on {split}, no better than chance: " + ", ".join(
+            f"{name} ({metric} {value:.4g}, chance {report['chance'][name]:.4g})" for name, metric, value in report["at_chance"]))
+        report["at_chance"] = [name for name, _, _ in report["at_chance"]]
     report["seconds"] = time.perf_counter() - started
     out_dir = out_dir or default_output_dir(target, split)
     report["written"] = [str(path) for path in write_outputs(report, format_markdown(report), out_dir)]

@@ -66,11 +66,11 @@ import yaml
 from pipeline.config import (
     ConfigError, TrainConfig, config_differences, describe_differences, load_config, to_dict, with_absolute_paths,
 )
-from pipeline.data import DataConfigError, ShardSet, open_shard_set, resolve_tasks
+from pipeline.data import DataConfigError, open_shard_set, resolve_tasks
 from pipeline.evaluate import EvaluationError, evaluate_checkpoint
+from pipeline.run_summary import chance_levels
 from pipeline.freeze import MODES as FREEZE_MODES
 from pipeline.losses import WEIGHTINGS
-from pipeline.metrics import chance_level
 from pipeline.inference import CheckpointError
 from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE
 from pipeline.schema import TaskSpec, get_task
@@ -287,12 +287,6 @@ def plot_comparison(summary: Mapping[str, Mapping[str, CellStats]], tasks: Seque
 
 
 # ---------------------------------------------------------------- the runs (file system, training)
-
-
-def chance_levels(shard_sets: Sequence[ShardSet], tasks: Sequence[TaskSpec], split: str = "val") -> dict[str, float]:
-    """Per task, :func:`pipeline.metrics.chance_level` over every dataset's labels of ``split``."""
-    return {task.name: chance_level(task, [v for s in shard_sets for v in s.labels(task.name, "train")],
-                                    [v for s in shard_sets for v in s.labels(task.name, split)]) for task in tasks}
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -63,6 +63,12 @@ class InferenceModel:
         """Years per unit of a regression head's output."""
         return self.config.loss.age_scale
 
+    @property
+    def run_dir(self) -> Path:
+        """The run folder the checkpoint belongs to (its own folder, or the one above a checkpoint folder)."""
+        folder = self.checkpoint_path.parent
+        return folder.parent if folder.name.startswith("checkpoint_") else folder
+
     def describe(self) -> str:
         """One line: the checkpoint, its epoch, backbone, tasks, input size and device."""
         epoch = "" if self.epoch is None else f", epoch {self.epoch}"

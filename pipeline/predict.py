@@ -46,6 +46,7 @@ from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, In
                                 load_inference_model)
 from pipeline.losses import predict_age
 from pipeline.model import MultiTaskNet
+from pipeline.run_summary import at_chance_warning, read_run_summary
 from pipeline.schema import TaskSpec
 from pipeline.shard_writer import describe_image_error, fit_image
 from pipeline.sources.base import IMAGE_SUFFIXES, NEUTRAL_BACKGROUND, decode_image_bytes, is_image_name
@@ -341,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"model {model.describe()}", file=sys.stderr)
+    warning = at_chance_warning(read_run_summary(model.run_dir), str(model.run_dir))
+    if warning:
+        print(warning, file=sys.stderr)
     export_status = run_export(model, args.export, args.export_path) if args.export else 0
     if not args.inputs:
         return export_status

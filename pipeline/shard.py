@@ -49,7 +49,7 @@ from pipeline.shard_writer import (
     shard_is_complete,
     write_shard,
 )
-from pipeline.sources.base import SPLITS, Rejection, SourceInputError, SourceListing, SourceRecord, unit_interval
+from pipeline.sources.base import SPLITS, SourceInputError, SourceListing, SourceRecord, unit_interval
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.parquet"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -218,3 +219,30 @@ def test_a_diverging_run_stops_at_once_naming_epoch_step_and_task_and_saves_noth
     assert checkpoint_folders(tmp_path / "d") == [] and not (tmp_path / "d" / "best_model.pt").exists()
     assert train_main(["--local", *args]) == 1  # deterministic: the same line again, not a retry loop
     assert capsys.readouterr().err.strip().splitlines() == error
+
+
+def test_a_finite_but_useless_run_is_reported_loudly_by_train_evaluate_and_predict(
+        synthetic_shards, tmp_path: Path, capsys) -> None:
+    from pipeline.evaluate import main as evaluate_main
+    from pipeline.predict import main as predict_main
+
+    args = tiny_overrides(synthetic_shards, tmp_path, "useless", "max_epochs=1", "optim.lr=10", "freeze.mode=none",
+                          f"data.datasets=[{synthetic_shards['utk']}]")
+    assert train_main(["--local", *args]) == 0  # finite all along: it trains, and says what it is worth
+    summary = json.loads((tmp_path / "useless" / "run_summary.json").read_text())
+    assert "age" in summary["at_chance"] and summary["tasks"]["age"]["value"] > summary["tasks"]["age"]["chance"]
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
+    assert len(warning) == 1 and "these tasks are no better than chance: age (mae" in warning[0]
+
+    out = tmp_path / "evaluation"
+    assert evaluate_main([str(tmp_path / "useless"), "--split", "val", "--out", str(out), "--loader-workers", "0"]) == 0
+    assert "WARNING: on val, no better than chance: age (mae" in capsys.readouterr().out
+    assert "age" in json.loads((out / "metrics.json").read_text())["at_chance"]
+
+    crop = next((synthetic_shards["utk"]).glob("*.tar"))
+    image = tmp_path / "face.png"
+    with tarfile.open(crop) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        image.write_bytes(tar.extractfile(member).read())
+    assert predict_main([str(tmp_path / "useless"), str(image), "--out", str(tmp_path / "p.jsonl"), "--device", "cpu"]) == 0
+    assert "these tasks are no better than chance: age" in capsys.readouterr().err
