@@ -78,6 +78,9 @@ class FreezeConfig:
     mode: str = "early-freeze"  # early-freeze | early-stop | none
     patience: int = 3
     min_delta: float = 0.0
+    # consecutive: validations without improvement since the last one (the thesis' prose); cumulative: every
+    # validation without improvement (its Algorithm 1 never resets the counter)
+    counter: str = "consecutive"
 
 
 @dataclass
@@ -217,6 +220,8 @@ def validate(config: TrainConfig) -> None:
         (config.loss.lam >= 0, f"loss.lam must be >= 0, got {config.loss.lam}"),
         (config.freeze.patience >= 1, "freeze.patience must be >= 1"),
         (config.freeze.mode in ("early-freeze", "early-stop", "none"), f"freeze.mode {config.freeze.mode!r} unknown"),
+        (config.freeze.counter in ("consecutive", "cumulative"),
+         f"freeze.counter must be consecutive or cumulative, got {config.freeze.counter!r}"),
         (config.loss.weighting in ("learned", "equal", "fixed", "uncertainty"), f"loss.weighting {config.loss.weighting!r} unknown"),
         (config.loss.regression_loss in ("mse", "l1"), "loss.regression_loss must be mse or l1"),
         (config.precision in ("auto", "fp32", "bf16", "fp16"), f"precision {config.precision!r} unknown"),

@@ -52,7 +52,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,7 +68,7 @@ import yaml
 from pipeline.config import (
     ConfigError, TrainConfig, config_differences, describe_differences, load_config, to_dict, with_absolute_paths,
 )
-from pipeline.data import DataConfigError, open_shard_set, resolve_tasks
+from pipeline.data import DataConfigError, ShardSet, open_shard_set, resolve_tasks
 from pipeline.evaluate import EvaluationError, evaluate_checkpoint
 from pipeline.run_summary import chance_levels
 from pipeline.freeze import MODES as FREEZE_MODES
@@ -84,6 +86,7 @@ LAMBDA_GRID = (0.001, 0.01, 0.1, 1.0)  # thesis Table 5.5
 BASELINE_ROW = {"mtl-vs-single": "single-task", "weighting": "equal", "freeze": "early-stop", "lambda": "λ=0.1"}
 LOWER_IS_BETTER = frozenset({"mae", "rmse"})
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.parquet", "table.md", "plot.png"
+INVOCATIONS_FILE = "invocations.jsonl"  # every command that ran this experiment, with commit and shard summaries
 SPLIT_CHOICES = ("val", "test")
 SPLIT_NAMES = {"val": "validation", "test": "test"}
 
@@ -125,7 +128,9 @@ def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Map
     if experiment == "weighting":
         return [Arm(weighting, weighting, {"loss.weighting": weighting}) for weighting in COMPARED_WEIGHTINGS]
     if experiment == "freeze":
-        return [Arm(mode, mode, {"freeze.mode": mode}) for mode in FREEZE_MODES]
+        return [*(Arm(mode, mode, {"freeze.mode": mode}) for mode in FREEZE_MODES),
+                Arm("early-freeze-cumulative", "early-freeze (cumulative counter)",
+                    {"freeze.mode": "early-freeze", "freeze.counter": "cumulative"})]
     if experiment == "lambda":
         return [Arm(f"lambda-{lam:g}", f"λ={lam:g}", {"loss.weighting": "learned", "loss.lam": lam}) for lam in LAMBDA_GRID]
     raise ValueError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
@@ -307,22 +312,52 @@ def check_run_folder(config: TrainConfig) -> None:
                               "use another --name for this experiment or delete that run folder")
 
 
-def train_arm(config_path: Path | None, overrides: Sequence[str], arm: Arm, seed: int, experiment_dir: Path, local: bool) -> Path:
-    """Train one arm with one seed through ``pipeline.train`` unless its run folder is finished."""
+def git_commit(repo: Path) -> str:
+    """The checked-out commit of ``repo`` ("+changes" when the tree differs from it), or "unknown"."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: Sequence[ShardSet]) -> None:
+    """One line per invocation in ``invocations.jsonl``: the exact command, the code's commit and the summary
+    of every shard folder, so that a table can be traced to what made it."""
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command),
+             "commit": git_commit(Path(__file__).resolve().parents[1]),
+             "shards": {str(s.root): json.loads((s.root / "summary.json").read_text()) for s in shard_sets}}
+    with (experiment_dir / INVOCATIONS_FILE).open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def format_estimate(durations: Sequence[float], remaining: int) -> str:
+    """How long the remaining arms may take, from the mean of the arms trained so far."""
+    if not durations or not remaining:
+        return ""
+    minutes = statistics.mean(durations) * remaining / 60
+    return f"; about {minutes:.0f} min left for {remaining} more run(s) (mean of the {len(durations)} trained here)"
+
+
+def train_arm(config_path: Path | None, overrides: Sequence[str], arm: Arm, seed: int, experiment_dir: Path,
+              local: bool) -> tuple[Path, float | None]:
+    """Train one arm with one seed through ``pipeline.train`` unless its run folder is finished; returns the run
+    folder and the seconds it trained (None when skipped)."""
     run_overrides = [*overrides, *arm_overrides(arm, seed, experiment_dir)]
     config = with_absolute_paths(load_config(config_path, run_overrides))
     check_run_folder(config)
     if run_is_finished(read_rows(config.run_dir), config.max_epochs):
         print(f"{config.run_dir.name}: finished, skipped", flush=True)
-        return config.run_dir
+        return config.run_dir, None
     started = time.perf_counter()
     argv = [*(["--config", str(config_path)] if config_path else []), *run_overrides, *(["--local"] if local else [])]
     code = train_main(argv)
     if code != 0:
         raise ExperimentError(f"training {config.run_dir} failed (exit {code}); its output is above. "
                               "Running the experiment again resumes it and skips the finished runs")
-    print(f"{config.run_dir.name}: trained in {time.perf_counter() - started:.0f} s", flush=True)
-    return config.run_dir
+    return config.run_dir, time.perf_counter() - started
 
 
 def split_metrics(report: Mapping[str, Any], split: str) -> dict[str, int | float]:
@@ -372,7 +407,7 @@ def write_results(records: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
-                   out_name: str | None, local: bool, split: str = "val") -> Path:
+                   out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = ()) -> Path:
     """Train every arm x seed (skipping finished runs), then write the results, table and plot of ``split``."""
     base = with_absolute_paths(load_config(config_path, overrides))
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
@@ -382,11 +417,15 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     arms = experiment_arms(experiment, task_names, datasets_by_task)
     experiment_dir = Path(base.runs_dir) / (out_name or experiment)
     experiment_dir.mkdir(parents=True, exist_ok=True)
+    record_invocation(experiment_dir, command, shard_sets)
     print(f"experiment {experiment}: {len(arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
-    records = []
+    records, durations, total = [], [], len(arms) * seeds
     for number, (arm, seed) in enumerate(((arm, seed) for arm in arms for seed in range(seeds)), start=1):
-        print(f"\n[{number}/{len(arms) * seeds}] {arm.name}, seed {seed}", flush=True)
-        run_dir = train_arm(config_path, overrides, arm, seed, experiment_dir, local)
+        print(f"\n[{number}/{total}] {arm.name}, seed {seed}", flush=True)
+        run_dir, seconds = train_arm(config_path, overrides, arm, seed, experiment_dir, local)
+        if seconds is not None:
+            durations.append(seconds)
+            print(f"{run_dir.name}: trained in {seconds / 60:.1f} min{format_estimate(durations, total - number)}", flush=True)
         records.append(result_record(experiment, arm, seed, run_dir, split))
 
     tasks = [get_task(name) for name in task_names]
@@ -417,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         experiment_dir = run_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name, args.local,
-                                        args.split)
+                                        args.split, ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])])
     except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

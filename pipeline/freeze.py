@@ -33,6 +33,10 @@ import torch
 from torch import nn
 
 MODES = ("early-freeze", "early-stop", "none")
+# How a task's patience is counted: validations without improvement since its last improvement (the
+# thesis' prose: "we wait for some number of epochs"), or all of them (its Algorithm 1, which never resets
+# Counter[i] when the loss improves).
+COUNTERS = ("consecutive", "cumulative")
 DECISION_KINDS = ("freeze_trunk", "freeze_head", "stop")
 HEADS_PREFIX = "heads."
 
@@ -60,9 +64,11 @@ class _TaskWatch:
     best_epoch: int | None = None
     counter: int = 0
 
-    def observe(self, epoch: int, loss: float, min_delta: float) -> None:
+    def observe(self, epoch: int, loss: float, min_delta: float, cumulative: bool) -> None:
         if loss < self.best_loss - min_delta:
-            self.best_loss, self.best_epoch, self.counter = loss, epoch, 0
+            self.best_loss, self.best_epoch = loss, epoch
+            if not cumulative:
+                self.counter = 0
         else:
             self.counter += 1
 
@@ -81,7 +87,8 @@ class EarlyFreeze:
     Tasks that converged in the same epoch as the winner are therefore judged again under the new watch.
     """
 
-    def __init__(self, tasks: Sequence[str], patience: int, min_delta: float = 0.0, mode: str = "early-freeze") -> None:
+    def __init__(self, tasks: Sequence[str], patience: int, min_delta: float = 0.0, mode: str = "early-freeze",
+                 counter: str = "consecutive") -> None:
         tasks = tuple(tasks)
         if not tasks:
             raise ValueError("EarlyFreeze needs at least one task")
@@ -93,7 +100,10 @@ class EarlyFreeze:
             raise ValueError(f"min_delta must be >= 0, got {min_delta!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if counter not in COUNTERS:
+            raise ValueError(f"counter must be one of {COUNTERS}, got {counter!r}")
         self.tasks, self.patience, self.min_delta, self.mode = tasks, patience, float(min_delta), mode
+        self.counter = counter
         self._watch = {task: _TaskWatch() for task in tasks}
         self._frozen: list[str] = []
         self._stopped: list[str] = []
@@ -169,7 +179,7 @@ class EarlyFreeze:
 
         self._last_epoch = epoch
         for task in active:
-            self._watch[task].observe(epoch, loss_by_task[task], self.min_delta)
+            self._watch[task].observe(epoch, loss_by_task[task], self.min_delta, self.counter == "cumulative")
         converged = [t for t in active if self._watch[t].counter >= self.patience]
         if self.mode == "none" or not converged:
             return []
@@ -197,6 +207,7 @@ class EarlyFreeze:
             "patience": self.patience,
             "min_delta": self.min_delta,
             "mode": self.mode,
+            "counter": self.counter,
             "watch": {
                 task: {
                     "best_loss": None if math.isinf(w.best_loss) else w.best_loss,
@@ -214,9 +225,10 @@ class EarlyFreeze:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`; the tasks, patience, min_delta and mode must be the same."""
-        configured = {"tasks": list(self.tasks), "patience": self.patience, "min_delta": self.min_delta, "mode": self.mode}
+        configured = {"tasks": list(self.tasks), "patience": self.patience, "min_delta": self.min_delta, "mode": self.mode,
+                      "counter": self.counter}
         for key, value in configured.items():
-            if state[key] != value:
+            if state.get(key, "consecutive" if key == "counter" else None) != value:
                 raise ValueError(f"Early Freeze state has {key}={state[key]!r}, this run has {key}={value!r}")
         self._watch = {
             task: _TaskWatch(

@@ -70,7 +70,8 @@ def test_weighting_freeze_and_lambda_arms_vary_one_key() -> None:
     freeze = experiment_arms("freeze", ["age"], {})
     assert [(a.row, dict(a.overrides)) for a in freeze] == [
         ("early-freeze", {"freeze.mode": "early-freeze"}), ("early-stop", {"freeze.mode": "early-stop"}),
-        ("none", {"freeze.mode": "none"})]
+        ("none", {"freeze.mode": "none"}),
+        ("early-freeze (cumulative counter)", {"freeze.mode": "early-freeze", "freeze.counter": "cumulative"})]
     lam = experiment_arms("lambda", ["age"], {})
     assert [a.name for a in lam] == ["lambda-0.001", "lambda-0.01", "lambda-0.1", "lambda-1"]
     assert [a.row for a in lam] == ["λ=0.001", "λ=0.01", "λ=0.1", "λ=1"]
@@ -143,7 +144,14 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
         assert row in table
     mtl_line = next(line for line in table.splitlines() if line.startswith("| MTL |"))
     assert mtl_line.rstrip(" |").split("| ")[-1].startswith(("+", "-"))  # a Δm value
-    assert table in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert table in out
+    assert "single-age-seed0: trained in " in out and "min left for 2 more run(s)" in out
+    (invocation,) = [json.loads(line) for line in (experiment / "invocations.jsonl").read_text().splitlines()]
+    assert invocation["command"].startswith("python -m pipeline.experiments mtl-vs-single --config ")
+    assert len(invocation["commit"]) >= 40
+    assert {Path(path).name for path in invocation["shards"]} == {shards["utk"].name, shards["celeba"].name}
+    assert all(summary["samples_per_split"]["train"] > 0 for summary in invocation["shards"].values())
 
     results = pq.read_table(experiment / "results.parquet").to_pylist()
     assert [(r["arm"], r["seed"]) for r in results] == [("single-age", 0), ("single-gender", 0), ("mtl", 0)]

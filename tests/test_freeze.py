@@ -358,3 +358,20 @@ def test_snapshot_store_state_dict_round_trip_through_torch_save(scripted_run: S
     assert restored.epochs == (1, 2)
     for epoch in restored.epochs:
         assert_state_equal(restored.get(epoch), scripted_run.validated[epoch], ("",))
+
+
+def test_the_cumulative_counter_of_algorithm_1_counts_every_non_improving_validation() -> None:
+    """Algorithm 1 never resets Counter[i]; its prose waits for epochs without improvement in a row."""
+    losses = [1.0, 1.1, 0.9, 0.95]  # improve, worse, improve, worse
+    consecutive = EarlyFreeze(["age"], patience=2, counter="consecutive")
+    cumulative = EarlyFreeze(["age"], patience=2, counter="cumulative")
+    decisions = {"consecutive": [], "cumulative": []}
+    for epoch, loss in enumerate(losses):
+        decisions["consecutive"] += consecutive.update(epoch, {"age": loss})
+        decisions["cumulative"] += cumulative.update(epoch, {"age": loss})
+    assert decisions["consecutive"] == []  # 1 validation without improvement since epoch 2
+    assert decisions["cumulative"] == [FreezeDecision("age", 3, "freeze_trunk", 2, "model")]  # 2 in all; best epoch 2
+    restored = EarlyFreeze(["age"], patience=2, counter="cumulative")
+    restored.load_state_dict(cumulative.state_dict())
+    with pytest.raises(ValueError, match="counter='cumulative', this run has counter='consecutive'"):
+        EarlyFreeze(["age"], patience=2).load_state_dict(cumulative.state_dict())
