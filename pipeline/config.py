@@ -46,6 +46,9 @@ class ModelConfig:
     head_hidden: int = 128
     dropout: float = 0.3
     weights_path: str | None = None  # local backbone weights (torchvision state dict); never downloaded
+    # a facemtl run folder (its best_model.pt) or checkpoint file: backbone, shared layers and the heads of
+    # tasks with the same output shape start from it (pretrain, then fine-tune); other heads start fresh
+    init_from: str | None = None
     binary_outputs: int = 2  # 2 = two-way cross-entropy, 1 = BCE logit
     # NHWC model and batches on every device: tensor cores on GPUs, oneDNN's NHWC kernels on CPUs
     # (bench/channels_last.py, 2 cores: MobileNetV2 1.31x, ResNet-18 1.09x the NCHW training step)
@@ -292,5 +295,7 @@ def with_absolute_paths(config: TrainConfig, base: Path | None = None) -> TrainC
         return str((base / path).resolve()) if not Path(path).is_absolute() else path
 
     data = dataclasses.replace(config.data, datasets=[absolute(p) for p in config.data.datasets])
-    model = dataclasses.replace(config.model, weights_path=absolute(config.model.weights_path) if config.model.weights_path else None)
+    model = dataclasses.replace(config.model,
+                                weights_path=absolute(config.model.weights_path) if config.model.weights_path else None,
+                                init_from=absolute(config.model.init_from) if config.model.init_from else None)
     return dataclasses.replace(config, runs_dir=absolute(config.runs_dir), data=data, model=model)

@@ -20,6 +20,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -47,6 +48,7 @@ from pipeline.freeze import EarlyFreeze, SnapshotStore, apply_decision
 from pipeline.losses import LossWeighting, build_weighting, masked_task_losses, predict_age
 from pipeline.metrics import MetricSums
 from pipeline.model import MultiTaskNet
+from pipeline.run_records import network_state_of
 from pipeline.schema import TaskSpec, get_task
 
 # ---------------------------------------------------------------- the objective: model + loss weighting
@@ -372,6 +374,12 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
     weighting = build_weighting(config.loss.weighting, [t.name for t in setup.tasks], **weighting_options(config))
     for task, mean in setup.regression_means.items():
         net.set_output_bias(task, mean / config.loss.age_scale)
+    if config.model.init_from and resume is None:
+        parts = net.load_matching(network_state_of(Path(config.model.init_from)))
+        if context.rank == 0:
+            print(f"init_from {config.model.init_from}: loaded {', '.join(parts['loaded']) or 'nothing'}; "
+                  f"fresh {', '.join(parts['fresh']) or 'nothing'}; not used {', '.join(parts['unused']) or 'nothing'}",
+                  flush=True)
     objective = MultiTaskObjective(net, weighting, setup.tasks, config).to(context.device)
     objective.every_parameter_in_graph = context.distributed
     if config.model.channels_last:

@@ -200,6 +200,28 @@ class MultiTaskNet(nn.Module):
         self._freeze(self._head(task))
         self.frozen_heads = self.frozen_heads | {task}
 
+    def load_matching(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+        """Copy from another run's network state every part (backbone, shared layers, a task's head) whose
+        keys and shapes all match; returns the parts ``loaded``, kept ``fresh`` (new task, other shape) and
+        ``unused`` (in ``state`` only)."""
+        own = self.state_dict()
+
+        def part(key: str) -> str:
+            return ".".join(key.split(".")[:2]) if key.startswith("heads.") else key.split(".")[0]
+
+        parts = sorted({part(key) for key in own})
+        report: dict[str, list[str]] = {"loaded": [], "fresh": [], "unused": sorted({part(k) for k in state} - set(parts))}
+        with torch.no_grad():
+            for name in parts:
+                keys = [key for key in own if part(key) == name]
+                if all(key in state and state[key].shape == own[key].shape for key in keys):
+                    for key in keys:
+                        own[key].copy_(state[key])
+                    report["loaded"].append(name)
+                else:
+                    report["fresh"].append(name)
+        return report
+
     def frozen_parts(self) -> dict[str, Any]:
         """What is frozen, for a checkpoint: ``{"trunk": bool, "heads": [task, ...]}``."""
         return {"trunk": self.trunk_frozen, "heads": sorted(self.frozen_heads)}

@@ -108,6 +108,18 @@ def has_records(run_dir: Path) -> bool:
         (run_dir / name).exists() for name in (METRICS_FILE, BEST_MODEL_FILE, CHECKPOINT_FILE))
 
 
+def network_state_of(target: Path) -> dict[str, torch.Tensor]:
+    """The network weights of a facemtl run folder (its best_model.pt, else its newest checkpoint) or of a
+    checkpoint file, without the loss weighting's; for ``model.init_from``."""
+    path = target
+    if target.is_dir():
+        folders = checkpoint_folders(target)
+        path = target / BEST_MODEL_FILE if (target / BEST_MODEL_FILE).is_file() else (
+            folders[0] / CHECKPOINT_FILE if folders else target / BEST_MODEL_FILE)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return {key[len("net."):]: tensor for key, tensor in payload["objective"].items() if key.startswith("net.")}
+
+
 def record_stop(run_dir: Path, reason: str) -> None:
     """Why the run stopped without finishing, for the launching process to report (a Ray worker cannot)."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ from pipeline.run_records import (
     has_records,
     latest_checkpoint,
     load_checkpoint,
+    network_state_of,
     read_stop,
     record_stop,
     save_atomically,
@@ -191,6 +192,12 @@ def check_datasets(config: TrainConfig) -> None:
     before Ray starts workers that would each fail on it."""
     if not config.data.datasets:
         raise ConfigError("data.datasets is empty: name at least one shard folder written by python -m pipeline.shard")
+    if config.model.init_from:
+        try:
+            network_state_of(Path(config.model.init_from))
+        except Exception as error:  # a missing or foreign file fails as OSError, KeyError, UnpicklingError, ...
+            raise ConfigError(f"model.init_from {config.model.init_from} holds no facemtl network: "
+                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
     shard_sets = [open_shard_set(path) for path in config.data.datasets]
     check_validation_labels(shard_sets, resolve_tasks(shard_sets, config.data.tasks))
 

@@ -246,3 +246,27 @@ def test_a_finite_but_useless_run_is_reported_loudly_by_train_evaluate_and_predi
         image.write_bytes(tar.extractfile(member).read())
     assert predict_main([str(tmp_path / "useless"), str(image), "--out", str(tmp_path / "p.jsonl"), "--device", "cpu"]) == 0
     assert "these tasks are no better than chance: age" in capsys.readouterr().err
+
+
+def test_init_from_a_run_loads_trunk_and_matching_heads_and_starts_new_tasks_fresh(synthetic_shards, tmp_path: Path,
+                                                                                    capsys) -> None:
+    utk, fer = synthetic_shards["utk"], synthetic_shards["fer"]
+    pretrain = tiny_overrides(synthetic_shards, tmp_path, "pre", "max_epochs=1", "freeze.mode=none",
+                              f"data.datasets=[{utk}]", "data.tasks=[age,gender,race]")
+    assert train_main(["--local", *pretrain]) == 0
+    # lr ~0: the fine-tuned run's weights stay where init_from put them, so they can be compared.
+    finetune = tiny_overrides(synthetic_shards, tmp_path, "fine", "max_epochs=1", "freeze.mode=none", "optim.lr=1e-30",
+                              "optim.weighting_lr=1e-30", f"data.datasets=[{utk},{fer}]", "data.tasks=[age,emotion]",
+                              f"model.init_from={tmp_path / 'pre'}")
+    capsys.readouterr()
+    assert train_main(["--local", *finetune]) == 0
+    assert (f"init_from {tmp_path / 'pre'}: loaded backbone, heads.age, shared; fresh heads.emotion; "
+            "not used heads.gender, heads.race") in capsys.readouterr().out
+    source = torch.load(tmp_path / "pre" / "best_model.pt", weights_only=True)["objective"]
+    tuned = newest_checkpoint(tmp_path / "fine")["objective"]
+    for key, tensor in tuned.items():
+        if key.startswith(("net.backbone.", "net.shared.", "net.heads.age.")) and tensor.is_floating_point() \
+                and "running_" not in key:  # BatchNorm statistics move with every forward pass
+            assert torch.allclose(tensor, source[key], atol=1e-6), key
+    assert train_main(["--local", *finetune[:-1], f"model.init_from={tmp_path / 'nothing'}", "name=bad"]) == 2
+    assert f"model.init_from {tmp_path / 'nothing'} holds no facemtl network" in capsys.readouterr().err
