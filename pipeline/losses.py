@@ -23,6 +23,8 @@ from pipeline.schema import TaskSpec
 # scales the age loss (and its gradient) by 0.5, which a weighting absorbs, so torch's MSE is used as is.
 REGRESSION_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "l1": F.l1_loss}
 
+ReduceSum = Callable[[Tensor], Tensor]  # sums a tensor over the DDP ranks
+
 
 # ---------------------------------------------------------------- task losses
 
@@ -88,6 +90,8 @@ class LossWeighting(nn.Module):
         self.task_names: tuple[str, ...] = tuple(task_names)
         # The device and dtype of an empty sum, for weightings without parameters.
         self.register_buffer("zero", torch.zeros(()), persistent=False)
+        # Frozen by the loop (again after a resume), so not part of the state_dict.
+        self.frozen_tasks: set[str] = set()
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
         """The total loss (a scalar tensor) from the losses of the tasks present."""
@@ -103,11 +107,28 @@ class LossWeighting(nn.Module):
 
     def freeze_task(self, task: str) -> None:
         """``task`` has stopped training (Early Freeze / Early Stop): its parameters stop training too."""
+        self.frozen_tasks.add(task)
         for parameter in self.task_parameters(task):
             parameter.requires_grad_(False)
 
     def is_frozen(self, task: str) -> bool:
-        return any(not parameter.requires_grad for parameter in self.task_parameters(task))
+        return task in self.frozen_tasks
+
+    def training_tasks(self) -> list[str]:
+        return [task for task in self.task_names if not self.is_frozen(task)]
+
+    # Hooks for weightings that learn from more than the current losses; the loop calls them, no-ops here.
+    # Set by weightings that need :meth:`after_step`: the loop then recomputes the losses after each step.
+    needs_losses_after_step = False
+
+    def end_epoch(self, mean_loss_by_task: Mapping[str, float]) -> None:
+        """The epoch's mean training loss of each task (the same on every rank: all-reduced by the caller)."""
+
+    def after_step(self, task_losses_after: Mapping[str, Tensor], reduce_sum: ReduceSum | None = None) -> None:
+        """The losses of the batch just trained on, recomputed after the optimizer step.
+
+        ``reduce_sum`` sums a tensor over the ranks (an all-reduce); ``None`` in a single process.
+        """
 
     def check_tasks(self, task_losses: Mapping[str, Tensor]) -> None:
         """An unknown task is an error."""
@@ -181,9 +202,6 @@ class PerTaskParameterWeighting(LossWeighting):
         self.check_tasks(task_losses)
         return torch.stack([self.scalars[task] for task in task_losses])
 
-    def training_tasks(self) -> list[str]:
-        return [task for task in self.task_names if not self.is_frozen(task)]
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Checkpoints of earlier versions hold one vector for all tasks under the same name.
         legacy = state_dict.pop(f"{prefix}{self._attribute}", None)
@@ -255,11 +273,188 @@ class UncertaintyWeighting(PerTaskParameterWeighting):
         return {task: 1 / (2 * math.exp(self.scalars[task].item())) if task in training else 0.0 for task in self.task_names}
 
 
+def weighted_sum(weights: Tensor, task_losses: Mapping[str, Tensor]) -> Tensor:
+    """sum_i w_i L_i, with ``weights`` in the order of ``task_losses``."""
+    return (weights * torch.stack(list(task_losses.values()))).sum()
+
+
+class DynamicWeightAverage(LossWeighting):
+    """Liu, Johns & Davison (2019), DWA (eq. 7): w_i(t) = K exp(r_i(t-1) / T) / sum_j exp(r_j(t-1) / T).
+
+    r_i(t-1) = L_i(t-1) / L_i(t-2) from the epoch-mean training losses that :meth:`end_epoch` receives; T is
+    ``temperature``. A task without two epochs of history has r = 1, so the first two epochs weight every
+    task 1, as in the paper (the weights sum to K, where the project's "equal" gives 1/K each).
+    Restricted to the present tasks: the softmax runs over the K tasks of the call, so the present weights
+    always sum to K; an absent task takes no weight and its history is untouched.
+    """
+
+    def __init__(self, task_names: Sequence[str], temperature: float = 2.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"DWA temperature must be > 0, got {temperature}")
+        super().__init__(task_names)
+        self.temperature = float(temperature)
+        # L(t-1) and L(t-2) by task; NaN = no mean for that epoch.
+        self.register_buffer("last_epoch_losses", torch.full((len(self.task_names),), math.nan))
+        self.register_buffer("previous_epoch_losses", torch.full((len(self.task_names),), math.nan))
+
+    def end_epoch(self, mean_loss_by_task: Mapping[str, float]) -> None:
+        self.previous_epoch_losses.copy_(self.last_epoch_losses)
+        self.last_epoch_losses.copy_(torch.tensor([mean_loss_by_task.get(task, math.nan) for task in self.task_names]))
+
+    def task_weights(self, tasks: Sequence[str]) -> Tensor:
+        """K softmax(r / T) over ``tasks``, in their order."""
+        # Indexing the buffers by Python ints keeps the step free of host-to-device copies.
+        indices = [self.task_names.index(task) for task in tasks]
+        ratios = torch.stack([self.last_epoch_losses[i] / self.previous_epoch_losses[i] for i in indices])
+        ratios = torch.where(torch.isfinite(ratios), ratios, torch.ones_like(ratios))
+        return len(tasks) * torch.softmax(ratios / self.temperature, dim=0)
+
+    def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
+        self.check_tasks(task_losses)
+        if not task_losses:
+            return self.zero.clone()
+        return weighted_sum(self.task_weights(list(task_losses)), task_losses)
+
+    def weights(self) -> dict[str, float]:
+        """The weights of the training tasks when all are present; 0 for a frozen task."""
+        training = self.training_tasks()
+        return dict.fromkeys(self.task_names, 0.0) | dict(zip(training, self.task_weights(training).tolist()))
+
+
+class RandomWeighting(LossWeighting):
+    """Lin et al. (2022), Random Loss Weighting (eq. 3): w = softmax(lambda), lambda ~ N(0, I) drawn every step.
+
+    lambda is drawn for all tasks at every call, present or not, so that ranks seeded alike draw alike
+    whatever their batches hold; restricted to the present tasks, the softmax runs over their draws only.
+    The generator's state is a buffer, refreshed whenever the state_dict is taken and restored on load,
+    so a resumed run draws what the uninterrupted one would have.
+    """
+
+    def __init__(self, task_names: Sequence[str], seed: int = 0) -> None:
+        super().__init__(task_names)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("generator_state", self.generator.get_state())
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.save_generator_state())
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module.restore_generator_state())
+
+    def save_generator_state(self) -> None:
+        self.generator_state.copy_(self.generator.get_state())
+
+    def restore_generator_state(self) -> None:
+        self.generator.set_state(self.generator_state.cpu())
+
+    def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
+        self.check_tasks(task_losses)
+        draws = torch.randn(len(self.task_names), generator=self.generator)
+        if not task_losses:
+            return self.zero.clone()
+        present_draws = torch.stack([draws[self.task_names.index(task)] for task in task_losses])
+        # Python floats: the weights reach the losses' device without a host-to-device copy.
+        task_weights = torch.softmax(present_draws, dim=0).tolist()
+        total = self.zero.clone()
+        for weight, loss in zip(task_weights, task_losses.values()):
+            total = total + weight * loss
+        return total
+
+    def weights(self) -> dict[str, float]:
+        """The expected weight, 1/K over the K training tasks (each step's draw is logged nowhere)."""
+        training = self.training_tasks()
+        return {task: 1.0 / len(training) if task in training else 0.0 for task in self.task_names}
+
+
+class FastAdaptiveWeighting(LossWeighting):
+    """Liu et al. (2023), FAMO (Algorithm 1): the loss is c sum_i z_i log L_i with z = softmax(xi) and
+    c = (sum_i z_i / L_i)^-1 held constant, so the network's gradient is sum_i (c z_i / L_i) grad L_i, a convex
+    combination. After the step, :meth:`after_step` takes delta_i = log L_i(before) - log L_i(after) on the
+    same batch and moves xi against grad_xi (z . delta) + gamma xi with Adam (lr 0.025, gamma 0.01), as the
+    authors' code does: weight flows away from the tasks whose log-loss falls fastest.
+
+    Restricted to the present tasks: z and c are over the tasks of the call; xi is updated over the tasks
+    present both before and after the step (under DDP: on any rank, with delta averaged over those ranks),
+    with a softmax over them alone; an absent or frozen task's xi and Adam moments are untouched. Losses
+    get 1e-8 added before the log, as in the authors' code.
+    """
+
+    needs_losses_after_step = True
+    EPSILON = 1e-8
+
+    def __init__(self, task_names: Sequence[str], lr: float = 0.025, weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        if lr <= 0 or weight_decay < 0:
+            raise ValueError(f"FAMO needs lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        super().__init__(task_names)
+        self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), tuple(betas)
+        # xi and its Adam state live in buffers (the loop's optimizer never sees them), one entry per task.
+        for name in ("logits", "first_moment", "second_moment", "adam_steps"):
+            self.register_buffer(name, torch.zeros(len(self.task_names)))
+        self.register_buffer("one", torch.ones(()), persistent=False)
+        self.losses_before: dict[str, Tensor] = {}  # from combine to after_step, within one step
+
+    def task_weights(self, tasks: Sequence[str]) -> Tensor:
+        """z = softmax(xi) over ``tasks``, in their order."""
+        return torch.softmax(torch.stack([self.logits[self.task_names.index(task)] for task in tasks]), dim=0)
+
+    def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
+        self.check_tasks(task_losses)
+        self.losses_before = {task: loss.detach() for task, loss in task_losses.items()}
+        if not task_losses:
+            return self.zero.clone()
+        losses = torch.stack(list(task_losses.values())) + self.EPSILON
+        task_weights = self.task_weights(list(task_losses))
+        normaliser = 1.0 / (task_weights / losses.detach()).sum()
+        return normaliser * (task_weights * losses.log()).sum()
+
+    def after_step(self, task_losses_after: Mapping[str, Tensor], reduce_sum: ReduceSum | None = None) -> None:
+        decrease, present = [], []
+        for task in self.task_names:
+            if task in self.losses_before and task in task_losses_after and not self.is_frozen(task):
+                before, after = self.losses_before[task], task_losses_after[task].detach().float()
+                decrease.append((before + self.EPSILON).log() - (after + self.EPSILON).log())
+                present.append(self.one)
+            else:
+                decrease.append(self.zero)
+                present.append(self.zero)
+        self.losses_before = {}
+        decrease_and_count = torch.stack([torch.stack(decrease), torch.stack(present)])
+        if reduce_sum is not None:
+            decrease_and_count = reduce_sum(decrease_and_count).to(self.logits.device)
+        self.update_logits(decrease_and_count[0], decrease_and_count[1])
+
+    @torch.no_grad()
+    def update_logits(self, decrease_sum: Tensor, counts: Tensor) -> None:
+        """One Adam step on xi (L2 decay gamma, as torch's Adam) for the tasks with ``counts`` > 0."""
+        updated = counts > 0
+        decrease = decrease_sum / counts.clamp(min=1)
+        # z over the updated tasks alone; grad of z . delta is z * (delta - z . delta) (softmax's Jacobian).
+        task_weights = torch.softmax(self.logits.masked_fill(~updated, -math.inf), dim=0).nan_to_num(0.0)
+        gradient = task_weights * (decrease - (task_weights * decrease).sum()) + self.weight_decay * self.logits
+        beta1, beta2 = self.betas
+        steps = self.adam_steps + updated.float()
+        first = beta1 * self.first_moment + (1 - beta1) * gradient
+        second = beta2 * self.second_moment + (1 - beta2) * gradient.square()
+        step = (self.lr / (1 - beta1**steps)) * first / ((second / (1 - beta2**steps)).sqrt() + 1e-8)
+        for buffer, new in ((self.logits, self.logits - step), (self.first_moment, first),
+                            (self.second_moment, second), (self.adam_steps, steps)):
+            buffer.copy_(torch.where(updated, new, buffer))
+
+    def freeze_task(self, task: str) -> None:
+        super().freeze_task(task)
+        self.losses_before.pop(task, None)
+
+    def weights(self) -> dict[str, float]:
+        """z of the training tasks (the network's effective weights are c z_i / L_i); 0 for a frozen task."""
+        training = self.training_tasks()
+        return dict.fromkeys(self.task_names, 0.0) | dict(zip(training, self.task_weights(training).tolist()))
+
+
 WEIGHTINGS: dict[str, type[LossWeighting]] = {
     "learned": LearnedWeighting,
     "equal": EqualWeighting,
     "fixed": FixedWeighting,
     "uncertainty": UncertaintyWeighting,
+    "dwa": DynamicWeightAverage,
+    "rlw": RandomWeighting,
+    "famo": FastAdaptiveWeighting,
 }
 
 

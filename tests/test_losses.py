@@ -89,8 +89,8 @@ def test_unknown_regression_loss_is_an_error_naming_the_known_ones() -> None:
 
 
 def test_registry_names_every_strategy_and_unknown_name_lists_them() -> None:
-    assert set(WEIGHTINGS) == {"learned", "equal", "fixed", "uncertainty"}
-    with pytest.raises(ValueError, match="unknown loss weighting 'gradnorm'; known: learned, equal, fixed, uncertainty"):
+    assert set(WEIGHTINGS) == {"learned", "equal", "fixed", "uncertainty", "dwa", "rlw", "famo"}
+    with pytest.raises(ValueError, match="unknown loss weighting 'gradnorm'; known: learned, equal, fixed, uncertainty, dwa"):
         build_weighting("gradnorm", ["a", "b"])
     with pytest.raises(ValueError, match="bad options.*'equal'"):
         build_weighting("equal", ["a", "b"], lam=0.1)
