@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench clean-shards
+.PHONY: demo test test-fast bench clean-shards
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(INSTALLED)
 # pytest exits 5 when it collects no test; that is a failure here too, so it is not masked.
 test: $(INSTALLED)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: everything but the end-to-end tests marked slow (about 2 minutes on 2 cores).
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(INSTALLED)
 	$(PY) bench/shard_throughput.py
