@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.losses import WEIGHTINGS
 from pipeline.schema import TASKS
 
 
@@ -57,9 +58,12 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    weighting: str = "learned"  # learned | equal | fixed | uncertainty
+    weighting: str = "learned"  # learned | equal | fixed | uncertainty | dwa | rlw | famo (pipeline/losses.py)
     lam: float = 0.1  # λ of the learned weighting's regulariser (thesis Table 3.2)
     fixed_weights: dict[str, float] = field(default_factory=dict)  # for weighting=fixed; one-hot = single task
+    dwa_temperature: float = 2.0  # T of DWA's softmax over epoch loss ratios (Liu et al. 2019)
+    famo_lr: float = 0.025  # Adam lr of FAMO's task logits (its authors' default)
+    famo_weight_decay: float = 0.01  # γ, FAMO's decay on its logits (its authors' default)
     age_scale: float = 100.0  # age target and prediction are divided by this (thesis 3.3.2)
     regression_loss: str = "mse"  # mse | l1
 
@@ -225,7 +229,8 @@ def validate(config: TrainConfig) -> None:
         (config.freeze.mode in ("early-freeze", "early-stop", "none"), f"freeze.mode {config.freeze.mode!r} unknown"),
         (config.freeze.counter in ("consecutive", "cumulative"),
          f"freeze.counter must be consecutive or cumulative, got {config.freeze.counter!r}"),
-        (config.loss.weighting in ("learned", "equal", "fixed", "uncertainty"), f"loss.weighting {config.loss.weighting!r} unknown"),
+        (config.loss.weighting in WEIGHTINGS,
+         f"loss.weighting {config.loss.weighting!r} unknown; known: {', '.join(WEIGHTINGS)}"),
         (config.loss.regression_loss in ("mse", "l1"), "loss.regression_loss must be mse or l1"),
         (config.precision in ("auto", "fp32", "bf16", "fp16"), f"precision {config.precision!r} unknown"),
         (config.num_workers >= 1, "num_workers must be >= 1"),

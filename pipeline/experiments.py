@@ -30,10 +30,10 @@ The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipe
   kept, the untrained tasks' losses would still choose the best epoch (lowest total validation loss),
   drive the lr plateau and Early Freeze, and take batch share from the sampler. With the default
   ``data.steps_per_epoch: 0`` a single-task epoch covers its own datasets' training samples once.
-- ``weighting``: ``equal`` (the thesis' "average loss"), ``learned`` (eq. 3.5), ``uncertainty`` (and any
-  strategy registered later, but ``fixed``).
+- ``weighting``: ``equal`` (the thesis' "average loss"), ``learned`` (eq. 3.5), ``uncertainty``, ``dwa``,
+  ``rlw``, ``famo`` (every registered strategy but ``fixed``).
 - ``freeze``: ``early-freeze`` (Algorithm 1), ``early-stop`` (converged tasks stop; the thesis' Table 5.4
-  baseline), ``none``.
+  baseline), ``none``, and ``early-freeze`` with Algorithm 1's cumulative counter.
 - ``lambda``: λ of the learned weighting over the thesis' grid {0.001, 0.01, 0.1, 1} (Table 5.5).
 
 Metrics are those of each run's best epoch (lowest val/total_loss, the epoch saved as best_model.pt): with

@@ -228,6 +228,7 @@ def train_one_epoch(
     Raises :class:`TrainingDiverged` (on every rank alike) when a loss turns NaN or infinite.
     """
     model.train()
+    objective = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     amp_dtype = autocast_dtype(config, context.device)
     column = {t.name: i for i, t in enumerate(tasks)}
     # Running sums on the device, read once at the end: no sync per step. Row T is the total loss.
@@ -250,6 +251,12 @@ def train_one_epoch(
         grad_scaler.scale(total).backward()  # a no-op scale unless fp16, whose small gradients underflow
         grad_scaler.step(optimizer)
         grad_scaler.update()
+        if objective.weighting.needs_losses_after_step:
+            # FAMO: this batch's losses after the step (train mode, as its authors do), to update its weights
+            with torch.no_grad(), autocast:
+                losses_after = masked_task_losses(objective.net(images), labels, mask, tasks, config.loss.age_scale,
+                                                  config.loss.regression_loss)
+            objective.weighting.after_step(losses_after, context.all_reduce_sum if context.distributed else None)
         for index, loss in [(column[task], loss) for task, loss in task_losses.items()] + [(len(tasks), total)]:
             value = loss.detach().double()
             loss_sums[index] += value
@@ -260,10 +267,11 @@ def train_one_epoch(
         if (step + 1) % DIVERGENCE_CHECK_STEPS == 0 or step + 1 == steps:
             check_finite(first_bad_step, loss_sums, tasks, context, epoch, steps)
     seconds = time.perf_counter() - started
-    sums, counts = loss_sums.tolist(), loss_batches.tolist()
+    # Means over every rank's batches: the same figures on every rank (DWA's weights come from them).
+    sums, counts = context.all_reduce_sum(loss_sums).tolist(), context.all_reduce_sum(loss_batches).tolist()
     metrics = {f"train/{t.name}/loss": sums[i] / counts[i] for i, t in enumerate(tasks) if counts[i]}
     metrics |= {f"train/{t.name}/labelled_per_batch": float(labelled[i] / steps) for i, t in enumerate(tasks)}
-    metrics |= {"train/total_loss": sums[-1] / steps, "train/images_per_s": images_seen * context.world_size / seconds}
+    metrics |= {"train/total_loss": sums[-1] / counts[-1], "train/images_per_s": images_seen * context.world_size / seconds}
     return metrics
 
 
@@ -430,6 +438,7 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
         )
         del batches
         state.step += setup.steps_per_epoch
+        weighting.end_epoch({t.name: metrics[f"train/{t.name}/loss"] for t in setup.tasks if f"train/{t.name}/loss" in metrics})
         context.broadcast_buffers(objective)
         val = evaluate_split(net, val_loader, setup.tasks, context, config)
         val_loss_by_task = {task: values["loss"] for task, values in val.items()}
@@ -495,11 +504,11 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
 
 
 def weighting_options(config: TrainConfig) -> dict[str, Any]:
-    if config.loss.weighting == "learned":
-        return {"lam": config.loss.lam}
-    if config.loss.weighting == "fixed":
-        return {"weights": config.loss.fixed_weights}
-    return {}
+    """The config's options of its loss weighting (RLW's seed is the run's: every rank draws the same weights)."""
+    options = {"learned": {"lam": config.loss.lam}, "fixed": {"weights": config.loss.fixed_weights},
+               "dwa": {"temperature": config.loss.dwa_temperature}, "rlw": {"seed": config.seed},
+               "famo": {"lr": config.loss.famo_lr, "weight_decay": config.loss.famo_weight_decay}}
+    return options.get(config.loss.weighting, {})
 
 
 def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

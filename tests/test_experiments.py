@@ -66,7 +66,8 @@ def test_weighting_freeze_and_lambda_arms_vary_one_key() -> None:
     weighting = experiment_arms("weighting", ["age"], {})
     assert [(a.row, dict(a.overrides)) for a in weighting] == [
         ("equal", {"loss.weighting": "equal"}), ("learned", {"loss.weighting": "learned"}),
-        ("uncertainty", {"loss.weighting": "uncertainty"})]
+        ("uncertainty", {"loss.weighting": "uncertainty"}), ("dwa", {"loss.weighting": "dwa"}),
+        ("rlw", {"loss.weighting": "rlw"}), ("famo", {"loss.weighting": "famo"})]
     freeze = experiment_arms("freeze", ["age"], {})
     assert [(a.row, dict(a.overrides)) for a in freeze] == [
         ("early-freeze", {"freeze.mode": "early-freeze"}), ("early-stop", {"freeze.mode": "early-stop"}),

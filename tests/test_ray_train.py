@@ -142,3 +142,12 @@ def test_under_ray_a_diverging_run_is_one_line_and_not_retried(local_ray, synthe
     captured = capsys.readouterr()
     ours = [line for line in captured.err.strip().splitlines() if line.startswith(("error:", "training failed:"))]
     assert len(ours) == 1 and ours[0].startswith("error: training diverged at epoch 0, step "), captured.err[-2000:]
+
+
+def test_famo_under_ddp_keeps_one_state_on_every_rank(local_ray, synthetic_shards, tmp_path: Path) -> None:
+    """FAMO's logits are updated from each rank's own losses, all-reduced: the ranks' state digests agree."""
+    args = tiny_overrides(synthetic_shards, tmp_path, "famo", "num_workers=2", "max_epochs=2", "freeze.mode=none",
+                          "loss.weighting=famo")
+    assert train_main(args) == 0
+    rows = metric_rows(tmp_path / "famo")
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[-1]["weights/age"] != rows[0]["weights/age"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -270,3 +271,18 @@ def test_init_from_a_run_loads_trunk_and_matching_heads_and_starts_new_tasks_fre
             assert torch.allclose(tensor, source[key], atol=1e-6), key
     assert train_main(["--local", *finetune[:-1], f"model.init_from={tmp_path / 'nothing'}", "name=bad"]) == 2
     assert f"model.init_from {tmp_path / 'nothing'} holds no facemtl network" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weighting", ["dwa", "rlw", "famo"])
+def test_the_modern_weightings_train_end_to_end_and_resume_exactly(synthetic_shards, tmp_path: Path, weighting: str) -> None:
+    def run(name: str, epochs: int) -> list[str]:
+        return tiny_overrides(synthetic_shards, tmp_path, name, f"max_epochs={epochs}", "freeze.mode=none",
+                              f"loss.weighting={weighting}")
+
+    assert train_main(["--local", *run("straight", 3)]) == 0
+    assert train_main(["--local", *run("resumed", 2)]) == 0
+    assert train_main(["--local", *run("resumed", 3)]) == 0
+    straight, resumed = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "resumed")
+    assert all(math.isfinite(row["val/total_loss"]) and math.isfinite(row["train/total_loss"]) for row in straight)
+    assert without_timings(resumed) == without_timings(straight)  # the weighting's state is in the checkpoint
