@@ -500,6 +500,7 @@ class EvalStream(IterableDataset):
     def __init__(self, shard_sets: Sequence[ShardSet], split: str, tasks: Sequence[str], image_size: int,
                  rank: int = 0, world_size: int = 1) -> None:
         self.sources = [(s.name, s.shards(split)) for s in shard_sets]
+        self.num_samples = sum(s.num_samples(split) for s in shard_sets)  # over all ranks
         self.tasks, self.image_size = list(tasks), image_size
         self.rank, self.world_size = rank, world_size
 

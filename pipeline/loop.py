@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from pipeline.freeze import EarlyFreeze, SnapshotStore, apply_decision
 from pipeline.losses import LossWeighting, build_weighting, masked_task_losses, predict_age
 from pipeline.metrics import MetricSums
 from pipeline.model import MultiTaskNet
+from pipeline.progress import start_progress
 from pipeline.run_records import network_state_of
 from pipeline.schema import TaskSpec, get_task
 
@@ -201,6 +203,17 @@ def rebuild_optimizer(old: torch.optim.Optimizer, objective: MultiTaskObjective,
 # ---------------------------------------------------------------- one epoch
 
 
+# Epochs shorter than this many steps show no progress lines: they end before anyone would look.
+PROGRESS_MIN_STEPS = 20
+
+
+def epoch_progress(context: WorkerContext, steps: int, batch_size: int, description: str):
+    """Rank 0's progress through an epoch of ``steps`` global batches (images, rate, time left), or None."""
+    if context.rank != 0 or steps < PROGRESS_MIN_STEPS:
+        return None
+    return start_progress(steps * batch_size * context.world_size, description, "img", stream=sys.stdout)
+
+
 class TrainingDiverged(RuntimeError):
     """A non-finite training loss: the run stops, and nothing of the epoch is saved."""
 
@@ -237,6 +250,7 @@ def train_one_epoch(
     first_bad_step = torch.full((len(tasks) + 1,), -1, dtype=torch.long, device=context.device)
     labelled = torch.zeros(len(tasks))
     images_seen = 0
+    progress = epoch_progress(context, steps, config.data.batch_size, f"epoch {epoch} train")
     started = time.perf_counter()
     for step in range(steps):
         batch = next(batches)
@@ -264,9 +278,13 @@ def train_one_epoch(
             first_bad_step[index] = torch.where((first_bad_step[index] < 0) & ~torch.isfinite(value), step, first_bad_step[index])
         labelled += batch["mask"].sum(dim=0).float()
         images_seen += images.shape[0]
+        if progress is not None:
+            progress.update(images.shape[0] * context.world_size)
         if (step + 1) % DIVERGENCE_CHECK_STEPS == 0 or step + 1 == steps:
             check_finite(first_bad_step, loss_sums, tasks, context, epoch, steps)
     seconds = time.perf_counter() - started
+    if progress is not None:
+        progress.close()
     # Means over every rank's batches: the same figures on every rank (DWA's weights come from them).
     sums, counts = context.all_reduce_sum(loss_sums).tolist(), context.all_reduce_sum(loss_batches).tolist()
     metrics = {f"train/{t.name}/loss": sums[i] / counts[i] for i, t in enumerate(tasks) if counts[i]}
@@ -300,7 +318,12 @@ def evaluate_split(
     """Per-task loss and metrics over a whole split, summed on every rank and all-reduced."""
     net.eval()
     sums = MetricSums(tasks)
+    samples = getattr(getattr(loader, "dataset", None), "num_samples", 0)
+    progress = epoch_progress(context, math.ceil(samples / (config.data.batch_size * context.world_size)),
+                              config.data.batch_size, "validation")
     for batch in loader:
+        if progress is not None:
+            progress.update(batch["images"].shape[0] * context.world_size)
         images = normalize_images(batch["images"].to(context.device), config.model.channels_last)
         labels, mask = batch["labels"].to(context.device), batch["mask"].to(context.device)
         outputs = net(images)

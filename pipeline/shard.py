@@ -32,8 +32,8 @@ from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
+from pipeline.progress import start_progress
 from pipeline.schema import TASKS, parse_task_list
 from pipeline.shard_writer import (
     MANIFEST_COMPRESSION,
@@ -203,29 +203,6 @@ def _refuse_to_mix_manifest_formats(out_dir: Path, plans: list[ShardPlan]) -> No
 # ---------------------------------------------------------------- running
 
 
-def _progress_lines(total_samples: int, description: str):
-    """tqdm on a terminal; on a log file, a plain line roughly every 10 %."""
-    if sys.stderr.isatty():
-        return tqdm(total=total_samples, unit="img", desc=description, dynamic_ncols=True)
-    return _PlainProgress(total_samples, description)
-
-
-class _PlainProgress:
-    def __init__(self, total: int, description: str) -> None:
-        self.total, self.description, self.done, self.next_report = total, description, 0, 0.1
-        self.started = time.perf_counter()
-
-    def update(self, count: int) -> None:
-        self.done += count
-        if self.total and (self.done / self.total >= self.next_report or self.done == self.total):
-            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-            print(f"{self.description}: {self.done}/{self.total} images ({rate:.0f} img/s)", file=sys.stderr, flush=True)
-            self.next_report = self.done / self.total + 0.1
-
-    def close(self) -> None:
-        pass
-
-
 def encode_shards(plans: list[ShardPlan], dataset: str, job: ShardJob) -> list[ShardResult]:
     """Encode this task's shards with ``job.workers`` processes; complete shards are skipped."""
     mine = shards_for_task(plans, job.task_index, job.num_tasks)
@@ -233,7 +210,7 @@ def encode_shards(plans: list[ShardPlan], dataset: str, job: ShardJob) -> list[S
     # worker processes fork, instead of once in every worker.
     pa.Table.from_pylist([], schema=manifest_schema())
     results: list[ShardResult] = []
-    progress = _progress_lines(sum(len(p.records) for p in mine), f"{dataset} shards")
+    progress = start_progress(sum(len(p.records) for p in mine), f"{dataset} shards", "images")
     if job.workers == 1:
         for plan in mine:
             results.append(write_shard(plan, job.out_dir, dataset, job.encode))
