@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-failures", type=int, default=2, help="worker failures Ray Train recovers from")
     parser.add_argument("--restart", action="store_true",
                         help="delete the run folder's checkpoints and records and start over (default: resume)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     try:
         config = with_absolute_paths(load_config(args.config, args.overrides))
         check_datasets(config)
