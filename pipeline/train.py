@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from pipeline.config import (
     RESUMABLE_KEYS, ConfigError, TrainConfig, config_differences, describe_differences, load_config, save_config, to_dict,
@@ -156,18 +156,17 @@ def connect_ray(min_cpus: int) -> None:
                  runtime_env={"env_vars": job_environment(dashboard_url=f"http://127.0.0.1:{dashboard_port}")})
 
 
-def build_trainer(config: TrainConfig, max_failures: int, entry: Callable[[dict[str, Any]], None] | None = None,
-                  loop_extras: dict[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> Any:
-    """The TorchTrainer of a run: ``entry`` (default ``ray_worker_entry``) on ``num_workers`` DDP workers,
-    checkpoints and Ray's records in ``runs_dir/name``. ``loop_extras`` and ``callbacks`` let a caller (a
-    Tune trial) hear of every epoch."""
+def build_trainer(config: TrainConfig, max_failures: int, callbacks: Sequence[Any] = ()) -> Any:
+    """The TorchTrainer of a run: ``ray_worker_entry`` on ``num_workers`` DDP workers, checkpoints and Ray's
+    records in ``runs_dir/name``. ``callbacks`` (Ray Train's ``UserCallback``) let a Tune trial hear of every
+    epoch."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_dir = config.run_dir.resolve()
     return TorchTrainer(
-        entry or ray_worker_entry,
-        train_loop_config={"config": to_dict(config), "run_dir": str(run_dir), **(loop_extras or {})},
+        ray_worker_entry,
+        train_loop_config={"config": to_dict(config), "run_dir": str(run_dir)},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker=worker_resources(config)),
@@ -182,8 +181,13 @@ def build_trainer(config: TrainConfig, max_failures: int, entry: Callable[[dict[
 
 
 def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
-    """Run the TorchTrainer; joins ``RAY_ADDRESS`` when set, else starts a local Ray."""
-    connect_ray(config.num_workers * int(worker_resources(config)["CPU"]))
+    """Run the TorchTrainer; joins ``RAY_ADDRESS`` when set, else starts a local Ray. A cluster that cannot
+    hold the workers is refused at once (``ClusterTooSmall``), before Ray would wait for them forever."""
+    from pipeline.cluster import alive_nodes, check_fits
+
+    worker = worker_resources(config)
+    connect_ray(config.num_workers * int(worker["CPU"]))
+    check_fits(alive_nodes(), worker, config.num_workers, config.data.loader_workers)
     return build_trainer(config, max_failures).fit()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,19 @@ from pipeline import ray_compat
 from pipeline.ray_compat import RayCompatError, check_ray
 
 REPO = Path(__file__).resolve().parents[1]
+INTERNAL_NAMES = re.compile(r"_internal|_private|_create_default_callbacks|RESULT_DUPLICATE|ray_current_cluster")
+
+
+def test_no_ray_internal_is_used_outside_the_compatibility_module() -> None:
+    offending = []
+    for folder in ("pipeline", "tune", "jobs"):
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.suffix not in (".py", ".sh") or path.name == "ray_compat.py":
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if INTERNAL_NAMES.search(line):
+                    offending.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert offending == []
 
 
 def test_the_installed_ray_is_the_tested_one_and_has_every_internal_used() -> None:

@@ -1,9 +1,10 @@
-"""sbatch jobs/train_mtl.sh on the local SLURM: a Ray cluster on the allocation trains; a requeue resumes."""
+"""sbatch jobs/train_mtl.sh on the local 2-node SLURM: one Ray node per SLURM node, each on its own address,
+one DDP rank on each; a requeue resumes the run; an allocation too small for the workers stops at once."""
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,70 +19,89 @@ from tests.test_train import TINY
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ("age", "gender", "race", "smile", "young", "emotion")
+NODE_ADDRESSES = ["127.0.0.2", "127.0.0.3"]  # node1, node2 of tests/slurm/up.sh with SLURM_TEST_NODES=2
 
 
-def write_config(path: Path, shards: dict[str, Path], runs: Path, name: str, max_epochs: int, steps: int) -> Path:
-    document: dict = {"name": name, "runs_dir": str(runs), "max_epochs": max_epochs, "freeze": {"mode": "none"}}
-    for override in TINY:
+@pytest.fixture(scope="session")
+def two_node_slurm(slurm_cluster) -> None:
+    """The test SLURM with two nodes (switching node counts cancels every job: nothing else runs now)."""
+    result = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "up.sh")], env={**os.environ, "SLURM_TEST_NODES": "2"},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def write_config(path: Path, shards: dict[str, Path], runs: Path, name: str, *overrides: str) -> Path:
+    document: dict = {"name": name, "runs_dir": str(runs), "freeze": {"mode": "none"}}
+    for override in [*TINY, *overrides]:
         key, value = override.split("=", 1)
+        *sections, last = key.split(".")
         node = document
-        for part in key.split(".")[:-1]:
-            node = node.setdefault(part, {})
-        node[key.split(".")[-1]] = yaml.safe_load(value)
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[last] = yaml.safe_load(value)
     document["data"]["datasets"] = [str(p) for p in shards.values()]
-    document["data"]["steps_per_epoch"] = steps
     path.write_text(yaml.safe_dump(document))
     return path
 
 
-def submit(config: Path, log: Path, *sbatch_options: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FACEMTL_CONFIG": str(config), "FACEMTL_PYTHON": sys.executable, "TRAIN_WORKERS_PER_NODE": "2"}
-    return subprocess.run(
-        ["sbatch", "--parsable", "--cpus-per-task=4", f"--output={log}", *sbatch_options, str(REPO / "jobs" / "train_mtl.sh")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )
-
-
-def test_sbatch_train_mtl_trains_with_two_ray_workers(slurm_cluster, synthetic_shards, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", synthetic_shards, tmp_path / "runs", "slurm", max_epochs=2, steps=3)
-    log = tmp_path / "slurm.out"
-    result = submit(config, log, "--wait")
-    assert result.returncode == 0, result.stderr + log.read_text()[-4000:]
-    assert sacct_states(result.stdout.strip()) == ["COMPLETED"]
-    text = log.read_text()
-    assert "2 Ray Train workers" in text and "Ray cluster up: 1 node(s)" in text
-    run = tmp_path / "runs" / "slurm"
-    assert len(list(run.glob("checkpoint_*/checkpoint.pt"))) == 2  # one per epoch
-    rows = pq.read_table(run / "metrics.parquet").to_pylist()
-    assert [r["epoch"] for r in rows] == [0, 1]
-    assert all(r[f"val/{t}/count"] > 0 for r in rows for t in TASKS)
-
-
-def test_a_requeued_training_job_resumes_from_its_last_checkpoint(slurm_cluster, synthetic_shards, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", synthetic_shards, tmp_path / "runs", "requeue", max_epochs=5, steps=8)
-    log = tmp_path / "slurm.out"
-    result = submit(config, log)
+def submit(config: Path, log: Path, *sbatch_options: str) -> str:
+    # INFO: Ray Train's controller then names the node of every rank.
+    env = {**os.environ, "FACEMTL_CONFIG": str(config), "FACEMTL_PYTHON": sys.executable, "FACEMTL_RAY_LOG_LEVEL": "INFO"}
+    result = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_options, str(REPO / "jobs" / "train_mtl.sh")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    job_id = result.stdout.strip()
-    metrics = tmp_path / "runs" / "requeue" / "metrics.parquet"
-    deadline = time.monotonic() + 300
-    while not metrics.exists() and time.monotonic() < deadline:
+    return result.stdout.strip()
+
+
+def wait_for(condition, seconds: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {seconds} s; job output:\n{log.read_text()[-4000:] if log.exists() else '(none)'}")
         time.sleep(0.5)
-    assert metrics.exists(), log.read_text()[-4000:]  # written once the epoch's checkpoint is persisted
-    epochs_before = len(pq.read_table(metrics).to_pylist())
+
+
+def job_ended(job_id: str, restarts: int, log: Path) -> bool:
+    queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+    return not queued and log.exists() and f"(restart {restarts})" in log.read_text()
+
+
+def rank_addresses(log_text: str) -> dict[int, str]:
+    """The node address of each DDP rank, as Ray Train's controller reports the worker group it started."""
+    return {int(rank): address for address, rank in re.findall(r"\(ip=([\d.]+), pid=\d+\) world_rank=(\d+)", log_text)}
+
+
+def test_two_nodes_train_one_rank_each_and_a_requeued_job_resumes(two_node_slurm, synthetic_shards, tmp_path: Path) -> None:
+    # One CPU per node and one per worker (no loader processes): each node holds exactly one rank.
+    config = write_config(tmp_path / "c.yaml", synthetic_shards, tmp_path / "runs", "two-nodes", "max_epochs=4",
+                          "data.steps_per_epoch=6", "data.loader_workers=0")
+    log = tmp_path / "slurm.out"
+    job_id = submit(config, log, "--nodes=2", "--cpus-per-task=1")
+    metrics = tmp_path / "runs" / "two-nodes" / "metrics.parquet"
+    wait_for(metrics.exists, 400, "no epoch was recorded", log)  # written once the epoch's checkpoint is persisted
     subprocess.run(["scontrol", "requeue", job_id], check=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        states = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True).stdout.split()
-        if states and states[-1] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and "restart 1" in log.read_text():
-            break
-        time.sleep(1)
+    wait_for(lambda: job_ended(job_id, 1, log), 600, "the requeued job did not finish", log)
+
     text = log.read_text()
-    assert states[-1] == "COMPLETED", text[-4000:]
-    assert "restart 1" in text and "resuming from" in text
-    rows = pq.read_table(metrics).to_pylist()
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]
-    assert epochs_before >= 1
-    resumed_at = json.loads(json.dumps(text.split("resuming from")[1].split("at epoch")[1].split()[0]))
-    assert int(resumed_at) >= 1  # continued, not restarted from scratch
+    assert sacct_states(job_id) == ["COMPLETED"], text[-4000:]
+    assert "2 Ray Train workers (1 per node)" in text
+    assert text.count(f"Ray cluster up: 2 node(s) {NODE_ADDRESSES}") == 2, text[-4000:]  # each node on its own address
+    ranks = rank_addresses(text)
+    assert sorted(ranks) == [0, 1] and sorted(ranks.values()) == NODE_ADDRESSES, ranks
+    assert re.search(r"resuming from \S+ at epoch [1-3]\b", text), text[-4000:]  # continued, not from scratch
+    assert [row["epoch"] for row in pq.read_table(metrics).to_pylist()] == [0, 1, 2, 3]
+
+
+def test_workers_the_allocation_cannot_hold_stop_the_job_at_once_with_the_numbers(two_node_slurm, synthetic_shards,
+                                                                                  tmp_path: Path) -> None:
+    """Each worker needs 1 + 2 loader CPUs and each node has 2: Ray would wait for them forever."""
+    config = write_config(tmp_path / "c.yaml", synthetic_shards, tmp_path / "runs", "too-small", "max_epochs=1",
+                          "data.loader_workers=2")
+    log = tmp_path / "slurm.out"
+    job_id = submit(config, log, "--nodes=2", "--cpus-per-task=2")
+    wait_for(lambda: job_ended(job_id, 0, log), 300, "the job did not stop", log)
+    text = log.read_text()
+    assert sacct_states(job_id) == ["FAILED"], text[-4000:]
+    assert "the Ray cluster cannot hold this run: 2 worker(s) of 3 CPU each" in text, text[-4000:]
+    assert "data.loader_workers=1" in text and "--cpus-per-task=3" in text
+    assert not (tmp_path / "runs" / "too-small" / "metrics.parquet").exists()

@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.train import main as train_main
+from tune.objective import load_baselines, search_objective, tune_result
 from tune.search import main as search_main
-from tune.search import search_objective, tune_param_space
+from tune.tuner import tune_param_space
 from tune.space import THESIS_LAM_GRID, check_against_config, load_space
 
 TASKS = ("age", "gender", "race", "smile", "young", "emotion")
@@ -90,8 +91,6 @@ def test_an_asha_search_stops_trailing_trials_and_its_best_config_trains(finishe
 
 
 def test_with_single_task_baselines_the_objective_is_delta_m(tmp_path: Path) -> None:
-    from tune.search import load_baselines, tune_result
-
     baselines_file = tmp_path / "baselines.yaml"
     baselines_file.write_text("age: 5.0\ngender: 0.8\n")
     baselines = load_baselines(baselines_file)
@@ -114,8 +113,6 @@ def test_with_single_task_baselines_the_objective_is_delta_m(tmp_path: Path) -> 
     ],
 )
 def test_bad_baselines_are_refused_with_the_task_named(tmp_path: Path, text: str, message: str) -> None:
-    from tune.search import load_baselines
-
     path = tmp_path / "b.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
@@ -152,3 +149,30 @@ def test_population_based_training_lets_a_trailing_trial_adopt_a_leading_ones_st
     assert len(values) > 2  # some trial trained later epochs with other values than its first
     for trial in by_trial.values():
         assert all(1 <= r["patience"] for r in trial) and all(r["lr"] > 0 and r["lam"] > 0 for r in trial)
+
+
+def test_tune_modules_have_one_job_each_and_no_import_cycle() -> None:
+    import ast
+
+    folder = Path(__file__).parents[1] / "tune"
+    imports = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imports[path.stem] = {node.module.split(".")[1] for node in ast.walk(tree)
+                              if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tune.")}
+    done: list[str] = []
+    while len(done) < len(imports):  # a topological order exists exactly when there is no cycle
+        ready = sorted(name for name, needs in imports.items() if name not in done and needs <= set(done))
+        assert ready, f"import cycle among {sorted(set(imports) - set(done))}: {imports}"
+        done += ready
+    assert "search" not in set().union(*imports.values())  # nothing imports the command
+    assert imports["slurm"] == set()  # submission only
+
+
+def test_the_report_and_the_hparams_view_need_neither_ray_nor_submitit() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, tune.report, tune.hparams; print(sorted({'ray', 'submitit'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -29,9 +29,9 @@ from torch.utils.tensorboard.summary import scalar
 from torch.utils.tensorboard.writer import FileWriter
 
 from pipeline.schema import get_task
+from tune.objective import OBJECTIVE
 from tune.space import CONFIG_KEYS, SearchSpace
 
-OBJECTIVE = "objective"
 TOTAL_LOSS = "val/total_loss"
 # A fixed name (it holds "tfevents", which is how TensorBoard finds event files): a resumed search
 # replaces this file instead of adding a second experiment.

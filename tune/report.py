@@ -34,7 +34,8 @@ import yaml
 
 from pipeline.run_records import CONFIG_FILE, METRICS_FILE
 from pipeline.schema import TASKS, get_task
-from tune.search import BEST_CONFIG_FILE, OBJECTIVE, SPACE_FILE, TRIAL_RUN_NAME, TRIALS_FILE
+from tune.objective import OBJECTIVE
+from tune.results import BEST_CONFIG_FILE, SPACE_FILE, TRIAL_RUN_NAME, TRIALS_FILE
 from tune.space import CONFIG_KEYS
 
 REPORT_DIR = "report"
