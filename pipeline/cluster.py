@@ -181,9 +181,9 @@ class RayCluster:
     def _start_node(self, node: str, role: list[str]) -> None:
         """``ray start --block`` on ``node`` as a job step of its own, bound to that node's address."""
         ray = Path(sys.executable).with_name("ray")
-        command = [str(ray) if ray.exists() else "ray", "start", "--block", f"--node-ip-address={socket.gethostbyname(node)}",
-                   f"--num-cpus={self.allocation.cpus_per_node}", f"--num-gpus={self.allocation.gpus_per_node}",
-                   f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *role]
+        command = [str(ray) if ray.exists() else "ray", "start", "--block", "--disable-usage-stats",
+                   f"--node-ip-address={socket.gethostbyname(node)}", f"--num-cpus={self.allocation.cpus_per_node}",
+                   f"--num-gpus={self.allocation.gpus_per_node}", f"--temp-dir={self.temp_dir}", *role]
         step = ["srun", "--nodes=1", "--ntasks=1", "--overlap", f"--nodelist={node}", *command]
         self.processes.append(subprocess.Popen(step, stdin=subprocess.DEVNULL, env=self.environment))
 
@@ -203,8 +203,8 @@ class RayCluster:
                 ray.shutdown()
                 if len(alive) >= count:
                     addresses = sorted(node["NodeManagerAddress"] for node in alive)
-                    print(f"facemtl: Ray cluster up: {len(alive)} node(s) {addresses}, "
-                          f"{self.allocation.cpus_per_node} CPUs and {self.allocation.gpus_per_node} GPUs each", flush=True)
+                    each = f"{self.allocation.cpus_per_node} CPUs and {self.allocation.gpus_per_node} GPUs each"
+                    print(f"facemtl: Ray cluster up: {len(alive)} node(s) {addresses}, {each}", flush=True)
                     return
             except ConnectionError:
                 pass
@@ -235,7 +235,8 @@ def run(command: list[str]) -> int:
     check_ray()
     allocation = Allocation.from_environment()
     print(f"facemtl: job {allocation.job_id} (restart {allocation.restart}) on {len(allocation.nodes)} node(s) "
-          f"{allocation.nodes}, {allocation.cpus_per_node} CPUs and {allocation.gpus_per_node} GPUs per node", flush=True)
+          f"{allocation.nodes}, {allocation.cpus_per_node} CPUs and {allocation.gpus_per_node} GPUs per node",
+          flush=True)
     cluster = RayCluster(allocation)
     requeue = False
     running: subprocess.Popen | None = None

@@ -29,7 +29,8 @@ def test_workers_that_cannot_be_placed_are_refused_with_the_numbers_and_each_fix
     with pytest.raises(ClusterTooSmall) as refused:
         check_fits(TWO_NODES_OF_2_CPUS, {"CPU": 3}, workers=2, loader_workers=2)
     message = str(refused.value)
-    assert "2 worker(s) of 3 CPU each; the cluster has 2 node(s): 2 CPU (holds 0 worker(s)); 2 CPU (holds 0 worker(s))" in message
+    assert ("2 worker(s) of 3 CPU each; the cluster has 2 node(s): 2 CPU (holds 0 worker(s)); "
+            "2 CPU (holds 0 worker(s))") in message
     assert "1 CPU for the loop + data.loader_workers=2" in message
     assert "fewer loader workers (data.loader_workers=1: a worker then needs 2 CPUs)" in message
     assert "more CPUs per node (sbatch --cpus-per-task=3 holds 1 worker(s) per node)" in message

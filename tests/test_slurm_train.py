@@ -25,8 +25,8 @@ NODE_ADDRESSES = ["127.0.0.2", "127.0.0.3"]  # node1, node2 of tests/slurm/up.sh
 @pytest.fixture(scope="session")
 def two_node_slurm(slurm_cluster) -> None:
     """The test SLURM with two nodes (switching node counts cancels every job: nothing else runs now)."""
-    result = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "up.sh")], env={**os.environ, "SLURM_TEST_NODES": "2"},
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "up.sh")], capture_output=True, text=True,
+                            env={**os.environ, "SLURM_TEST_NODES": "2"}, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
@@ -46,8 +46,10 @@ def write_config(path: Path, shards: dict[str, Path], runs: Path, name: str, *ov
 
 def submit(config: Path, log: Path, *sbatch_options: str) -> str:
     # INFO: Ray Train's controller then names the node of every rank.
-    env = {**os.environ, "FACEMTL_CONFIG": str(config), "FACEMTL_PYTHON": sys.executable, "FACEMTL_RAY_LOG_LEVEL": "INFO"}
-    result = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_options, str(REPO / "jobs" / "train_mtl.sh")],
+    env = {**os.environ, "FACEMTL_CONFIG": str(config), "FACEMTL_PYTHON": sys.executable,
+           "FACEMTL_RAY_LOG_LEVEL": "INFO"}
+    script = str(REPO / "jobs" / "train_mtl.sh")
+    result = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_options, script],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -57,7 +59,8 @@ def wait_for(condition, seconds: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"{what} within {seconds} s; job output:\n{log.read_text()[-4000:] if log.exists() else '(none)'}")
+            output = log.read_text()[-4000:] if log.exists() else "(none)"
+            pytest.fail(f"{what} within {seconds} s; job output:\n{output}")
         time.sleep(0.5)
 
 
@@ -71,7 +74,8 @@ def rank_addresses(log_text: str) -> dict[int, str]:
     return {int(rank): address for address, rank in re.findall(r"\(ip=([\d.]+), pid=\d+\) world_rank=(\d+)", log_text)}
 
 
-def test_two_nodes_train_one_rank_each_and_a_requeued_job_resumes(two_node_slurm, synthetic_shards, tmp_path: Path) -> None:
+def test_two_nodes_train_one_rank_each_and_a_requeued_job_resumes(two_node_slurm, synthetic_shards,
+                                                                   tmp_path: Path) -> None:
     # One CPU per node and one per worker (no loader processes): each node holds exactly one rank.
     config = write_config(tmp_path / "c.yaml", synthetic_shards, tmp_path / "runs", "two-nodes", "max_epochs=4",
                           "data.steps_per_epoch=6", "data.loader_workers=0")

@@ -33,8 +33,8 @@ def test_a_two_node_search_runs_trials_on_both_nodes_and_resumes_after_a_requeue
                                                                                   tmp_path: Path) -> None:
     # A trial is its driver (1 CPU) and one worker (1 CPU): the 2 x 2 CPUs hold two trials at a time.
     training = tiny_overrides(synthetic_shards, tmp_path, "unused", "max_epochs=3", "data.loader_workers=0")
-    search = ["--num-samples", "3", "--scheduler", "fifo", "--seed", "0", "--name", "on-slurm", "--runs-dir", str(tmp_path),
-              "--cluster", "slurm", "--nodes", "2", "--cpus-per-node", "2", "--time", "30"]
+    search = ["--num-samples", "3", "--scheduler", "fifo", "--seed", "0", "--name", "on-slurm",
+              "--runs-dir", str(tmp_path), "--cluster", "slurm", "--nodes", "2", "--cpus-per-node", "2", "--time", "30"]
     submitted = subprocess.run([sys.executable, "-m", "tune.search", *training, *search], cwd=REPO, capture_output=True,
                                text=True, timeout=120, env={**os.environ, "FACEMTL_RAY_LOG_LEVEL": "INFO"})
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
@@ -48,7 +48,8 @@ def test_a_two_node_search_runs_trials_on_both_nodes_and_resumes_after_a_requeue
         return 3 in epochs and any(0 < count < 3 for count in epochs)
 
     wait_for(a_trial_done_and_another_under_way, 400, "no trial finished while another trained", log)
-    finished = {path: path.stat().st_mtime for path in search_dir.glob("*/train/metrics.parquet") if epochs_in(path) == 3}
+    finished = {path: path.stat().st_mtime for path in search_dir.glob("*/train/metrics.parquet")
+                if epochs_in(path) == 3}
     # What SLURM sends 120 s before the time limit (#SBATCH --signal=B:USR1@120): the job requeues itself.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     wait_for(lambda: job_ended(job_id, 1, log), 500, "the requeued job did not finish", log)
@@ -65,7 +66,8 @@ def test_a_two_node_search_runs_trials_on_both_nodes_and_resumes_after_a_requeue
     assert sorted(epochs.values()) == [[0, 1, 2]] * 3
     assert (search_dir / "best_config.yaml").exists()
     # Trials on both nodes: their drivers (Tune's records) and their workers (Ray Train's, at INFO).
-    drivers = {json.loads(line)["node_ip"] for path in search_dir.glob("*/result.json") for line in path.read_text().splitlines()}
+    drivers = {json.loads(line)["node_ip"] for path in search_dir.glob("*/result.json")
+               for line in path.read_text().splitlines()}
     assert drivers | set(rank_addresses(output).values()) == set(NODE_ADDRESSES), (drivers, rank_addresses(output))
     # Ray's files went to the job's own folder: the machine's /tmp/ray does not name this job's head.
     record = Path("/tmp/ray/ray_current_cluster")

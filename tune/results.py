@@ -48,7 +48,8 @@ def trials_table(results: Iterable[Any], sampled_names: list[str]) -> pa.Table:
             measured = {key: value for key, value in report.items()
                         if key.startswith(("val/", "weights/")) or key in (MEAN_SCORE, DELTA_M)}
             epoch = int(report["epoch"])
-            rows[trial_id, epoch] = {"trial_id": trial_id, "epoch": epoch, **sample, OBJECTIVE: report[OBJECTIVE], **measured}
+            rows[trial_id, epoch] = {"trial_id": trial_id, "epoch": epoch, **sample, OBJECTIVE: report[OBJECTIVE],
+                                     **measured}
     return pa.Table.from_pylist([rows[key] for key in sorted(rows)])
 
 

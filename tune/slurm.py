@@ -46,8 +46,9 @@ class SlurmOptions:
 
     def sbatch_arguments(self, output: Path) -> list[str]:
         arguments = [
-            f"--job-name={JOB_NAME}", f"--nodes={self.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={self.cpus_per_node}",
-            f"--time={self.time_min}", f"--output={output}", "--open-mode=append", "--signal=B:USR1@120", "--requeue",
+            f"--job-name={JOB_NAME}", f"--nodes={self.nodes}", "--ntasks-per-node=1",
+            f"--cpus-per-task={self.cpus_per_node}", f"--time={self.time_min}", f"--output={output}",
+            "--open-mode=append", "--signal=B:USR1@120", "--requeue",
         ]
         if self.gpus_per_node:  # never asked for on CPU nodes: SLURM refuses an unknown gres
             arguments.append(f"--gpus-per-node={self.gpus_per_node}")

@@ -73,7 +73,8 @@ def train_trial(sample: dict[str, Any], base_document: dict[str, Any], search_di
 def trial_config(base_document: dict[str, Any], sample: dict[str, Any], search_dir: Path, trial_id: str) -> TrainConfig:
     """The base config with the trial's values; its run folder is ``<search>/<trial_id>/train``."""
     run_dir = trial_run_dir(search_dir, trial_id)
-    return load_config_dict(apply_sample(base_document, sample) | {"runs_dir": str(run_dir.parent), "name": run_dir.name})
+    run = {"runs_dir": str(run_dir.parent), "name": run_dir.name}
+    return load_config_dict(apply_sample(base_document, sample) | run)
 
 
 def finished_epochs(run_dir: Path) -> list[dict[str, Any]]:

@@ -177,7 +177,8 @@ def run_search(args: argparse.Namespace, base_document: dict[str, Any], space: S
         if baselines:
             (search_dir / BASELINES_FILE).write_text(yaml.safe_dump(baselines, sort_keys=False))
         print(f"search {search_dir}: {args.num_samples} sample(s), {args.scheduler} scheduler, {args.search} search, "
-              f"{max_concurrent} trial(s) at a time, up to {base.max_epochs} epochs each\nspace: {to_dict(space)}", flush=True)
+              f"{max_concurrent} trial(s) at a time, up to {base.max_epochs} epochs each\nspace: {to_dict(space)}",
+              flush=True)
         seed = base.seed if args.seed is None else args.seed
         tuner = tune.Tuner(
             trainable,
