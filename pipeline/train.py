@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.cluster import ClusterTooSmall
 from pipeline.config import (
     RESUMABLE_KEYS, ConfigError, TrainConfig, config_differences, describe_differences, load_config, save_config, to_dict,
     with_absolute_paths,
@@ -278,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = fit_with_ray(config, args.max_failures)
             error = result.error
+        except ClusterTooSmall as too_small:
+            print(f"error: {too_small}", file=sys.stderr)
+            return 2
         except Exception as raised:  # Ray 2.60's fit() raises what earlier versions returned
             error = raised
         if error is not None and read_stop(config.run_dir) is None:

@@ -19,6 +19,7 @@ from pipeline.inference import build_objective
 from pipeline.loop import check_digests_agree, state_digest
 from pipeline.run_records import checkpoint_folders, load_checkpoint
 from pipeline.schema import get_task
+from pipeline.train import connect_ray
 from pipeline.train import main as train_main
 from tests.test_train import tiny_overrides
 
@@ -35,7 +36,7 @@ def metric_rows(run_dir: Path) -> list[dict]:
 def local_ray():
     import ray
 
-    ray.init(address="local", num_cpus=6, include_dashboard=False, logging_level="ERROR")
+    connect_ray(6)  # as pipeline.train starts it: its dashboard, and the cleaner asking this cluster
     yield
     ray.shutdown()
 
@@ -142,6 +143,18 @@ def test_under_ray_a_diverging_run_is_one_line_and_not_retried(local_ray, synthe
     captured = capsys.readouterr()
     ours = [line for line in captured.err.strip().splitlines() if line.startswith(("error:", "training failed:"))]
     assert len(ours) == 1 and ours[0].startswith("error: training diverged at epoch 0, step "), captured.err[-2000:]
+    assert captured.err.strip().splitlines()[-1] == ours[0]  # the last line, under whatever Ray logged
+    assert captured.out.count("run folder:") == 1 and "resuming from" not in captured.out  # no retry
+    assert not list((tmp_path / "nan").glob("checkpoint_*"))
+
+
+def test_the_cause_of_a_failed_run_is_its_last_line() -> None:
+    from pipeline.train import failure_line
+
+    error = RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+                         "  File \"x.py\", line 1, in f\nOSError: [Errno 28] No space left on device\n")
+    assert failure_line(error) == "OSError: [Errno 28] No space left on device"
+    assert failure_line(RuntimeError("")) == "RuntimeError"
 
 
 def test_famo_under_ddp_keeps_one_state_on_every_rank(local_ray, synthetic_shards, tmp_path: Path) -> None:
