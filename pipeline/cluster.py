@@ -227,13 +227,13 @@ class RayCluster:
 
 def run(command: list[str]) -> int:
     """Start the cluster, run ``command`` against it, stop the cluster; the command's exit status."""
+    allocation = Allocation.from_environment()  # outside a SLURM job: an error, and nothing changed here
     # Before Ray is imported here: it reads the token once. Every `ray start` and the command inherit it.
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
     from pipeline.ray_compat import check_ray
 
     check_ray()
-    allocation = Allocation.from_environment()
     print(f"facemtl: job {allocation.job_id} (restart {allocation.restart}) on {len(allocation.nodes)} node(s) "
           f"{allocation.nodes}, {allocation.cpus_per_node} CPUs and {allocation.gpus_per_node} GPUs per node",
           flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,10 @@ def test_gpu_workers_on_nodes_without_gpus_are_told_to_ask_for_them() -> None:
 
 def test_the_launcher_outside_a_slurm_job_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    before = dict(os.environ)
     with pytest.raises(SystemExit, match="runs inside a SLURM job"):
         main(["--", "true"])
+    assert dict(os.environ) == before  # no Ray token left behind for what runs next in this process
 
 
 def test_the_launcher_needs_a_command() -> None:
