@@ -277,7 +277,10 @@ def flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any], ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys outside ``ignore`` whose values differ between two config mappings: a run resumed under
     such a config would no longer be the run it continues."""
-    before, after = flatten(saved), flatten(wanted)
+    # A key that one side lacks (a config saved before the key existed) holds its default, which keeps
+    # the behaviour from before the key was added.
+    defaults = flatten(to_dict(TrainConfig()))
+    before, after = defaults | flatten(saved), defaults | flatten(wanted)
     return [key for key in sorted(set(before) | set(after)) if key not in ignore and before.get(key) != after.get(key)]
 
 

@@ -41,3 +41,12 @@ def test_saved_config_reloads_to_the_same_values(tmp_path: Path) -> None:
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
     assert load_config_dict(to_dict(config)) == config
+
+
+def test_a_config_saved_before_a_key_existed_resumes_when_the_key_keeps_its_default() -> None:
+    from pipeline.config import config_differences
+
+    saved = to_dict(load_config_dict({}))
+    del saved["freeze"]["counter"]  # written by a version without freeze.counter
+    assert config_differences(saved, to_dict(load_config_dict({}))) == []
+    assert config_differences(saved, to_dict(load_config_dict({"freeze": {"counter": "cumulative"}}))) == ["freeze.counter"]
