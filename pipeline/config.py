@@ -277,16 +277,19 @@ def flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any], ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys outside ``ignore`` whose values differ between two config mappings: a run resumed under
     such a config would no longer be the run it continues."""
-    # A key that one side lacks (a config saved before the key existed) holds its default, which keeps
-    # the behaviour from before the key was added.
-    defaults = flatten(to_dict(TrainConfig()))
-    before, after = defaults | flatten(saved), defaults | flatten(wanted)
+    before, after = flatten_with_defaults(saved), flatten_with_defaults(wanted)
     return [key for key in sorted(set(before) | set(after)) if key not in ignore and before.get(key) != after.get(key)]
+
+
+def flatten_with_defaults(document: dict[str, Any]) -> dict[str, Any]:
+    """:func:`flatten`, a key the document lacks (saved before the key existed) holding its default, which
+    keeps the behaviour from before the key was added."""
+    return flatten(to_dict(TrainConfig())) | flatten(document)
 
 
 def describe_differences(saved: dict[str, Any], wanted: dict[str, Any], keys: typing.Iterable[str]) -> str:
     """``key saved -> wanted`` for each key, comma-separated."""
-    before, after = flatten(saved), flatten(wanted)
+    before, after = flatten_with_defaults(saved), flatten_with_defaults(wanted)
     return ", ".join(f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in keys)
 
 
