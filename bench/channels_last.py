@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from pipeline.losses import build_weighting, masked_task_losses
+from pipeline.losses import build_weighting
+from pipeline.task_losses import masked_task_losses
 from pipeline.model import MultiTaskNet
 from pipeline.schema import get_task
 

@@ -29,7 +29,8 @@ WARMUP = 5
 
 def timed_steps(steps: int, batch: int, size: int, distributed: bool) -> dict[str, float]:
     """Warm up, then time ``steps`` optimizer steps; returns steps/s of the timed part."""
-    from pipeline.losses import build_weighting, masked_task_losses
+    from pipeline.losses import build_weighting
+    from pipeline.task_losses import masked_task_losses
     from pipeline.model import MultiTaskNet
     from pipeline.schema import get_task
 

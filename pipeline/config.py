@@ -58,12 +58,15 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    weighting: str = "learned"  # learned | equal | fixed | uncertainty | dwa | rlw | famo (pipeline/losses.py)
+    weighting: str = "learned"  # a name registered in pipeline/losses.py (README: Loss weightings)
     lam: float = 0.1  # λ of the learned weighting's regulariser (thesis Table 3.2)
     fixed_weights: dict[str, float] = field(default_factory=dict)  # for weighting=fixed; one-hot = single task
     dwa_temperature: float = 2.0  # T of DWA's softmax over epoch loss ratios (Liu et al. 2019)
     famo_lr: float = 0.025  # Adam lr of FAMO's task logits (its authors' default)
     famo_weight_decay: float = 0.01  # γ, FAMO's decay on its logits (its authors' default)
+    gradnorm_alpha: float = 1.5  # α of GradNorm, the restoring force towards equal training rates (Chen et al. 2018)
+    dbmtl_beta: float = 0.9  # β of DB-MTL's moving average of task gradients (Lin et al. 2023)
+    dbmtl_beta_sigma: float = 0.5  # the average's β decays as β / step^σ (DB-MTL's schedule)
     age_scale: float = 100.0  # age target and prediction are divided by this (thesis 3.3.2)
     regression_loss: str = "mse"  # mse | l1
 

@@ -7,7 +7,7 @@
 The model is rebuilt from the config stored in the checkpoint, its weights loaded strictly
 (:mod:`pipeline.inference`). The data are the run's own datasets, or the shard folders given with
 ``--data`` (also ones the model never saw). Every sample of the split is read once, in order, and
-scored with the training loop's own validation code (:func:`pipeline.loop.evaluate_split`: the same
+scored with the training loop's own validation code (:func:`pipeline.validation.evaluate_split`: the same
 losses, age scale and predictions as the ``val/*`` metrics of a run), so a run's best epoch evaluated on
 ``val`` reproduces its metrics.parquet.
 
@@ -33,7 +33,8 @@ import torch
 from pipeline.data import DataConfigError, EvalStream, ShardSet, data_error_line, eval_loader, open_shard_set
 from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, InferenceModel, choose_device,
                                 load_inference_model)
-from pipeline.loop import WorkerContext, evaluate_split
+from pipeline.loop import WorkerContext
+from pipeline.validation import evaluate_split
 from pipeline.metrics import MetricSums, TaskSums, per_class_accuracy
 from pipeline.run_summary import chance_levels, headline_metric, no_better_than_chance
 from pipeline.schema import TaskSpec

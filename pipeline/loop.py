@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,26 +31,22 @@ from torch import nn
 from pipeline.config import TrainConfig, config_differences, describe_differences, to_dict
 from pipeline.data import (
     EvalStream,
-    ShardSet,
     TaskBalancedStream,
     augment_batch,
-    compute_quotas,
-    default_steps_per_epoch,
-    describe_quotas,
     eval_loader,
     normalize_images,
-    open_shard_set,
-    resolve_tasks,
     stream_seed,
     train_loader,
 )
 from pipeline.freeze import EarlyFreeze, SnapshotStore, apply_decision
-from pipeline.losses import LossWeighting, build_weighting, masked_task_losses, predict_age
-from pipeline.metrics import MetricSums
+from pipeline.losses import LossWeighting, build_weighting
 from pipeline.model import MultiTaskNet
-from pipeline.progress import start_progress
+from pipeline.progress import epoch_progress
 from pipeline.run_records import network_state_of
-from pipeline.schema import TaskSpec, get_task
+from pipeline.task_losses import masked_task_losses
+from pipeline.training_setup import prepare
+from pipeline.validation import evaluate_split, format_epoch_line
+from pipeline.schema import TaskSpec
 
 # ---------------------------------------------------------------- the objective: model + loss weighting
 
@@ -203,17 +198,6 @@ def rebuild_optimizer(old: torch.optim.Optimizer, objective: MultiTaskObjective,
 # ---------------------------------------------------------------- one epoch
 
 
-# Epochs shorter than this many steps show no progress lines: they end before anyone would look.
-PROGRESS_MIN_STEPS = 20
-
-
-def epoch_progress(context: WorkerContext, steps: int, batch_size: int, description: str):
-    """Rank 0's progress through an epoch of ``steps`` global batches (images, rate, time left), or None."""
-    if context.rank != 0 or steps < PROGRESS_MIN_STEPS:
-        return None
-    return start_progress(steps * batch_size * context.world_size, description, "img", stream=sys.stdout)
-
-
 class TrainingDiverged(RuntimeError):
     """A non-finite training loss: the run stops, and nothing of the epoch is saved."""
 
@@ -311,72 +295,7 @@ def check_finite(first_bad_step: torch.Tensor, loss_sums: torch.Tensor, tasks: S
         f"{names[index]!r} became {value}; nothing of this epoch was saved (try a lower optim.lr)")
 
 
-@torch.no_grad()
-def evaluate_split(
-    net: MultiTaskNet, loader, tasks: Sequence[TaskSpec], context: WorkerContext, config: TrainConfig
-) -> dict[str, dict[str, float]]:
-    """Per-task loss and metrics over a whole split, summed on every rank and all-reduced."""
-    net.eval()
-    sums = MetricSums(tasks)
-    samples = getattr(getattr(loader, "dataset", None), "num_samples", 0)
-    progress = epoch_progress(context, math.ceil(samples / (config.data.batch_size * context.world_size)),
-                              config.data.batch_size, "validation")
-    for batch in loader:
-        if progress is not None:
-            progress.update(batch["images"].shape[0] * context.world_size)
-        images = normalize_images(batch["images"].to(context.device), config.model.channels_last)
-        labels, mask = batch["labels"].to(context.device), batch["mask"].to(context.device)
-        outputs = net(images)
-        losses = masked_task_losses(outputs, labels, mask, tasks, config.loss.age_scale, config.loss.regression_loss)
-        counts = {t: int(mask[:, i].sum()) for i, t in enumerate(net.task_names)}
-        sums.add_losses(losses, counts)
-        for index, task in enumerate(tasks):
-            rows = mask[:, index]
-            if not rows.any():
-                continue
-            output = outputs[task.name][rows].float()
-            if task.kind == "regression":
-                predicted = predict_age(output, config.loss.age_scale)
-            elif output.shape[1] == 1:
-                predicted = (output[:, 0] > 0).long()
-            else:
-                predicted = output.argmax(dim=1)
-            sums.add_predictions(task, predicted.cpu(), labels[rows, index].cpu())
-    sums.load_tensor(context.all_reduce_sum(sums.as_tensor()))
-    return sums.summary()
-
-
 # ---------------------------------------------------------------- the loop
-
-
-@dataclass
-class TrainingSetup:
-    """What the loop derives from the config and the shard folders before the first step."""
-
-    shard_sets: list[ShardSet]
-    tasks: list[TaskSpec]
-    quotas: dict[str, int]
-    steps_per_epoch: int
-    description: str
-    regression_means: dict[str, float]  # mean training label of each regression task (initial head bias)
-
-
-def prepare(config: TrainConfig, world_size: int) -> TrainingSetup:
-    """Open the datasets, check tasks against their labels, compute batch quotas and the epoch length."""
-    if not config.data.datasets:
-        raise ValueError("data.datasets is empty: name at least one shard folder")
-    shard_sets = [open_shard_set(path) for path in config.data.datasets]
-    task_names = resolve_tasks(shard_sets, config.data.tasks)
-    coverage = {s.name: {t: s.labelled_fraction(t) for t in task_names} for s in shard_sets}
-    quotas = compute_quotas(coverage, task_names, config.data.batch_size, config.data.task_shares)
-    steps = config.data.steps_per_epoch or default_steps_per_epoch(shard_sets, config.data.batch_size * world_size)
-    tasks = [get_task(t) for t in task_names]
-    regression_means = {}
-    for task in (t.name for t in tasks if t.kind == "regression"):
-        sums = [s.label_mean(task) for s in shard_sets]
-        count = sum(n for _, n in sums)
-        regression_means[task] = sum(mean * n for mean, n in sums) / count
-    return TrainingSetup(shard_sets, tasks, quotas, steps, describe_quotas(quotas, coverage, task_names), regression_means)
 
 
 Reporter = Callable[[dict[str, Any], dict[str, Any]], None]  # (metrics, checkpoint payload) -> None
@@ -536,15 +455,3 @@ def weighting_options(config: TrainConfig) -> dict[str, Any]:
 
 def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(metrics, default=str))
-
-
-def format_epoch_line(metrics: dict[str, Any], tasks: Sequence[TaskSpec]) -> str:
-    parts = [f"epoch {metrics['epoch']:>3}", f"train {metrics['train/total_loss']:.3f}", f"val {metrics['val/total_loss']:.3f}"]
-    for task in tasks:
-        key = f"val/{task.name}/mae" if task.kind == "regression" else f"val/{task.name}/accuracy"
-        unit = "MAE" if task.kind == "regression" else "acc"
-        parts.append(f"{task.name} {unit} {metrics[key]:.3f}")
-    parts.append(f"{metrics['train/images_per_s']:.0f} img/s")
-    if metrics["freeze/events"]:
-        parts.append("freeze " + ", ".join(metrics["freeze/events"]))
-    return " | ".join(parts)

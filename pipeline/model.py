@@ -124,7 +124,7 @@ def head_outputs(task: TaskSpec, binary_outputs: int) -> int:
 class MultiTaskNet(nn.Module):
     """Shared trunk (backbone + shared layers) and one head per task; ``forward`` gives task -> (N, outputs).
 
-    Regression heads predict in scaled units (years / ``age_scale``, see :mod:`pipeline.losses`).
+    Regression heads predict in scaled units (years / ``age_scale``, see :mod:`pipeline.task_losses`).
     """
 
     def __init__(

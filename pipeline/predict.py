@@ -44,7 +44,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize_images
 from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, InferenceModel, choose_device,
                                 load_inference_model)
-from pipeline.losses import predict_age
+from pipeline.task_losses import predict_age
 from pipeline.model import MultiTaskNet
 from pipeline.run_summary import at_chance_warning, read_run_summary
 from pipeline.schema import TaskSpec
@@ -83,7 +83,7 @@ def task_predictions(outputs: Mapping[str, torch.Tensor], tasks: Sequence[TaskSp
     """Per image: task -> {"label": class name, "probabilities": {class: p}}, or {"label": years} for regression.
 
     A class label is the most probable class (for a one-logit binary head: logit > 0, as validation counts
-    it); a regression head's scaled output is turned back into years by :func:`pipeline.losses.predict_age`.
+    it); a regression head's scaled output is turned back into years by :func:`pipeline.task_losses.predict_age`.
     """
     per_task: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:

@@ -43,3 +43,14 @@ class PlainProgress:
 
     def close(self) -> None:
         pass
+
+
+# Epochs shorter than this many steps show no progress lines: they end before anyone would look.
+PROGRESS_MIN_STEPS = 20
+
+
+def epoch_progress(context, steps: int, batch_size: int, description: str):
+    """Rank 0's progress through an epoch of ``steps`` global batches (images, rate, time left), or None."""
+    if context.rank != 0 or steps < PROGRESS_MIN_STEPS:
+        return None
+    return start_progress(steps * batch_size * context.world_size, description, "img", stream=sys.stdout)

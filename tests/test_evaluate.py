@@ -112,7 +112,7 @@ def test_every_task_counts_each_labelled_val_sample_once(val_report: dict, synth
 
 
 def test_val_metrics_reproduce_the_runs_best_epoch(val_report: dict, trained_run: Path) -> None:
-    # Both sides are pipeline.loop.evaluate_split on the same weights, unaugmented (validation never is).
+    # Both sides are pipeline.validation.evaluate_split on the same weights, unaugmented (validation never is).
     # The evaluator runs it once per dataset and adds the sums, so batches are composed differently:
     # counts and accuracies are equal, losses and age errors differ only by float summation order.
     best = [row for row in pq.read_table(trained_run / "metrics.parquet").to_pylist() if row["is_best"]][-1]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from pipeline.loop import PROGRESS_MIN_STEPS, WorkerContext, epoch_progress
+from pipeline.loop import WorkerContext
+from pipeline.progress import PROGRESS_MIN_STEPS, epoch_progress
 from pipeline.progress import PlainProgress, format_seconds, start_progress
 
 
