@@ -33,7 +33,17 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as transforms_functional
 
 from pipeline.config import AugmentConfig
-from pipeline.schema import get_task
+from pipeline.schema import (
+    BUILTIN_TASKS,
+    TaskDeclarationError,
+    TaskSpec,
+    check_same_declaration,
+    declare_tasks,
+    get_task,
+    known_tasks,
+    label_slices,
+    parse_task_declarations,
+)
 from pipeline.tar_format import TarFormatError, tar_members
 
 # torchvision 0.29 deprecates its JPEG decoder in favour of torchcodec; it is still ~2x faster than Pillow
@@ -206,10 +216,38 @@ def check_shard_size(shard: Mapping[str, object], size: int) -> None:
                               f"it changed after sharding; delete it and {SHARD_HINT}")
 
 
+def shard_task_declarations(shard_set: ShardSet) -> list[TaskSpec]:
+    """The tasks a folder was written with (``task_declarations`` in its summary); a folder written before
+    tasks were declarations knows the built-in tasks only."""
+    declarations = shard_set.summary.get("task_declarations")
+    if declarations is None:
+        return [BUILTIN_TASKS[name] for name in shard_set.summary["labelled_per_task"] if name in BUILTIN_TASKS]
+    try:
+        return parse_task_declarations(declarations, str(shard_set.root / SUMMARY_FILE))
+    except TaskDeclarationError as error:
+        raise DataConfigError(str(error)) from None
+
+
+def declare_shard_tasks(shard_sets: Sequence[ShardSet]) -> None:
+    """Make every dataset's declared tasks known to this process; two datasets that declare a task
+    differently are a :class:`DataConfigError` quoting both declarations."""
+    first_seen: dict[str, tuple[TaskSpec, str]] = {}
+    for shard_set in shard_sets:
+        origin = f"dataset {shard_set.name!r} ({shard_set.root / SUMMARY_FILE})"
+        for spec in shard_task_declarations(shard_set):
+            earlier = first_seen.setdefault(spec.name, (spec, origin))
+            try:
+                check_same_declaration(spec, earlier[0], origin, earlier[1])
+                declare_tasks([spec], origin)
+            except TaskDeclarationError as error:
+                raise DataConfigError(str(error)) from None
+
+
 def resolve_tasks(shard_sets: Sequence[ShardSet], requested: Sequence[str]) -> list[str]:
     """The requested tasks (or every task some dataset labels), checked against the datasets."""
+    declare_shard_tasks(shard_sets)
     covered = {task for s in shard_sets for task in s.summary["labelled_per_task"] if s.labelled_fraction(task) > 0}
-    tasks = list(requested) or [t for t in ("age", "gender", "race", "smile", "young", "emotion") if t in covered]
+    tasks = list(requested) or [t for t in known_tasks() if t in covered]
     for task in tasks:
         get_task(task)
         if task not in covered:
@@ -301,10 +339,19 @@ def stream_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
 
 
-def label_values(labels: Mapping[str, object], tasks: Sequence[str]) -> tuple[list[float], list[bool]]:
-    """Targets (0.0 where unlabelled) and the labelled mask, in task order; tensors are made per batch."""
-    values = [labels.get(task) for task in tasks]
-    return [float(v) if v is not None else 0.0 for v in values], [v is not None for v in values]
+def label_values(labels: Mapping[str, object], tasks: Sequence[TaskSpec]) -> tuple[list[float], list[bool]]:
+    """Targets in the columns of :func:`pipeline.schema.label_slices` (0.0 where unlabelled) and the labelled
+    mask, one entry per task; tensors are made per batch."""
+    targets: list[float] = []
+    mask: list[bool] = []
+    for task in tasks:
+        value = labels.get(task.name)
+        mask.append(value is not None)
+        if task.kind == "landmarks":
+            targets += [float(v) for v in value] if value is not None else [0.0] * task.label_width
+        else:
+            targets.append(float(value) if value is not None else 0.0)
+    return targets, mask
 
 
 def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
@@ -316,9 +363,20 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
     parameters come from ``generator`` (CPU), so a run is reproducible on any device.
     Crop area fraction ~ U(crop_scale), aspect ratio ~ logU(0.9, 1.1), position uniform inside the image.
     Colour jitter is one affine map per image: x' = A x + B grey(x) + C (brightness, contrast, saturation).
+    A batch with landmark labels needs :func:`augment_batch_and_labels`, which moves them too.
     """
+    return augment_batch_and_labels(images, None, (), config, generator)[0]
+
+
+def augment_batch_and_labels(
+    images: torch.Tensor, labels: torch.Tensor | None, tasks: Sequence[TaskSpec], config: AugmentConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`augment_batch`, and the same crop and flip applied to the landmark columns of ``labels``
+    ((N, C) in the layout of :func:`pipeline.schema.label_slices`): points follow the crop, and a flip also
+    swaps left and right points (``TaskSpec.flip_order``). Other columns are returned unchanged."""
     if not config.enabled:
-        return images
+        return images, labels
     count = images.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
@@ -346,7 +404,30 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
         scale_grey = (brightness * contrast * (1 - saturation)).view(-1, 1, 1, 1).to(images.device)
         offset = (brightness * (1 - contrast) * mean_grey).view(-1, 1, 1, 1).to(images.device)
         pixels = pixels * scale_x + grey * scale_grey + offset
-    return pixels.clamp_(0, 255).round_().to(torch.uint8)
+    if labels is not None and any(task.kind == "landmarks" for task in tasks):
+        labels = move_landmarks(labels, tasks, theta, flip < 0)
+    return pixels.clamp_(0, 255).round_().to(torch.uint8), labels
+
+
+def move_landmarks(labels: torch.Tensor, tasks: Sequence[TaskSpec], theta: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+    """Landmark columns of ``labels`` in the coordinates of the image that ``affine_grid(theta)`` samples.
+
+    ``theta`` maps an output position p (in [-1, 1], ``align_corners=False``) to the input position
+    ``A p + t`` with A diagonal; a point at input position q (unit coordinate u = (q + 1) / 2) therefore
+    lands at ``(q - t) / A``. On flipped rows the left/right points also trade places."""
+    moved = labels.clone()
+    scale = theta[:, [0, 1], [0, 1]].to(labels.device)  # (N, 2): x and y scale (x negative when flipped)
+    shift = theta[:, :, 2].to(labels.device)
+    flipped = flipped.to(labels.device)
+    for task, columns in zip(tasks, label_slices(tasks)):
+        if task.kind != "landmarks":
+            continue
+        points = labels[:, columns].view(len(labels), -1, 2)
+        points = ((points * 2 - 1 - shift[:, None, :]) / scale[:, None, :] + 1) / 2
+        order = torch.tensor(task.flip_order(), device=labels.device)
+        points = torch.where(flipped[:, None, None], points[:, order], points)
+        moved[:, columns] = points.reshape(len(labels), -1)
+    return moved
 
 
 def decode_image(jpeg: bytes, image_size: int) -> torch.Tensor:
@@ -442,6 +523,7 @@ class TaskBalancedStream(IterableDataset):
                 raise DataConfigError(f"dataset {name!r} has no train shards")
         self.quotas = dict(quotas)
         self.tasks = list(tasks)
+        self.task_specs = [get_task(task) for task in self.tasks]  # looked up here: workers may not know declarations
         self.image_size = image_size
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.rank, self.epoch = seed, rank, epoch
@@ -467,7 +549,7 @@ class TaskBalancedStream(IterableDataset):
                 for _ in range(quota):
                     sample = next(stream)
                     images.append(decode_image(sample["jpg"], self.image_size))
-                    target, mask = label_values(json.loads(sample["json"])["labels"], self.tasks)
+                    target, mask = label_values(json.loads(sample["json"])["labels"], self.task_specs)
                     targets.append(target)
                     masks.append(mask)
                     sources.append(source_index)
@@ -502,6 +584,7 @@ class EvalStream(IterableDataset):
         self.sources = [(s.name, s.shards(split)) for s in shard_sets]
         self.num_samples = sum(s.num_samples(split) for s in shard_sets)  # over all ranks
         self.tasks, self.image_size = list(tasks), image_size
+        self.task_specs = [get_task(task) for task in self.tasks]
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[dict[str, object]]:
@@ -515,7 +598,7 @@ class EvalStream(IterableDataset):
                 position += 1
                 if not mine:
                     continue  # skipped before decoding: a reader pays only for its own samples
-                target, mask = label_values(json.loads(sample["json"])["labels"], self.tasks)
+                target, mask = label_values(json.loads(sample["json"])["labels"], self.task_specs)
                 yield {
                     "images": decode_image(sample["jpg"], self.image_size),
                     "labels": torch.tensor(target, dtype=torch.float32),

@@ -2,7 +2,8 @@
 
 For every task: summed loss and labelled count; classification adds a confusion matrix (accuracy,
 balanced accuracy, per-class accuracy follow from it); regression (age) adds summed absolute and
-squared errors in years and the count within 5 years (cumulative score CS(5)).
+squared errors in years and the count within 5 years (cumulative score CS(5)); landmarks add summed absolute
+coordinate errors (MAE in units of the crop side) and summed per-face NME (:func:`normalised_mean_errors`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from pipeline.schema import TaskSpec, get_task
 
 CS_THRESHOLD_YEARS = 5.0
+NME_SCALE = 0.1  # an NME of 10 % of the inter-ocular distance scores 0.5 (normalized_score)
 
 
 @dataclass
@@ -27,6 +29,32 @@ class TaskSums:
     abs_error_sum: float = 0.0
     squared_error_sum: float = 0.0
     within_threshold: int = 0
+    coordinate_count: int = 0  # landmarks: labelled coordinates (2K per labelled face)
+    nme_sum: float = 0.0  # landmarks: per-face normalised mean errors, summed
+
+
+def interocular_points(task: TaskSpec) -> tuple[int, int] | None:
+    """Indices of the eye points whose distance normalises NME: ``left_eye`` and ``right_eye`` (or names that
+    contain left/right and eye), or None when the task has no such pair."""
+    for left, name in enumerate(task.points):
+        if "eye" in name.lower() and "left" in name.lower():
+            right_name = name.lower().replace("left", "right")
+            for right, other in enumerate(task.points):
+                if other.lower() == right_name:
+                    return left, right
+    return None
+
+
+def normalised_mean_errors(predicted: torch.Tensor, target: torch.Tensor, task: TaskSpec) -> torch.Tensor:
+    """Per face (N,): the mean Euclidean point error divided by the true inter-ocular distance (NME); in units
+    of the crop side for a task without eye points. ``predicted`` and ``target`` are (N, 2K) ``x0, y0, ...``."""
+    predicted_points, target_points = predicted.double().view(len(predicted), -1, 2), target.double().view(len(target), -1, 2)
+    point_errors = (predicted_points - target_points).norm(dim=2).mean(dim=1)
+    eyes = interocular_points(task)
+    if eyes is None:
+        return point_errors
+    interocular = (target_points[:, eyes[0]] - target_points[:, eyes[1]]).norm(dim=1)
+    return point_errors / interocular.clamp_min(1e-6)
 
 
 class MetricSums:
@@ -43,9 +71,13 @@ class MetricSums:
             self.sums[task].count += int(count_by_task[task])
 
     def add_predictions(self, task: TaskSpec, predicted: torch.Tensor, target: torch.Tensor) -> None:
-        """``predicted``: class indices or ages in years for the labelled rows; ``target`` likewise."""
+        """``predicted``: class indices, ages in years or (N, 2K) coordinates for the labelled rows; ``target`` likewise."""
         sums = self.sums[task.name]
-        if task.kind == "regression":
+        if task.kind == "landmarks":
+            sums.abs_error_sum += float((predicted.double() - target.double()).abs().sum())
+            sums.coordinate_count += target.numel()
+            sums.nme_sum += float(normalised_mean_errors(predicted, target, task).sum())
+        elif task.kind == "regression":
             error = (predicted.double() - target.double()).abs()
             sums.abs_error_sum += float(error.sum())
             sums.squared_error_sum += float((error**2).sum())
@@ -59,7 +91,8 @@ class MetricSums:
         parts = []
         for task in self.tasks:
             s = self.sums[task.name]
-            parts.append(torch.tensor([s.loss_sum, s.count, s.abs_error_sum, s.squared_error_sum, s.within_threshold], dtype=torch.float64))
+            parts.append(torch.tensor([s.loss_sum, s.count, s.abs_error_sum, s.squared_error_sum, s.within_threshold,
+                                       s.coordinate_count, s.nme_sum], dtype=torch.float64))
             if s.confusion is not None:
                 parts.append(s.confusion.flatten())
         return torch.cat(parts)
@@ -70,21 +103,25 @@ class MetricSums:
         offset = 0
         for task in self.tasks:
             s = self.sums[task.name]
-            s.loss_sum, count, s.abs_error_sum, s.squared_error_sum, within = flat[offset : offset + 5].tolist()
-            s.count, s.within_threshold = int(round(count)), int(round(within))
-            offset += 5
+            s.loss_sum, count, s.abs_error_sum, s.squared_error_sum, within, coordinates, s.nme_sum = \
+                flat[offset : offset + 7].tolist()
+            s.count, s.within_threshold, s.coordinate_count = int(round(count)), int(round(within)), int(round(coordinates))
+            offset += 7
             if s.confusion is not None:
                 size = s.confusion.numel()
                 s.confusion = flat[offset : offset + size].view_as(s.confusion).clone()
                 offset += size
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """task -> {loss, count, accuracy, balanced_accuracy} or {loss, count, mae, rmse, cs5}."""
+        """task -> {loss, count, accuracy, balanced_accuracy}, {loss, count, mae, rmse, cs5} or {loss, count, nme, mae}."""
         result = {}
         for task in self.tasks:
             s = self.sums[task.name]
             metrics: dict[str, float] = {"count": s.count, "loss": s.loss_sum / s.count if s.count else float("nan")}
-            if task.kind == "regression":  # NaN without labels, as for classification: never a perfect score
+            if task.kind == "landmarks":
+                metrics |= {"nme": s.nme_sum / (s.count or float("nan")),
+                            "mae": s.abs_error_sum / (s.coordinate_count or float("nan"))}
+            elif task.kind == "regression":  # NaN without labels, as for classification: never a perfect score
                 labelled = s.count or float("nan")
                 metrics |= {
                     "mae": s.abs_error_sum / labelled,
@@ -98,7 +135,7 @@ class MetricSums:
 
 
 def _empty_confusion(task: TaskSpec) -> torch.Tensor | None:
-    if task.kind == "regression":
+    if task.kind in ("regression", "landmarks"):
         return None
     return torch.zeros(len(task.classes), len(task.classes), dtype=torch.float64)
 
@@ -125,7 +162,10 @@ def normalized_score(task: TaskSpec, metrics: Mapping[str, float], age_scale: fl
 
     The age score is 1 at MAE 0, 0.5 at MAE = ``age_scale`` years and falls smoothly after that, so that
     every MAE still ranks the trials (``1 - MAE/scale`` would be 0 for all of an early search's MAEs).
+    Landmarks score ``NME_SCALE / (NME_SCALE + NME)`` likewise.
     """
+    if task.kind == "landmarks":
+        return NME_SCALE / (NME_SCALE + metrics["nme"])
     if task.kind == "regression":
         return age_scale / (age_scale + metrics["mae"])
     return metrics["accuracy"]
@@ -135,23 +175,29 @@ def delta_m(model: Mapping[str, float], baseline: Mapping[str, float]) -> float:
     """Δm in percent: the mean over tasks of the model's relative improvement over a baseline on each task's
     main metric (Maninis et al. 2019), signed so that a lower MAE counts as an improvement.
 
-    ``model`` and ``baseline`` map task names to that metric (MAE for age, accuracy otherwise); the tasks of
+    ``model`` and ``baseline`` map task names to that metric (MAE for age, NME for landmarks, accuracy
+    otherwise); the tasks of
     ``baseline`` are compared.
     """
     if not baseline:
         raise ValueError("Δm needs at least one baseline task")
     improvements = []
     for task, reference in baseline.items():
-        sign = -1.0 if get_task(task).kind == "regression" else 1.0
+        sign = -1.0 if get_task(task).lower_is_better else 1.0
         improvements.append(sign * (model[task] - reference) / reference)
     return 100.0 * sum(improvements) / len(improvements)
 
 
-def chance_level(task: TaskSpec, train_labels: Sequence[float], eval_labels: Sequence[float]) -> float:
-    """What a model that ignores the image scores: the most frequent training class's accuracy, or the
-    MAE of always predicting the mean training age. The bar a trained model must clear."""
+def chance_level(task: TaskSpec, train_labels: Sequence, eval_labels: Sequence) -> float:
+    """What a model that ignores the image scores: the most frequent training class's accuracy, the MAE of
+    always predicting the mean training age, or the NME of always predicting the mean training landmarks.
+    The bar a trained model must clear."""
     if not eval_labels:
         return float("nan")
+    if task.kind == "landmarks":
+        mean_points = torch.tensor(train_labels, dtype=torch.float64).mean(dim=0)
+        target = torch.tensor(eval_labels, dtype=torch.float64)
+        return float(normalised_mean_errors(mean_points.expand_as(target), target, task).mean())
     if task.kind == "regression":
         mean = sum(train_labels) / len(train_labels)
         return sum(abs(value - mean) for value in eval_labels) / len(eval_labels)

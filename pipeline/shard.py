@@ -34,7 +34,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.progress import start_progress
-from pipeline.schema import TASKS, parse_task_list
+from pipeline.schema import (
+    BUILTIN_TASKS,
+    TaskDeclarationError,
+    TaskSpec,
+    declare_tasks,
+    known_tasks,
+    load_tasks_file,
+    parse_task_declarations,
+    parse_task_list,
+)
 from pipeline.shard_writer import (
     MANIFEST_COMPRESSION,
     MANIFEST_FORMAT,
@@ -79,6 +88,11 @@ class ShardJob:
     limit: int | None = None
     seed: int = 0
     overwrite: bool = False
+    tasks: tuple[TaskSpec, ...] = tuple(BUILTIN_TASKS.values())  # the manifest's label columns, in order
+
+    @property
+    def task_specs(self) -> dict[str, TaskSpec]:
+        return {spec.name: spec for spec in self.tasks}
 
     def __post_init__(self) -> None:
         if not 0 <= self.task_index < self.num_tasks:
@@ -183,6 +197,7 @@ def _prepare_out_dir(listing: SourceListing, plans: list[ShardPlan], job: ShardJ
             "shards": [{"name": p.name, "split": p.split, "num_records": len(p.records)} for p in plans],
             "listing_rejections": [vars(r) for r in listing.rejections],
             "notes": listing.notes,
+            "task_declarations": [spec.declaration() for spec in job.tasks],
         },
     )
 
@@ -208,16 +223,17 @@ def encode_shards(plans: list[ShardPlan], dataset: str, job: ShardJob) -> list[S
     mine = shards_for_task(plans, job.task_index, job.num_tasks)
     # pyarrow imports pandas when it builds its first table (~0.3 s); pay that once here, before the
     # worker processes fork, instead of once in every worker.
-    pa.Table.from_pylist([], schema=manifest_schema())
+    pa.Table.from_pylist([], schema=manifest_schema(job.task_specs))
     results: list[ShardResult] = []
     progress = start_progress(sum(len(p.records) for p in mine), f"{dataset} shards", "images")
     if job.workers == 1:
         for plan in mine:
-            results.append(write_shard(plan, job.out_dir, dataset, job.encode))
+            results.append(write_shard(plan, job.out_dir, dataset, job.encode, job.task_specs))
             progress.update(len(plan.records))
     else:
         with ProcessPoolExecutor(max_workers=job.workers) as pool:
-            futures = {pool.submit(write_shard, plan, job.out_dir, dataset, job.encode): plan for plan in mine}
+            futures = {pool.submit(write_shard, plan, job.out_dir, dataset, job.encode, job.task_specs): plan
+                       for plan in mine}
             for future in as_completed(futures):
                 results.append(future.result())
                 progress.update(len(futures[future].records))
@@ -249,7 +265,8 @@ def merge_shards(out_dir: Path) -> dict[str, object]:
             f"{out_dir} mixes shards of two manifest formats ({len(older)} written by an older pipeline.shard, e.g. "
             f"{older[0]}); shard the folder again with --overwrite"
         )
-    labelled = _write_manifest(out_dir, statuses, current_format=not older)
+    tasks = _planned_tasks(plan, out_dir, statuses)
+    labelled = _write_manifest(out_dir, statuses, tasks, current_format=not older)
     rejections = [*plan["listing_rejections"], *(r for status in statuses for r in status["rejections"])]
     _write_parquet_atomically(
         pa.Table.from_pylist(rejections, schema=pa.schema([("source_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])),
@@ -271,7 +288,7 @@ def merge_shards(out_dir: Path) -> dict[str, object]:
                     ],
                 },
             )
-    summary = summarize(plan["dataset"], statuses, labelled, rejections, plan["encode"], plan["notes"])
+    summary = summarize(plan["dataset"], statuses, labelled, rejections, plan["encode"], plan["notes"], tasks)
     summary["manifest_bytes"] = (out_dir / MANIFEST_FILE).stat().st_size
     if older:
         sizes = f"{_human_size(summary['manifest_bytes'])} beside {_human_size(summary['tar_bytes'])} of tars"
@@ -286,18 +303,31 @@ def merge_shards(out_dir: Path) -> dict[str, object]:
     return summary
 
 
-def _write_manifest(out_dir: Path, statuses: list[dict], current_format: bool) -> Counter[tuple[str, str]]:
+def _planned_tasks(plan: dict, out_dir: Path, statuses: list[dict]) -> dict[str, TaskSpec]:
+    """The tasks a plan was written for; a plan from before task declarations has the built-in tasks whose
+    columns its manifest parts hold."""
+    if "task_declarations" in plan:
+        try:
+            return {spec.name: spec for spec in parse_task_declarations(plan["task_declarations"], str(out_dir))}
+        except TaskDeclarationError as error:
+            raise ShardingError(str(error)) from None
+    columns = pq.read_schema(out_dir / PARTS_DIR / f"{statuses[0]['name']}.parquet").names if statuses else []
+    return {name: spec for name, spec in BUILTIN_TASKS.items() if name in columns}
+
+
+def _write_manifest(out_dir: Path, statuses: list[dict], tasks: dict[str, TaskSpec],
+                    current_format: bool) -> Counter[tuple[str, str]]:
     """Append the manifest parts in plan order, one at a time (memory: one part, never all of them), and
     count the labelled samples per (task, split). An older folder's parts keep their own columns."""
     part_paths = [out_dir / PARTS_DIR / f"{status['name']}.parquet" for status in statuses]
-    schema = manifest_schema() if current_format or not part_paths else pq.read_schema(part_paths[0])
+    schema = manifest_schema(tasks) if current_format or not part_paths else pq.read_schema(part_paths[0])
     labelled: Counter[tuple[str, str]] = Counter()
     temporary = _temporary_name(out_dir / MANIFEST_FILE)
     with pq.ParquetWriter(temporary, schema, compression=MANIFEST_COMPRESSION) as writer:
         for status, part_path in zip(statuses, part_paths):
             part = pq.read_table(part_path, schema=schema)
             writer.write_table(part)
-            for task in TASKS:
+            for task in tasks:
                 labelled[task, status["split"]] += part.num_rows - part.column(task).null_count
     os.replace(temporary, out_dir / MANIFEST_FILE)
     return labelled
@@ -340,14 +370,16 @@ def sharpness_warnings(stats_by_split: dict[str, ImageStats]) -> list[str]:
 
 def summarize(
     dataset: str, statuses: list[dict], labelled: Counter[tuple[str, str]], rejections: list[dict[str, str]],
-    encode: dict, notes: list[str],
+    encode: dict, notes: list[str], tasks: dict[str, TaskSpec] | None = None,
 ) -> dict[str, object]:
-    """Samples per split, labelled samples per task and split, image statistics, rejections by reason."""
+    """Samples per split, labelled samples per task and split, the task declarations, image statistics,
+    rejections by reason."""
+    tasks = BUILTIN_TASKS if tasks is None else tasks
     samples_per_split = {split: sum(s["num_samples"] for s in statuses if s["split"] == split) for split in SPLITS}
     samples_per_split = {split: count for split, count in samples_per_split.items() if count}
     coverage = {
         task: {split: labelled[task, split] for split in samples_per_split}
-        for task in TASKS
+        for task in tasks
         if any(labelled[task, split] for split in samples_per_split)
     }
     stats = image_stats_by_split(statuses)
@@ -358,6 +390,7 @@ def summarize(
         "samples_per_split": samples_per_split,
         "labelled_per_task": coverage,
         "tasks": list(coverage),
+        "task_declarations": [spec.declaration() for spec in tasks.values()],
         "num_rejected": len(rejections),
         "rejected_by_reason": dict(reasons.most_common()),
         "image_size": encode["image_size"],
@@ -386,7 +419,8 @@ def print_summary(summary: dict[str, object], out_dir: Path, seconds: float, enc
     print("  per split:  " + ", ".join(f"{k} {v}" for k, v in summary["samples_per_split"].items()))
     for task, per_split in summary["labelled_per_task"].items():
         print(f"  {task:<9} labelled: " + ", ".join(f"{k} {v}" for k, v in per_split.items()))
-    missing = [task for task in TASKS if task not in summary["labelled_per_task"]]
+    declared = [entry["name"] for entry in summary.get("task_declarations", [])]
+    missing = [task for task in declared if task not in summary["labelled_per_task"]]
     if missing:
         print(f"  no labels (null) for: {', '.join(missing)}")
     if summary["num_rejected"]:
@@ -451,6 +485,7 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--val-fraction", type=float, default=0.1)
     common.add_argument("--test-fraction", type=float, default=0.1)
     common.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
+    common.add_argument("--tasks-file", type=Path, help="YAML task declarations beside the built-in tasks (docs/tasks.md)")
     return common
 
 
@@ -471,12 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     table = sources.add_parser("table", parents=[common], help="any csv/Parquet table of image paths and labels")
     table.add_argument("input", type=Path)
     table.add_argument("--image-root", type=Path, required=True)
-    table.add_argument("--map", required=True, help="column=task,... e.g. Age=age,Sex=gender")
+    table.add_argument("--map", required=True, help="column=task,... e.g. Age=age,Sex=gender,lx=landmarks:0x")
     table.add_argument("--image-column", default="image")
     table.add_argument("--split-column", default="split")
     synthetic = sources.add_parser("synthetic", parents=[common], help="procedural faces (the embedded default)")
     synthetic.add_argument("--num-samples", type=int, default=2000)
-    synthetic.add_argument("--tasks", default="age,gender,race,smile,young,emotion")
+    synthetic.add_argument("--tasks", default="age,gender,race,smile,young,emotion",
+                           help="tasks to label, or 'all': every known task (built-in and --tasks-file) it can draw")
     merge = sources.add_parser("merge", help="write manifest and indices once every array part is done")
     merge.add_argument("out", type=Path)
     return parser
@@ -510,9 +546,9 @@ def list_source(args: argparse.Namespace) -> SourceListing:
         )
     from pipeline.sources.synthetic import list_synthetic
 
+    tasks = tuple(known_tasks()) if args.tasks == "all" else parse_task_list(args.tasks)
     return list_synthetic(
-        args.num_samples, parse_task_list(args.tasks), args.seed, args.val_fraction, args.test_fraction,
-        size=args.size, dataset=name,
+        args.num_samples, tasks, args.seed, args.val_fraction, args.test_fraction, size=args.size, dataset=name,
     )
 
 
@@ -524,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = merge_shards(args.out)
             print_summary(summary, args.out, time.perf_counter() - started, 0, args.out / REJECTED_FILE)
             return 0
+        if args.tasks_file:
+            declare_tasks(load_tasks_file(args.tasks_file), str(args.tasks_file))
         job = ShardJob(
             out_dir=args.out or Path("shards") / (args.name or args.source),
             encode=EncodeSettings(args.size, args.jpeg_quality),
@@ -534,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
             seed=args.seed,
             overwrite=args.overwrite,
+            tasks=tuple(known_tasks().values()),
         )
         print(f"listing {args.source} {getattr(args, 'input', '') or ''}".rstrip(), file=sys.stderr)
         run(list_source(args), job)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.schema import TASKS
+from pipeline.schema import BUILTIN_TASKS, LabelValue, TaskSpec
 from pipeline.sources.base import Rejection, SourceRecord
 from pipeline.tar_format import tar_end, tar_member_bytes
 
@@ -106,6 +106,37 @@ class ShardResult:
     skipped: bool = False  # already complete from an earlier run
 
 
+def fit_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """Where :func:`fit_image` puts a ``width`` x ``height`` image in its square: (scaled width, scaled height,
+    left offset, top offset) in pixels, by the same rounding as ``ImageOps.pad``."""
+    if width == height:
+        return size, size, 0, 0
+    if width > height:
+        scaled_height = round(height / width * size)
+        return size, scaled_height, 0, round((size - scaled_height) * 0.5)
+    scaled_width = round(width / height * size)
+    return scaled_width, size, round((size - scaled_width) * 0.5), 0
+
+
+def crop_landmarks(points: list[float], width: int, height: int, size: int) -> list[float]:
+    """Pixel coordinates ``x0, y0, ...`` of a ``width`` x ``height`` image (pixel i spans [i, i + 1)) -> units
+    of the side of the square :func:`fit_image` writes (0 = left/top edge, 1 = right/bottom edge)."""
+    scaled_width, scaled_height, left, top = fit_geometry(width, height, size)
+    scale_x, scale_y = scaled_width / width, scaled_height / height
+    moved = []
+    for x, y in zip(points[0::2], points[1::2]):
+        moved += [(left + (x + 0.5) * scale_x) / size, (top + (y + 0.5) * scale_y) / size]
+    return moved
+
+
+def crop_labels(labels: dict[str, LabelValue], tasks: dict[str, TaskSpec], width: int, height: int,
+                size: int) -> dict[str, LabelValue]:
+    """``labels`` with every landmarks label moved from the source image's pixels into the written crop."""
+    return {name: crop_landmarks(value, width, height, size)  # type: ignore[arg-type]
+            if value is not None and tasks[name].kind == "landmarks" else value
+            for name, value in labels.items()}
+
+
 def fit_image(image: Image.Image, size: int) -> Image.Image:
     """RGB, ``size`` x ``size``; a non-square crop is scaled to fit and padded, keeping its aspect."""
     if image.mode != "RGB":
@@ -133,20 +164,25 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
 
 
 def sample_metadata(record: SourceRecord, dataset: str) -> bytes:
-    """The ``.json`` member of a sample: deterministic bytes (sorted keys)."""
+    """The ``.json`` member of a sample: deterministic bytes (sorted keys); landmarks in crop units."""
     document: dict[str, object] = {"dataset": dataset, "source_id": record.source_id, "labels": record.labels}
     document.update(record.extras)
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
 
-def manifest_schema() -> pa.Schema:
-    """Columns of ``manifest.parquet``: identity, one nullable column per task, where the sample lies in its
+def label_type(spec: TaskSpec) -> pa.DataType:
+    """A manifest column: float for regression, a list of floats for landmarks, a small int for a class index."""
+    if spec.kind == "landmarks":
+        return pa.list_(pa.float64())
+    return pa.float64() if spec.kind == "regression" else pa.int16()
+
+
+def manifest_schema(tasks: dict[str, TaskSpec] | None = None) -> pa.Schema:
+    """Columns of ``manifest.parquet`` for ``tasks`` (default: the built-in ones): identity, one nullable
+    column per task (in crop units for landmarks), where the sample lies in its
     tar (``offset`` of its first header, ``size`` of its .jpg and .json members with headers and padding)
     and the sha256 of its JPEG bytes."""
-    label_fields = [
-        pa.field(name, pa.float64() if spec.kind == "regression" else pa.int16(), nullable=True)
-        for name, spec in TASKS.items()
-    ]
+    label_fields = [pa.field(name, label_type(spec), nullable=True) for name, spec in (tasks or BUILTIN_TASKS).items()]
     return pa.schema(
         [
             pa.field("key", pa.string()),
@@ -194,8 +230,11 @@ def manifest_format(status: dict) -> int:
     return int(status.get("manifest_format", 1))
 
 
-def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSettings) -> ShardResult:
-    """Encode every record of ``plan``; bad images become rejections, the rest a complete shard."""
+def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSettings,
+                tasks: dict[str, TaskSpec] | None = None) -> ShardResult:
+    """Encode every record of ``plan`` labelled for ``tasks`` (default: the built-in ones); bad images become
+    rejections, the rest a complete shard."""
+    tasks = tasks or BUILTIN_TASKS
     started = time.perf_counter()
     if shard_is_complete(out_dir, plan.name):
         status = read_part_status(out_dir, plan.name)
@@ -210,11 +249,14 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
     offset = 0
     for record in plan.records:
         try:
-            image = fit_image(record.image.load(), settings.image_size)
+            source_image = record.image.load()
+            image = fit_image(source_image, settings.image_size)
             jpeg = encode_jpeg(image, settings.jpeg_quality)
         except Exception as error:  # any decoder failure is a property of that one input file
             rejections.append(Rejection(record.source_id, "image", describe_image_error(error)))
             continue
+        record = dataclasses.replace(
+            record, labels=crop_labels(record.labels, tasks, *source_image.size, settings.image_size))
         jpg_member = tar_member_bytes(f"{record.key}.jpg", jpeg)
         json_member = tar_member_bytes(f"{record.key}.json", sample_metadata(record, dataset))
         tar_parts += [jpg_member, json_member]
@@ -239,7 +281,7 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
 
     parts_dir = out_dir / PARTS_DIR
     part_buffer = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(manifest_rows, schema=manifest_schema()), part_buffer,
+    pq.write_table(pa.Table.from_pylist(manifest_rows, schema=manifest_schema(tasks)), part_buffer,
                    compression=MANIFEST_COMPRESSION)
     status = {
         "name": plan.name,

@@ -2,7 +2,8 @@
 
 Cross-entropy for classification (BCE-with-logits for a one-logit binary head), mean squared (or
 absolute) error for regression with target and prediction divided by ``age_scale``, so that the age loss
-is of the order of the classification losses (thesis 3.3.2). How they are weighted into one loss is
+is of the order of the classification losses (thesis 3.3.2); mean absolute error over the coordinates for
+landmarks, which are in units of the crop side already. How they are weighted into one loss is
 :mod:`pipeline.losses`.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.schema import TaskSpec
+from pipeline.schema import TaskSpec, label_slices
 
 # Plain means over the labelled rows. The thesis' eq. 3.2 halves the squared error; that factor only
 # scales the age loss (and its gradient) by 0.5, which a weighting absorbs, so torch's MSE is used as is.
@@ -30,24 +31,30 @@ def masked_task_losses(
 ) -> dict[str, Tensor]:
     """Task -> mean loss over the rows labelled for that task; a task without a labelled row is absent.
 
-    ``labels`` (N, T) float holds column j for ``tasks[j]`` (class index, or value in years for
-    regression); ``mask`` (N, T) bool is True where the label exists. Unlabelled cells are never read,
-    so they may hold anything (NaN included). Losses are computed in float32.
+    ``labels`` (N, C) float holds each task's label in its columns (:func:`pipeline.schema.label_slices`:
+    one column, a class index or a value in years, or 2K landmark coordinates); ``mask`` (N, T) bool is
+    True where task j's label exists. Unlabelled cells are never read, so they may hold anything (NaN
+    included). Losses are computed in float32.
     """
     if regression_loss not in REGRESSION_LOSSES:
         raise ValueError(f"unknown regression loss {regression_loss!r}; known: {', '.join(REGRESSION_LOSSES)}")
-    if labels.shape != mask.shape or labels.shape[1] != len(tasks):
-        raise ValueError(f"labels {tuple(labels.shape)} and mask {tuple(mask.shape)} must both be (N, {len(tasks)})")
+    slices = label_slices(tasks)
+    width = slices[-1].stop if slices else 0
+    if mask.shape[1] != len(tasks) or labels.shape != (mask.shape[0], width):
+        raise ValueError(f"labels {tuple(labels.shape)} must be (N, {width}) and mask {tuple(mask.shape)} "
+                         f"(N, {len(tasks)}) for tasks {', '.join(t.name for t in tasks)}")
     losses = {}
-    for column, task in enumerate(tasks):
+    for column, (task, columns) in enumerate(zip(tasks, slices)):
         rows = mask[:, column]
         if not rows.any():
             continue
-        output, target = outputs[task.name][rows].float(), labels[rows, column].float()
-        if task.kind == "regression":
-            losses[task.name] = REGRESSION_LOSSES[regression_loss](output[:, 0], target / age_scale)
+        output, target = outputs[task.name][rows].float(), labels[rows, columns].float()
+        if task.kind == "landmarks":
+            losses[task.name] = F.l1_loss(output, target)
+        elif task.kind == "regression":
+            losses[task.name] = REGRESSION_LOSSES[regression_loss](output[:, 0], target[:, 0] / age_scale)
         else:
-            losses[task.name] = classification_loss(output, target)
+            losses[task.name] = classification_loss(output, target[:, 0])
     return losses
 
 

@@ -120,6 +120,15 @@ def _plain_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+@pytest.fixture(autouse=True)
+def _builtin_tasks_only():
+    """Tasks a test declares (a tasks file, a shard folder) are known to that test only."""
+    from pipeline.schema import forget_declared_tasks
+
+    yield
+    forget_declared_tasks()
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     """A real one-node SLURM on this machine (tests/slurm/up.sh). Skipped with the reason where it cannot
