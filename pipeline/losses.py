@@ -13,6 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from pipeline.gradient_weighting import (
+    align_principal_components,
+    balance_magnitudes,
+    moving_averages,
+    project_conflicting,
+)
+
 ReduceSum = Callable[[Tensor], Tensor]  # sums a tensor over the DDP ranks
 
 
@@ -64,6 +71,12 @@ class LossWeighting(nn.Module):
     # Hooks for weightings that learn from more than the current losses; the loop calls them, no-ops here.
     # Set by weightings that need :meth:`after_step`: the loop then recomputes the losses after each step.
     needs_losses_after_step = False
+    # Set by :class:`GradientWeighting`: the loop combines per-task gradients instead of backpropagating combine.
+    gradient_level = False
+
+    def attach_shared_parameters(self, parameters: Sequence[nn.Parameter]) -> None:
+        """The network's shared parameters (backbone, shared layers) in order, for weightings that read their
+        gradients; called once when network and weighting meet (before any state_dict is loaded)."""
 
     def end_epoch(self, mean_loss_by_task: Mapping[str, float]) -> None:
         """The epoch's mean training loss of each task (the same on every rank: all-reduced by the caller)."""
@@ -265,11 +278,9 @@ class DynamicWeightAverage(LossWeighting):
         return dict.fromkeys(self.task_names, 0.0) | dict(zip(training, self.task_weights(training).tolist()))
 
 
-class RandomWeighting(LossWeighting):
-    """Lin et al. (2022), Random Loss Weighting (eq. 3): w = softmax(lambda), lambda ~ N(0, I) drawn every step.
+class SeededWeighting(LossWeighting):
+    """A weighting that draws random numbers from its own generator, seeded alike on every rank.
 
-    lambda is drawn for all tasks at every call, present or not, so that ranks seeded alike draw alike
-    whatever their batches hold; restricted to the present tasks, the softmax runs over their draws only.
     The generator's state is a buffer, refreshed whenever the state_dict is taken and restored on load,
     so a resumed run draws what the uninterrupted one would have.
     """
@@ -286,6 +297,14 @@ class RandomWeighting(LossWeighting):
 
     def restore_generator_state(self) -> None:
         self.generator.set_state(self.generator_state.cpu())
+
+
+class RandomWeighting(SeededWeighting):
+    """Lin et al. (2022), Random Loss Weighting (eq. 3): w = softmax(lambda), lambda ~ N(0, I) drawn every step.
+
+    lambda is drawn for all tasks at every call, present or not, so that ranks seeded alike draw alike
+    whatever their batches hold; restricted to the present tasks, the softmax runs over their draws only.
+    """
 
     def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
         self.check_tasks(task_losses)
@@ -391,6 +410,175 @@ class FastAdaptiveWeighting(LossWeighting):
         return dict.fromkeys(self.task_names, 0.0) | dict(zip(training, self.task_weights(training).tolist()))
 
 
+class GradNormWeighting(PerTaskParameterWeighting):
+    """Chen et al. (2018), GradNorm (eq. 1, Algorithm 1): the network trains on sum_i w_i L_i, and w on
+    L_grad = sum_i |G_i - mean_j(G_j) r_i^alpha|, with G_i = |grad_W w_i L_i| on W, the last shared weight
+    matrix, r_i = L~_i / mean_j L~_j the relative inverse training rate, L~_i = L_i / L_i(0), and the target
+    mean(G) r_i^alpha a constant. The network's loss carries w detached, L_grad moves w alone.
+
+    As LibMTL: w = K softmax(theta) over the K tasks of the call, so sum w = K exactly (the paper renormalises
+    w after each step), and L_i(0) is the task's mean training loss over its first epoch (all-reduced by the
+    loop, the same on every rank; the paper takes the first step's loss): until then w_i = 1 and theta_i does
+    not move. An absent or frozen task has neither term, and its theta no gradient. |grad_W L_i| costs one
+    small backward per task, from the heads to W only; with the trunk frozen there is no W and w stays.
+    """
+
+    def __init__(self, task_names: Sequence[str], alpha: float = 1.5) -> None:
+        if alpha < 0:
+            raise ValueError(f"GradNorm's alpha must be >= 0, got {alpha}")
+        super().__init__(task_names, "logits", torch.zeros(len(task_names)))
+        self.alpha = float(alpha)
+        self.register_buffer("initial_losses", torch.full((len(self.task_names),), math.nan))
+        self.balanced_layer: list[nn.Parameter] = []  # a plain list: W belongs to the network's state, not this
+        # Read on the host once per epoch and load, so that the step needs no sync to know it.
+        self.has_initial_losses = False
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module.note_initial_losses())
+
+    def note_initial_losses(self) -> None:
+        self.has_initial_losses = bool(torch.isfinite(self.initial_losses).any())
+
+    def attach_shared_parameters(self, parameters: Sequence[nn.Parameter]) -> None:
+        self.balanced_layer = [p for p in parameters if p.dim() >= 2][-1:]
+
+    def end_epoch(self, mean_loss_by_task: Mapping[str, float]) -> None:
+        for index, task in enumerate(self.task_names):
+            if math.isnan(self.initial_losses[index].item()) and math.isfinite(mean_loss_by_task.get(task, math.nan)):
+                self.initial_losses[index] = mean_loss_by_task[task]
+        self.note_initial_losses()
+
+    def task_weights(self, task_losses: Mapping[str, Tensor]) -> Tensor:
+        """w = K softmax(theta) over the tasks of ``task_losses``, in their order; differentiable."""
+        return len(task_losses) * torch.softmax(self.present_scalars(task_losses), dim=0)
+
+    def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
+        if not task_losses:
+            return self.zero.clone()
+        task_weights = self.task_weights(task_losses)
+        return weighted_sum(task_weights.detach(), task_losses) + self.balance_loss(task_losses, task_weights)
+
+    def balance_loss(self, task_losses: Mapping[str, Tensor], task_weights: Tensor) -> Tensor:
+        """L_grad over the present tasks that have L_i(0); 0 while none has, or without a trainable W."""
+        layer = [p for p in self.balanced_layer if p.requires_grad]
+        if not layer or not torch.is_grad_enabled() or not self.has_initial_losses:
+            return self.zero.clone()
+        initial = torch.stack([self.initial_losses[self.task_names.index(task)] for task in task_losses])
+        norms = []
+        for loss in task_losses.values():
+            reaches = loss.requires_grad
+            gradient = torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True)[0] if reaches else None
+            norms.append(gradient.norm() if gradient is not None else self.zero)
+        gradient_norms = task_weights * torch.stack(norms).detach()
+        # Masked rather than indexed: no host sync to learn which tasks have a reference loss.
+        balanced = torch.isfinite(initial)
+        count = balanced.sum().clamp(min=1)
+        training_rates = torch.where(balanced, torch.stack(list(task_losses.values())).detach() / initial, 0.0)
+        relative_rates = training_rates / (training_rates.sum() / count).clamp(min=1e-12)
+        target = (torch.where(balanced, gradient_norms, 0.0).sum() / count * relative_rates.pow(self.alpha)).detach()
+        return torch.where(balanced, (gradient_norms - target).abs(), 0.0).sum()
+
+    def weights(self) -> dict[str, float]:
+        """K softmax(theta) over the K training tasks; 0 for a frozen task."""
+        training = self.training_tasks()
+        weight_by_task = dict.fromkeys(self.task_names, 0.0)
+        if training:
+            logits = torch.stack([self.scalars[task].detach() for task in training])
+            weight_by_task |= dict(zip(training, (len(training) * torch.softmax(logits, dim=0)).tolist()))
+        return weight_by_task
+
+
+class GradientWeighting(LossWeighting):
+    """A weighting of the tasks' gradients of the shared parameters rather than of their losses: the loop
+    differentiates each of :meth:`differentiated_losses` on its own and sets the shared parameters' gradient to
+    :meth:`combine_gradients` of them (:mod:`pipeline.gradient_weighting`); each head gets its task's gradient.
+
+    :meth:`combine` is the plain sum of the present losses, for the logged total and the divergence check.
+    Such a weighting keeps its state in buffers, never ``nn.Parameter``s: the loop all-reduces the per-task
+    gradients itself, and nothing of the weighting.
+    """
+
+    gradient_level = True
+
+    def combine(self, task_losses: Mapping[str, Tensor]) -> Tensor:
+        self.check_tasks(task_losses)
+        return sum(task_losses.values(), self.zero.clone())
+
+    def differentiated_losses(self, task_losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The per-task losses whose gradients are combined (heads train on these too)."""
+        return dict(task_losses)
+
+    def combine_gradients(self, gradients: Tensor, tasks: list[str]) -> Tensor:
+        """The shared parameters' gradient (P,) from the present ``tasks``' gradients (K, P); the same on all ranks."""
+        raise NotImplementedError
+
+    def weights(self) -> dict[str, float]:
+        """1 for a training task (its gradient enters the combination), 0 for a frozen one."""
+        training = set(self.training_tasks())
+        return {task: 1.0 if task in training else 0.0 for task in self.task_names}
+
+
+class ProjectedConflictingGradients(GradientWeighting, SeededWeighting):
+    """Yu et al. (2020), PCGrad (Algorithm 1): each task's gradient loses its component along every other task's
+    gradient it conflicts with (negative dot product), the others taken in random order; the shared parameters
+    get the sum. The order comes from the weighting's own generator (seeded by the run): every rank draws the
+    same, and a resume continues the sequence.
+    """
+
+    def combine_gradients(self, gradients: Tensor, tasks: list[str]) -> Tensor:
+        orders = [torch.randperm(len(tasks), generator=self.generator).tolist() for _ in tasks]
+        return project_conflicting(gradients, orders)
+
+
+class AlignedMultiTask(GradientWeighting):
+    """Senushkin et al. (2023), Aligned-MTL (Algorithm 1, uniform task weights): the tasks' gradient matrix G is
+    replaced by sqrt(lambda_min) V diag(lambda)^-1/2 V^T G (eigen-decomposition of G G^T), whose rows are
+    orthogonal and of equal norm, and the shared parameters get their sum. No solver, no state.
+    """
+
+    def combine_gradients(self, gradients: Tensor, tasks: list[str]) -> Tensor:
+        return align_principal_components(gradients)
+
+
+class DualBalancing(GradientWeighting):
+    """Lin et al. (2023), DB-MTL (Algorithm 1): tasks train on log(L_i + 1e-8) (loss-scale balancing); each
+    task's gradient of the shared parameters enters a moving average g_avg,i (beta_t = beta / t^sigma), and the
+    shared parameters get max_j |g_avg,j| sum_i g_avg,i / |g_avg,i| (gradient-magnitude balancing).
+
+    t counts each task's own updates: an absent or frozen task's average and count stay as they were. The
+    averages (tasks x shared parameters, e.g. 6 x 11.3M floats for ResNet-18) are in the state_dict, so a
+    resumed run continues them.
+    """
+
+    EPSILON = 1e-8
+
+    def __init__(self, task_names: Sequence[str], beta: float = 0.9, beta_sigma: float = 0.5) -> None:
+        if not 0 <= beta < 1 or beta_sigma < 0:
+            raise ValueError(f"DB-MTL needs 0 <= beta < 1 and beta_sigma >= 0, got {beta=}, {beta_sigma=}")
+        super().__init__(task_names)
+        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        self.register_buffer("gradient_averages", torch.zeros(len(self.task_names), 0))
+        self.register_buffer("updates", torch.zeros(len(self.task_names), dtype=torch.long))
+
+    def attach_shared_parameters(self, parameters: Sequence[nn.Parameter]) -> None:
+        size = sum(p.numel() for p in parameters)
+        if self.gradient_averages.shape[1] != size:
+            self.gradient_averages = torch.zeros(len(self.task_names), size, device=self.gradient_averages.device)
+
+    def differentiated_losses(self, task_losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {task: (loss + self.EPSILON).log() for task, loss in task_losses.items()}
+
+    def combine_gradients(self, gradients: Tensor, tasks: list[str]) -> Tensor:
+        if gradients.shape[1] != self.gradient_averages.shape[1]:
+            raise ValueError(f"DB-MTL holds averages of {self.gradient_averages.shape[1]} shared parameters, got "
+                             f"gradients of {gradients.shape[1]}: attach_shared_parameters was not called")
+        index = torch.tensor([self.task_names.index(task) for task in tasks], device=self.updates.device)
+        updates = self.updates[index] + 1
+        averages = moving_averages(self.gradient_averages[index], gradients.to(self.gradient_averages.dtype), updates,
+                                   self.beta, self.beta_sigma)
+        self.gradient_averages[index] = averages
+        self.updates[index] = updates
+        return balance_magnitudes(averages, self.EPSILON)
+
+
 WEIGHTINGS: dict[str, type[LossWeighting]] = {
     "learned": LearnedWeighting,
     "equal": EqualWeighting,
@@ -399,6 +587,10 @@ WEIGHTINGS: dict[str, type[LossWeighting]] = {
     "dwa": DynamicWeightAverage,
     "rlw": RandomWeighting,
     "famo": FastAdaptiveWeighting,
+    "gradnorm": GradNormWeighting,
+    "dbmtl": DualBalancing,
+    "pcgrad": ProjectedConflictingGradients,
+    "alignedmtl": AlignedMultiTask,
 }
 
 

@@ -13,9 +13,10 @@ NAN = math.nan
 
 
 def test_registry_names_every_strategy_and_unknown_name_lists_them() -> None:
-    assert set(WEIGHTINGS) == {"learned", "equal", "fixed", "uncertainty", "dwa", "rlw", "famo"}
-    with pytest.raises(ValueError, match="unknown loss weighting 'gradnorm'; known: learned, equal, fixed, uncertainty, dwa"):
-        build_weighting("gradnorm", ["a", "b"])
+    assert set(WEIGHTINGS) == {"learned", "equal", "fixed", "uncertainty", "dwa", "rlw", "famo", "gradnorm", "dbmtl",
+                               "pcgrad", "alignedmtl"}
+    with pytest.raises(ValueError, match="unknown loss weighting 'nashmtl'; known: learned, equal, fixed, uncertainty"):
+        build_weighting("nashmtl", ["a", "b"])
     with pytest.raises(ValueError, match="bad options.*'equal'"):
         build_weighting("equal", ["a", "b"], lam=0.1)
 
