@@ -195,7 +195,7 @@ def parse_task_declaration(entry: object, origin: str = "a task declaration") ->
         raise TaskDeclarationError(f"{origin}: task name {name!r} must be non-empty text without '/' or ','")
     if kind not in TASK_KINDS:
         raise TaskDeclarationError(f"{where}: kind {kind!r} is not one of {', '.join(TASK_KINDS)}")
-    classes = tuple(str(c) for c in entry.get("classes") or ())
+    classes = tuple(_class_name(c) for c in entry.get("classes") or ())
     points = tuple(str(p) for p in entry.get("points") or ())
     value_range = entry.get("range")
     if kind == "binary" and not classes:
@@ -213,6 +213,11 @@ def parse_task_declaration(entry: object, origin: str = "a task declaration") ->
         raise TaskDeclarationError(f"{where}: classes belong to binary/multiclass tasks, points to landmarks")
     metric = str(entry.get("metric") or DEFAULT_METRIC[kind])
     return TaskSpec(name.strip(), kind, classes, value_range, metric, points)
+
+
+def _class_name(value: object) -> str:
+    """YAML 1.1 reads a bare ``no``/``yes`` (the issue's own example) as booleans: they name the classes no/yes."""
+    return ("yes" if value else "no") if isinstance(value, bool) else str(value)
 
 
 def parse_task_declarations(document: object, origin: str) -> list[TaskSpec]:

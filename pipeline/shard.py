@@ -562,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.tasks_file:
             declare_tasks(load_tasks_file(args.tasks_file), str(args.tasks_file))
+        print(f"listing {args.source} {getattr(args, 'input', '') or ''}".rstrip(), file=sys.stderr)
+        listing = list_source(args)  # a reader may declare its own tasks (CelebA's attributes)
         job = ShardJob(
             out_dir=args.out or Path("shards") / (args.name or args.source),
             encode=EncodeSettings(args.size, args.jpeg_quality),
@@ -574,8 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             tasks=tuple(known_tasks().values()),
         )
-        print(f"listing {args.source} {getattr(args, 'input', '') or ''}".rstrip(), file=sys.stderr)
-        run(list_source(args), job)
+        run(listing, job)
     except (SourceInputError, ShardingError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+
+import pytest
 
 from pipeline.sources.utkface import parse_utkface_name
 from tests.conftest import UTK_LABELS, write_face_jpeg
@@ -130,16 +133,27 @@ def test_fer2013_folders_map_class_folders_and_hold_out_validation(fer_folders: 
         assert ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"][row["emotion"]] == folder_emotion
 
 
-def test_celeba_maps_male_smiling_young_follows_partition_and_keeps_landmarks(celeba_dir: Path, tmp_path: Path) -> None:
+def test_celeba_emits_every_attribute_feeds_gender_smile_young_and_moves_landmarks_into_the_crop(
+        celeba_dir: Path, tmp_path: Path) -> None:
     (celeba_dir / "img_align_celeba" / "000012.jpg").unlink()  # annotated, image missing
     out = tmp_path / "out"
-    assert shard("celeba", celeba_dir, "--out", out) == 0
+    assert shard("celeba", celeba_dir, "--out", out, "--size", "64") == 0
     samples = read_samples(out)
     assert len(samples) == 11
     first = samples["000001"]["json"]
-    # row 1: values are 1 where (1 + col) is odd -> Male (col 1) = -1, Smiling (col 2) = 1, Young (col 3) = -1
-    assert first["labels"] == {"age": None, "gender": 0, "race": None, "smile": 1, "young": 0, "emotion": None}
-    assert first["landmarks"] == [float(61 + k) for k in range(10)]
+    # row 1: values are 1 where (1 + col) is odd -> 5_o_Clock_Shadow (col 0) = 1, Male (col 1) = -1,
+    # Smiling (col 2) = 1, Young (col 3) = -1, Wearing_Hat (col 4) = 1
+    attributes = {"5_o_Clock_Shadow": 1, "Male": 0, "Smiling": 1, "Young": 0, "Wearing_Hat": 1}
+    assert first["labels"] == {"age": None, "gender": 0, "race": None, "smile": 1, "young": 0, "emotion": None,
+                               "landmarks": first["labels"]["landmarks"], **attributes}
+    # 178x218 -> 64 px: scaled to 52x64 (round(178 / 218 * 64)) and padded 6 px on the left
+    x_pixels, y_pixels = [float(61 + k) for k in range(0, 10, 2)], [float(61 + k) for k in range(1, 10, 2)]
+    expected = [coordinate for x, y in zip(x_pixels, y_pixels)
+                for coordinate in ((6 + (x + 0.5) * 52 / 178) / 64, (y + 0.5) * 64 / 218 / 64)]
+    assert first["labels"]["landmarks"] == pytest.approx(expected, abs=1e-12)
+    declared = {entry["name"]: entry for entry in json.loads((out / "summary.json").read_text())["task_declarations"]}
+    assert declared["Wearing_Hat"] == {"name": "Wearing_Hat", "kind": "binary", "classes": ["no", "yes"],
+                                       "metric": "accuracy"}
     manifest = read_manifest(out)
     assert {r["key"]: r["split"] for r in manifest}["000009"] == "val"
     assert [r["reason"] for r in read_rejected(out)] == [f"image not found in {celeba_dir / 'img_align_celeba'}"]

@@ -9,7 +9,11 @@ with PIL primitives from its latent :class:`FaceAttributes`:
   hairlines in older men; ``young`` is ``age < 36``;
 - gender: face width, jaw shape and chin, hair length, brow thickness, beards and stubble, lipstick;
 - race: skin tone (with spread), hair colour and texture, eye colour and eye height;
-- emotion and smile: brow height and angle, eye opening, mouth curvature and opening.
+- emotion and smile: brow height and angle, eye opening, mouth curvature and opening;
+- landmarks: the five points it draws (eye centres, nose tip, mouth corners), after pose and framing
+  (:func:`face_landmarks`);
+- any other declared binary task (e.g. CelebA's 40 attribute names): a visible rule on the labels above,
+  chosen by the task's name (:func:`derived_attribute`), so 40 attributes can be learned from these faces.
 
 The attributes are correlated the way real ones are (Happy faces almost always smile, a smile makes
 Happy likely, old faces are not young), so a multi-task model has something to share. Nuisance
@@ -28,12 +32,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.schema import LabelValue
-from pipeline.sources.base import SourceListing, seeded_split
+from pipeline.schema import LANDMARKS_TASK, LabelValue, get_task, known_tasks
+from pipeline.sources.base import SourceListing, seeded_split, unit_interval
 
 RGB = tuple[int, int, int]
 
-SYNTHETIC_TASKS = ("age", "gender", "race", "smile", "young", "emotion")
+SYNTHETIC_TASKS = ("age", "gender", "race", "smile", "young", "emotion", LANDMARKS_TASK)
 YOUNG_AGE_LIMIT = 36
 AGE_LIMITS = (1.0, 90.0)
 
@@ -109,6 +113,33 @@ def face_labels(face: FaceAttributes) -> dict[str, LabelValue]:
         "young": face.young,
         "emotion": face.emotion,
     }
+
+
+# Visible rules for declared binary attributes: (what it shows, whether a face has it).
+ATTRIBUTE_RULES: tuple[tuple[str, object], ...] = (
+    ("male", lambda face: face.gender == 1),
+    ("smiling", lambda face: face.smile == 1),
+    ("young", lambda face: face.age < YOUNG_AGE_LIMIT),
+    ("aged 50 or more", lambda face: face.age >= 50),
+    ("aged 25 to 50", lambda face: 25 <= face.age < 50),
+    ("light skin", lambda face: face.race in (0, 2)),
+    ("dark skin", lambda face: face.race in (1, 3)),
+    ("happy", lambda face: face.emotion == HAPPY),
+    ("negative emotion", lambda face: face.emotion in (ANGRY, DISGUST, SAD)),
+    ("eyes wide open", lambda face: face.emotion in (FEAR, SURPRISE)),
+    ("male over 35", lambda face: face.gender == 1 and face.age >= 35),
+    ("woman under 40", lambda face: face.gender == 0 and face.age < 40),
+)
+# Names that mean what a rule shows (CelebA's), so their labels are the obvious ones.
+RULE_BY_ATTRIBUTE = {"Male": "male", "Smiling": "smiling", "Young": "young", "Gray_Hair": "aged 50 or more",
+                     "Pale_Skin": "light skin", "Mouth_Slightly_Open": "eyes wide open", "High_Cheekbones": "happy"}
+
+
+def derived_attribute(face: FaceAttributes, task: str) -> int:
+    """A declared binary attribute of a face: the rule its name means, else one picked by a hash of the name."""
+    rules = dict(ATTRIBUTE_RULES)
+    name = RULE_BY_ATTRIBUTE.get(task) or ATTRIBUTE_RULES[int(unit_interval(0, task) * len(ATTRIBUTE_RULES))][0]
+    return int(bool(rules[name](face)))  # type: ignore[operator]
 
 
 def draw_age(rng: np.random.Generator) -> float:
@@ -587,14 +618,31 @@ def _photograph(portrait: Image.Image, camera: Camera, background: RGB, rng: np.
     return Image.fromarray(pixels.astype(np.uint8))
 
 
-def render_face(face: FaceAttributes, rng: np.random.Generator, size: int) -> Image.Image:
-    """Draw ``face`` as a ``size`` x ``size`` RGB portrait; ``rng`` supplies all nuisance variation."""
+@dataclass(frozen=True)
+class Pose:
+    """What the first draws of a face's seed fix: its look, expression, camera, gaze and face frame."""
+
+    look: Appearance
+    mood: Expression
+    camera: Camera
+    gaze: tuple[float, float]
+    frame: FaceFrame
+
+
+def draw_pose(face: FaceAttributes, rng: np.random.Generator, size: int) -> Pose:
     look = draw_appearance(face, rng)
     mood = draw_expression(face, rng)
     camera = draw_camera(rng)
     gaze = (float(rng.uniform(-1.0, 1.0)), float(rng.uniform(-1.0, 1.0)))
     head_height = 0.3 * size * camera.head_scale * (1.0 - 0.06 * look.childness)
     frame = FaceFrame(size / 2, size / 2, head_height * 0.78 * look.width_scale, head_height)
+    return Pose(look, mood, camera, gaze, frame)
+
+
+def render_face(face: FaceAttributes, rng: np.random.Generator, size: int) -> Image.Image:
+    """Draw ``face`` as a ``size`` x ``size`` RGB portrait; ``rng`` supplies all nuisance variation."""
+    pose = draw_pose(face, rng, size)
+    look, mood, frame = pose.look, pose.mood, pose.frame
     portrait = Image.new("RGB", (size, size), look.background)
     draw = ImageDraw.Draw(portrait)
     eye_v = _eye_level(look)
@@ -604,11 +652,43 @@ def render_face(face: FaceAttributes, rng: np.random.Generator, size: int) -> Im
     _draw_hair_top(draw, frame, look, rng)
     _draw_nose(draw, frame, look, eye_v)
     _draw_mouth(draw, frame, look, mood, eye_v)
-    _draw_eyes(draw, frame, look, mood, eye_v, gaze)
+    _draw_eyes(draw, frame, look, mood, eye_v, pose.gaze)
     _draw_brows(draw, frame, look, mood, eye_v)
     if look.glasses:
         _draw_glasses(draw, frame, eye_v)
-    return _photograph(portrait, camera, look.background, rng)
+    return _photograph(portrait, pose.camera, look.background, rng)
+
+
+def face_landmarks(face: FaceAttributes, seed: int, size: int) -> list[float]:
+    """Pixel indices ``x, y`` (as CelebA's: pixel i is centred on i) of the points :func:`render_face` draws
+    with ``seed``: left eye, right eye (centres; left = the image's left), nose tip, left and right mouth
+    corner, after the head's rotation and shift."""
+    pose = draw_pose(face, np.random.default_rng(seed), size)
+    look, mood = pose.look, pose.mood
+    eye_v = _eye_level(look)
+    tip_v = eye_v + 0.34 - 0.06 * look.childness
+    mouth_v = eye_v + 0.6 - 0.08 * look.childness
+    half_width = mood.mouth_width * (1.0 - 0.2 * look.childness)
+    if mood.round_mouth:
+        corner_vs = (mouth_v + 0.05 * mood.mouth_open,) * 2
+    else:  # the centre line of _draw_mouth at xs = -1 and +1
+        corner_vs = (mouth_v - mood.mouth_curve + mood.mouth_tilt, mouth_v - mood.mouth_curve - mood.mouth_tilt)
+    points = [(-0.42, eye_v), (0.42, eye_v), (0.0, tip_v), (-half_width, corner_vs[0]), (half_width, corner_vs[1])]
+    shift = (pose.camera.shift[0] * size, pose.camera.shift[1] * size)
+    moved: list[float] = []
+    for u, v in points:
+        x, y = rotated_point(*pose.frame.xy(u, v), pose.camera.rotation_degrees, shift, size)
+        moved += [x - 0.5, y - 0.5]  # PIL draws in edge coordinates: its x = 30 is the middle of pixels 29 and 30
+    return moved
+
+
+def rotated_point(x: float, y: float, degrees: float, shift: tuple[float, float], size: int) -> tuple[float, float]:
+    """Where ``Image.rotate(degrees, translate=shift)`` moves pixel (x, y) of a ``size`` px square image:
+    counter-clockwise about the centre, then shifted."""
+    angle = math.radians(degrees)
+    dx, dy = x - size / 2, y - size / 2
+    return (size / 2 + math.cos(angle) * dx + math.sin(angle) * dy + shift[0],
+            size / 2 - math.sin(angle) * dx + math.cos(angle) * dy + shift[1])
 
 
 def list_synthetic(
@@ -624,9 +704,13 @@ def list_synthetic(
 
     Sample ``i`` is fully determined by ``(seed, i)``, so any process lists the same faces.
     """
-    unknown = [task for task in tasks if task not in SYNTHETIC_TASKS]
+    unknown = [task for task in tasks if task not in known_tasks()]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(SYNTHETIC_TASKS)}")
+        raise ValueError(f"unknown task(s) {unknown}; known tasks: {', '.join(known_tasks())}")
+    undrawable = [task for task in tasks if task not in SYNTHETIC_TASKS and get_task(task).kind != "binary"]
+    if undrawable:
+        raise ValueError(f"synthetic faces cannot draw task(s) {undrawable}: they draw {', '.join(SYNTHETIC_TASKS)} "
+                         "and any declared binary task")
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     listing = SourceListing(dataset)
@@ -635,7 +719,13 @@ def list_synthetic(
         face = draw_face_attributes(rng)
         image_seed = int(rng.integers(2**63))
         key = f"synth{seed}_{index:07d}"
-        labels = {task: value for task, value in face_labels(face).items() if task in tasks}
+        drawn = face_labels(face)
+        labels: dict[str, LabelValue] = {}
+        for task in tasks:
+            if task == LANDMARKS_TASK:
+                labels[task] = face_landmarks(face, image_seed, size)
+            else:
+                labels[task] = drawn[task] if task in drawn else derived_attribute(face, task)
         split = seeded_split(seed, key, val_fraction, test_fraction)
         listing.add(key, split, labels, key, SyntheticImage(image_seed, face, size))
     listing.notes.append(f"{num_samples} synthetic faces, seed {seed}, {size}x{size} px, tasks {', '.join(tasks)}")
