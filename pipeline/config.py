@@ -7,6 +7,7 @@ keys that exist; the resolved config is printed at start and saved into the run 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.losses import WEIGHTINGS
-from pipeline.schema import TASKS
+from pipeline.schema import TaskDeclarationError, TaskSpec, known_tasks, load_tasks_file, parse_task_declarations
 
 
 @dataclass
@@ -31,6 +32,8 @@ class AugmentConfig:
 class DataConfig:
     datasets: list[str] = field(default_factory=list)  # shard folders written by pipeline.shard
     tasks: list[str] = field(default_factory=list)  # tasks to learn; empty = every task a dataset labels
+    # YAML task declarations beside the built-in tasks (docs/tasks.md); the shards' own declarations are read too
+    tasks_file: str | None = None
     task_shares: dict[str, float] = field(default_factory=dict)  # target share of labelled examples; default equal
     batch_size: int = 64  # per worker (rank)
     image_size: int = 64  # side of the network input; shards are resized on the fly when they differ
@@ -244,9 +247,34 @@ def validate(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    unknown = [task for task in config.data.tasks if task not in TASKS]
-    if unknown:
-        raise ConfigError(f"data.tasks names unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(TASKS)}")
+    declared, unreadable = declared_tasks_of(config.data)
+    known = {**known_tasks(), **{spec.name: spec for spec in declared}}
+    unknown = [task for task in config.data.tasks if task not in known]
+    if unknown and not unreadable:  # else training checks them once the shards are there (pipeline.training_setup)
+        raise ConfigError(f"data.tasks names unknown task(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+                          " (declare more in data.tasks_file: docs/tasks.md)")
+
+
+def declared_tasks_of(data: DataConfig) -> tuple[list[TaskSpec], list[str]]:
+    """Tasks declared by ``data.tasks_file`` and by the datasets' summaries, and the sources that could not be
+    read (a file or folder absent here: a config loaded from a checkpoint on another machine)."""
+    declared: list[TaskSpec] = []
+    unreadable: list[str] = []
+    if data.tasks_file:
+        try:
+            declared += load_tasks_file(data.tasks_file)
+        except TaskDeclarationError as error:
+            if Path(data.tasks_file).exists():
+                raise ConfigError(f"data.tasks_file: {error}") from None
+            unreadable.append(data.tasks_file)
+    for folder in data.datasets:
+        summary_path = Path(folder) / "summary.json"
+        try:
+            declarations = json.loads(summary_path.read_text()).get("task_declarations", [])
+            declared += parse_task_declarations(declarations, str(summary_path))
+        except (OSError, ValueError, AttributeError):
+            unreadable.append(str(summary_path))  # pipeline.data reports what is wrong with a folder
+    return declared, unreadable
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, TrainConfig, load_config_dict
+from pipeline.config import ConfigError, TrainConfig, declared_tasks_of, load_config_dict
 from pipeline.loop import MultiTaskObjective, resolve_device, weighting_options
 from pipeline.losses import build_weighting
 from pipeline.model import MultiTaskNet, describe_state_mismatch
 from pipeline.run_records import BEST_MODEL_FILE, CHECKPOINT_FILE, checkpoint_folders
-from pipeline.schema import TaskSpec, get_task
+from pipeline.schema import TaskDeclarationError, TaskSpec, declare_tasks, get_task, known_tasks, parse_task_declarations
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 CPU = torch.device("cpu")
@@ -92,13 +92,26 @@ def load_inference_model(target: str | Path, device: torch.device = CPU) -> Infe
     path, payload = read_checkpoint_at(Path(target))
     try:
         config = load_config_dict(payload["config"])
-        tasks = [get_task(name) for name in payload["tasks"]]
+        tasks = checkpoint_tasks(payload, config, path)
         objective = build_objective(config, tasks)
         epoch = checkpoint_epoch(payload)
     except (ConfigError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: its stored config, tasks or epoch do not describe a model: {error}") from None
     load_objective_weights(path, objective, payload["objective"])
     return InferenceModel(objective.net.to(device).eval(), config, tasks, epoch, path, device)
+
+
+def checkpoint_tasks(payload: dict[str, Any], config: TrainConfig, path: Path) -> list[TaskSpec]:
+    """The specs of a checkpoint's tasks: built in, declared in the file (best_model.pt), or declared by the
+    run's ``data.tasks_file`` or shards where those are readable here (a Ray checkpoint.pt)."""
+    try:
+        declare_tasks(parse_task_declarations(payload.get("task_declarations", []), str(path)), str(path))
+        if any(name not in known_tasks() for name in payload["tasks"]):
+            declared, _ = declared_tasks_of(config.data)
+            declare_tasks(declared, f"{path}'s data.tasks_file and datasets")
+    except TaskDeclarationError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    return [get_task(name) for name in payload["tasks"]]
 
 
 # ---------------------------------------------------------------- finding and reading the file

@@ -124,7 +124,8 @@ def head_outputs(task: TaskSpec, binary_outputs: int) -> int:
 class MultiTaskNet(nn.Module):
     """Shared trunk (backbone + shared layers) and one head per task; ``forward`` gives task -> (N, outputs).
 
-    Regression heads predict in scaled units (years / ``age_scale``, see :mod:`pipeline.task_losses`).
+    Regression heads predict in scaled units (years / ``age_scale``, see :mod:`pipeline.task_losses`); a
+    landmarks head predicts ``x0, y0, x1, y1, ...`` in units of the crop side.
     """
 
     def __init__(
@@ -149,6 +150,9 @@ class MultiTaskNet(nn.Module):
         self.heads = nn.ModuleDict({
             task.name: build_head(shared_width, head_hidden, dropout, head_outputs(task, binary_outputs)) for task in tasks
         })
+        for task in tasks:
+            if task.kind == "landmarks":
+                self.set_output_bias(task.name, 0.5)  # the crop's centre: coordinates are in [0, 1]
         self.trunk_frozen = False
         self.frozen_heads: frozenset[str] = frozenset()
 

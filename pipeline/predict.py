@@ -8,7 +8,8 @@
 One JSON line per image, in input order (folders are searched recursively, sorted, image files only):
 
     {"path": "photos/a.jpg", "predictions": {"age": {"label": 31.4},
-                                             "gender": {"label": "male", "probabilities": {"female": 0.12, "male": 0.88}}, ...}}
+                                             "gender": {"label": "male", "probabilities": {"female": 0.12, "male": 0.88}},
+                                             "landmarks": {"points": {"left_eye": [70.2, 110.5], ...}}, ...}}
     {"path": "photos/broken.jpg", "error": "not a decodable image (corrupt file or unknown format)"}
 
 Exit status: 0 every image predicted (and the export checked), 1 some image failed or the exported model
@@ -20,7 +21,7 @@ first made a crop the way the shard writer makes one (:func:`pipeline.shard_writ
 scaled to fit the square and padded with black, keeping its aspect), at the model's input size; a
 transparent image (a PNG with alpha) is first composited onto the ImageNet mean colour, as the shard readers do
 (:func:`pipeline.sources.base.decode_image_bytes`). Both are then normalised by
-:func:`pipeline.data.normalize_images`.
+:func:`pipeline.data.normalize_images`. Landmarks are given in pixels of the input image (pixel i centred on i).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -48,7 +50,7 @@ from pipeline.task_losses import predict_age
 from pipeline.model import MultiTaskNet
 from pipeline.run_summary import at_chance_warning, read_run_summary
 from pipeline.schema import TaskSpec
-from pipeline.shard_writer import describe_image_error, fit_image
+from pipeline.shard_writer import describe_image_error, fit_image, uncrop_landmarks
 from pipeline.sources.base import IMAGE_SUFFIXES, NEUTRAL_BACKGROUND, decode_image_bytes, is_image_name
 
 EXPORT_TOLERANCE = 1e-5  # max abs difference between the exported and the eager model's outputs
@@ -79,15 +81,26 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
-def task_predictions(outputs: Mapping[str, torch.Tensor], tasks: Sequence[TaskSpec], age_scale: float) -> list[dict[str, dict]]:
-    """Per image: task -> {"label": class name, "probabilities": {class: p}}, or {"label": years} for regression.
+def task_predictions(outputs: Mapping[str, torch.Tensor], tasks: Sequence[TaskSpec], age_scale: float,
+                     image_sizes: Sequence[tuple[int, int]] | None = None, input_size: int = 0) -> list[dict[str, dict]]:
+    """Per image: task -> {"label": class name, "probabilities": {class: p}}, {"label": years} for regression, or
+    {"points": {name: [x, y]}} for landmarks.
 
     A class label is the most probable class (for a one-logit binary head: logit > 0, as validation counts
     it); a regression head's scaled output is turned back into years by :func:`pipeline.task_losses.predict_age`.
+    Landmarks are pixels of each input image when ``image_sizes`` (width, height per image) and the network's
+    ``input_size`` are given, else units of the network's square input.
     """
     per_task: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
         output = outputs[task.name].detach().float().cpu()
+        if task.kind == "landmarks":
+            rows = output.tolist()
+            if image_sizes is not None:
+                rows = [uncrop_landmarks(row, *size, input_size) for row, size in zip(rows, image_sizes)]
+            per_task[task.name] = [{"points": {name: [round(x, 2 if image_sizes else 4), round(y, 2 if image_sizes else 4)]
+                                               for name, x, y in zip(task.points, row[0::2], row[1::2])}} for row in rows]
+            continue
         if task.kind == "regression":
             per_task[task.name] = [{"label": round(float(years), 1)} for years in predict_age(output, age_scale)]
             continue
@@ -147,13 +160,15 @@ def predict_files(model: InferenceModel, paths: Sequence[Path], batch_size: int)
     for start in range(0, len(paths), batch_size):
         batch_paths = paths[start : start + batch_size]
         images: list[torch.Tensor] = []
+        sizes: list[tuple[int, int]] = []
         errors: dict[int, str] = {}
         for index, path in enumerate(batch_paths):
             try:
                 images.append(load_image(path, model.image_size))
+                sizes.append(Image.open(path).size)  # the header only: landmarks are given in its pixels
             except ImageReadError as error:
                 errors[index] = str(error)
-        predictions = iter(predict_images(model, torch.stack(images)) if images else [])
+        predictions = iter(predict_images(model, torch.stack(images), sizes) if images else [])
         for index, path in enumerate(batch_paths):
             if index in errors:
                 yield {"path": str(path), "error": errors[index]}
@@ -162,10 +177,12 @@ def predict_files(model: InferenceModel, paths: Sequence[Path], batch_size: int)
 
 
 @torch.no_grad()
-def predict_images(model: InferenceModel, images: torch.Tensor) -> list[dict[str, dict]]:
-    """Predictions for a uint8 NCHW batch, computed as validation computes them (eval mode, float32)."""
+def predict_images(model: InferenceModel, images: torch.Tensor,
+                   image_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, dict]]:
+    """Predictions for a uint8 NCHW batch, computed as validation computes them (eval mode, float32); landmarks in
+    pixels of the original images when their (width, height) are given."""
     outputs = model.net(normalize_images(images.to(model.device)))
-    return task_predictions(outputs, model.tasks, model.age_scale)
+    return task_predictions(outputs, model.tasks, model.age_scale, image_sizes, model.image_size)
 
 
 def write_records(records: Iterator[dict[str, Any]], out: TextIO, errors: TextIO) -> tuple[int, int]:
@@ -220,7 +237,9 @@ def export_metadata(model: InferenceModel) -> dict[str, Any]:
                   "normalisation": "(pixel / 255 - mean) / std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                   "crop": f"transparent pixels composited onto RGB {NEUTRAL_BACKGROUND}, then scaled to fit the square "
                           "and padded with black, keeping the aspect"},
-        "outputs": [{"task": task.name, "kind": task.kind, "classes": list(task.classes)} for task in model.tasks],
+        "outputs": [{"task": task.name, "kind": task.kind, "classes": list(task.classes), "points": list(task.points)}
+                    for task in model.tasks],
+        "landmarks": "x0, y0, x1, y1, ... in units of the input side (0 = left/top edge)",
         "age_scale": model.age_scale,
         "binary_heads": "one column: BCE logit of classes[1]; two columns: softmax logits",
     }

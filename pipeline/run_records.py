@@ -22,6 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.config import declared_tasks_of, load_config_dict
+from pipeline.schema import known_tasks
+
 CHECKPOINT_FILE = "checkpoint.pt"
 PROGRESS_FILE = "progress.json"  # beside checkpoint.pt: the epochs it holds, readable without loading it
 BEST_MODEL_FILE = "best_model.pt"
@@ -134,9 +137,18 @@ def read_stop(run_dir: Path) -> str | None:
 
 
 def best_model_payload(payload: dict[str, Any], epoch: int) -> dict[str, Any]:
-    """Only what inference needs: weights, config and task list."""
+    """Only what inference needs: weights, config, task list and the tasks' declarations (so that the file
+    describes its declared tasks without the tasks file or the shards)."""
     return {"objective": payload["objective"], "config": payload["config"], "tasks": payload["tasks"],
+            "task_declarations": task_declarations(payload["config"], payload["tasks"]),
             "frozen_parts": payload["frozen_parts"], "epoch": epoch}
+
+
+def task_declarations(config: dict[str, Any], task_names: list[str]) -> list[dict[str, object]]:
+    """The declarations of a run's tasks, from the built-in tasks, its ``data.tasks_file`` and its shards."""
+    declared, _ = declared_tasks_of(load_config_dict(config).data)
+    specs = {**known_tasks(), **{spec.name: spec for spec in declared}}
+    return [specs[name].declaration() for name in task_names if name in specs]
 
 
 class RunRecorder:

@@ -177,8 +177,10 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
 }
 TASKS = BUILTIN_TASKS  # the name older code and tests use
 
-# Tasks declared in this process (a tasks file, a shard folder's summary, a checkpoint), in declaration order.
+# Tasks declared in this process (a tasks file, a shard folder's summary, a checkpoint), in declaration order,
+# and where each was declared first.
 _declared: dict[str, TaskSpec] = {}
+_declared_by: dict[str, str] = {}
 
 
 def parse_task_declaration(entry: object, origin: str = "a task declaration") -> TaskSpec:
@@ -261,15 +263,16 @@ def declare_tasks(specs: Iterable[TaskSpec], origin: str = "a tasks file") -> No
     for spec in specs:
         known = known_tasks().get(spec.name)
         if known is not None:
-            where = "the built-in tasks" if spec.name in BUILTIN_TASKS else "an earlier declaration"
-            check_same_declaration(spec, known, origin, where)
+            check_same_declaration(spec, known, origin, _declared_by.get(spec.name, "the built-in tasks"))
         else:
             _declared[spec.name] = spec
+            _declared_by[spec.name] = origin
 
 
 def forget_declared_tasks() -> None:
     """Back to the built-in tasks only (tests; a process that reads another set of shards)."""
     _declared.clear()
+    _declared_by.clear()
 
 
 def known_tasks() -> dict[str, TaskSpec]:

@@ -129,6 +129,16 @@ def crop_landmarks(points: list[float], width: int, height: int, size: int) -> l
     return moved
 
 
+def uncrop_landmarks(points: list[float], width: int, height: int, size: int) -> list[float]:
+    """The inverse of :func:`crop_landmarks`: units of the square crop -> pixels of the original image."""
+    scaled_width, scaled_height, left, top = fit_geometry(width, height, size)
+    scale_x, scale_y = scaled_width / width, scaled_height / height
+    moved = []
+    for x, y in zip(points[0::2], points[1::2]):
+        moved += [(x * size - left) / scale_x - 0.5, (y * size - top) / scale_y - 0.5]
+    return moved
+
+
 def crop_labels(labels: dict[str, LabelValue], tasks: dict[str, TaskSpec], width: int, height: int,
                 size: int) -> dict[str, LabelValue]:
     """``labels`` with every landmarks label moved from the source image's pixels into the written crop."""

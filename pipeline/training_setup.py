@@ -1,5 +1,6 @@
 """What training derives from the config and the shard folders before the first step: the datasets, the
-tasks, the batch quotas of the task-balanced sampler and the epoch length."""
+tasks (built-in, declared in ``data.tasks_file`` or by the shards), the batch quotas of the task-balanced
+sampler and the epoch length."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 from pipeline.config import TrainConfig
 from pipeline.data import (
+    DataConfigError,
     ShardSet,
     compute_quotas,
     default_steps_per_epoch,
@@ -14,7 +16,7 @@ from pipeline.data import (
     open_shard_set,
     resolve_tasks,
 )
-from pipeline.schema import TaskSpec, get_task
+from pipeline.schema import TaskDeclarationError, TaskSpec, declare_tasks, get_task, load_tasks_file
 
 
 @dataclass
@@ -34,6 +36,7 @@ def prepare(config: TrainConfig, world_size: int) -> TrainingSetup:
     if not config.data.datasets:
         raise ValueError("data.datasets is empty: name at least one shard folder")
     shard_sets = [open_shard_set(path) for path in config.data.datasets]
+    declare_config_tasks(config)
     task_names = resolve_tasks(shard_sets, config.data.tasks)
     coverage = {s.name: {t: s.labelled_fraction(t) for t in task_names} for s in shard_sets}
     quotas = compute_quotas(coverage, task_names, config.data.batch_size, config.data.task_shares)
@@ -45,3 +48,14 @@ def prepare(config: TrainConfig, world_size: int) -> TrainingSetup:
         count = sum(n for _, n in sums)
         regression_means[task] = sum(mean * n for mean, n in sums) / count
     return TrainingSetup(shard_sets, tasks, quotas, steps, describe_quotas(quotas, coverage, task_names), regression_means)
+
+
+def declare_config_tasks(config: TrainConfig) -> None:
+    """Make ``data.tasks_file``'s tasks known (the shards' own declarations follow in ``resolve_tasks``, which
+    refuses a shard folder that declares one of them differently)."""
+    if not config.data.tasks_file:
+        return
+    try:
+        declare_tasks(load_tasks_file(config.data.tasks_file), f"data.tasks_file {config.data.tasks_file}")
+    except TaskDeclarationError as error:
+        raise DataConfigError(str(error)) from None
