@@ -13,7 +13,9 @@ losses, age scale and predictions as the ``val/*`` metrics of a run), so a run's
 
 Outputs, in ``--out`` (default ``<run>/evaluation/<split>/``, or ``<checkpoint's folder>/evaluation/<split>/``):
 ``metrics.json`` (everything), ``metrics.md`` (the tables, also printed) and ``confusion_<task>.png``
-per classification task with labels.
+per classification task with labels (binary ones only while there are at most ``CONFUSION_PLOTS_BINARY_MAX``
+classification tasks: CelebA's 40 attributes get the per-attribute table instead). Landmarks report NME
+(mean point error over the inter-ocular distance) and MAE in units of the crop side.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def task_report(task: TaskSpec, sums: TaskSums, summary: dict[str, float], datas
     if sums.count == 0:
         return {"kind": task.kind, "count": 0, "status": no_labels_status(dataset_names)}
     report: dict[str, Any] = {"kind": task.kind, **summary}
-    if task.kind != "regression":
+    if task.kind in ("binary", "multiclass"):
         report |= {
             "classes": list(task.classes),
             "support": [int(v) for v in sums.confusion.sum(dim=1).tolist()],
@@ -188,18 +190,40 @@ def format_number(value: float | None, digits: int = 4) -> str:
 
 MAIN_COLUMNS = (("loss", "loss"), ("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc."),
                 ("mae", "MAE (years)"), ("rmse", "RMSE (years)"), ("cs5", "CS(5)"))
+LANDMARK_COLUMNS = (("loss", "loss"), ("nme", "NME (inter-ocular)"), ("mae", "MAE (crop side)"))
+CONFUSION_PLOTS_BINARY_MAX = 8
+
+
+def mean_accuracy(tasks: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The mean accuracy over the classification tasks with labels (CelebA's usual figure), or None."""
+    accuracies = [metrics["accuracy"] for metrics in tasks.values()
+                  if metrics.get("kind") in ("binary", "multiclass") and metrics.get("count")]
+    return {"tasks": len(accuracies), "value": sum(accuracies) / len(accuracies)} if accuracies else None
 
 
 def task_table(tasks: dict[str, dict[str, Any]]) -> list[str]:
     """One row per task: samples and main metrics; '–' where a metric does not apply."""
     lines = ["| task | samples | " + " | ".join(title for _, title in MAIN_COLUMNS) + " |",
              "|---|---:|" + "---:|" * len(MAIN_COLUMNS)]
+    landmarks = {}
     for name, metrics in tasks.items():
+        if metrics.get("kind") == "landmarks" and "status" not in metrics:
+            landmarks[name] = metrics
+            continue
         if "status" in metrics:
             cells = [metrics["status"]] + [""] * (len(MAIN_COLUMNS) - 1)
         else:
             cells = [format_number(metrics.get(key)) for key, _ in MAIN_COLUMNS]
         lines.append(f"| {name} | {metrics['count']} | " + " | ".join(cells) + " |")
+    if landmarks:
+        lines += ["", "| landmarks | samples | " + " | ".join(title for _, title in LANDMARK_COLUMNS) + " |",
+                  "|---|---:|" + "---:|" * len(LANDMARK_COLUMNS)]
+        for name, metrics in landmarks.items():
+            cells = [format_number(metrics.get(key)) for key, _ in LANDMARK_COLUMNS]
+            lines.append(f"| {name} | {metrics['count']} | " + " | ".join(cells) + " |")
+    mean = mean_accuracy(tasks)
+    if mean and mean["tasks"] > 1:
+        lines += ["", f"Mean accuracy over {mean['tasks']} classification tasks: {mean['value']:.4f}"]
     return lines
 
 
@@ -222,12 +246,13 @@ def format_markdown(report: dict[str, Any]) -> str:
     skipped = [f"Skipped {s['name']} ({s['path']}): {s['reason']}." for s in report["skipped_datasets"]]
     lines += [*skipped, ""] if skipped else []
     lines += task_table(report["tasks"])
+    lines += ["", "Per-class tables: metrics.json."] if len(report["tasks"]) > CONFUSION_PLOTS_BINARY_MAX else []
     if len(report["by_dataset"]) > 1:
         for name, part in report["by_dataset"].items():
             labelled = {task: metrics for task, metrics in part["tasks"].items() if metrics["count"]}
             lines += ["", f"## {name} ({part['samples']} samples; the tasks it labels)", "", *task_table(labelled)]
     for name, metrics in report["tasks"].items():
-        if "classes" in metrics:
+        if "classes" in metrics and len(report["tasks"]) <= CONFUSION_PLOTS_BINARY_MAX:
             lines += ["", *per_class_table(name, metrics)]
     return "\n".join(lines) + "\n"
 
@@ -299,7 +324,8 @@ def build_report(
         "datasets": [{"name": d.name, "path": str(d.path.resolve()), "samples": d.samples} for d in per_dataset],
         "skipped_datasets": data.skipped,
         "samples": sum(d.samples for d in per_dataset),
-        "tasks": tasks_report(model.tasks, total_sums(model.tasks, per_dataset), names),
+        "tasks": (overall := tasks_report(model.tasks, total_sums(model.tasks, per_dataset), names)),
+        "mean_accuracy": mean_accuracy(overall),
         "by_dataset": {
             d.name: {"samples": d.samples, "tasks": tasks_report(model.tasks, d.sums, [d.name])} for d in per_dataset
         },
@@ -323,8 +349,9 @@ def write_outputs(report: dict[str, Any], markdown: str, out_dir: Path) -> list[
     written = [out_dir / METRICS_JSON, out_dir / METRICS_MARKDOWN]
     written[0].write_text(json.dumps(json_safe(report), indent=1) + "\n")
     written[1].write_text(markdown)
+    classification = sum("confusion" in metrics for metrics in report["tasks"].values())
     for task, metrics in report["tasks"].items():
-        if "confusion" in metrics:
+        if "confusion" in metrics and (metrics["kind"] == "multiclass" or classification <= CONFUSION_PLOTS_BINARY_MAX):
             title = f"{task} on {report['split']} ({metrics['count']} samples)"
             path = out_dir / f"confusion_{task}.png"
             written.append(plot_confusion(metrics["classes"], metrics["confusion"], title, path))

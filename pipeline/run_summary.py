@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import pyarrow.parquet as pq
 
-from pipeline.data import ShardSet
+from pipeline.data import ShardSet, declare_shard_tasks
 from pipeline.metrics import chance_level
 from pipeline.run_records import METRICS_FILE
 from pipeline.schema import TaskSpec, get_task
@@ -24,8 +24,8 @@ SUMMARY_FILE = "run_summary.json"
 
 
 def headline_metric(task: TaskSpec) -> str:
-    """The metric a task is judged by: MAE for regression, accuracy otherwise."""
-    return "mae" if task.kind == "regression" else "accuracy"
+    """The metric a task is judged by: MAE for regression, NME for landmarks, accuracy otherwise."""
+    return {"regression": "mae", "landmarks": "nme"}.get(task.kind, "accuracy")
 
 
 def chance_levels(shard_sets: Sequence[ShardSet], tasks: Sequence[TaskSpec], split: str = "val") -> dict[str, float]:
@@ -40,7 +40,7 @@ def no_better_than_chance(task: TaskSpec, value: float, chance: float) -> bool:
         return False
     if not math.isfinite(value):
         return True
-    return value >= chance if headline_metric(task) == "mae" else value <= chance
+    return value >= chance if task.lower_is_better else value <= chance
 
 
 def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -51,6 +51,7 @@ def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def summarize_run(run_dir: Path, shard_sets: Sequence[ShardSet]) -> dict[str, Any]:
     """Per task at the best epoch: metric, value, chance level, and whether it is no better than chance."""
+    declare_shard_tasks(shard_sets)  # the run's declared tasks, in the process that summarises it
     rows = pq.read_table(run_dir / METRICS_FILE).to_pylist()
     best = best_row(rows)
     names = sorted({key.split("/")[1] for key in best if key.startswith("val/") and key.count("/") == 2} - {"total_loss"})
