@@ -29,21 +29,21 @@ def project_conflicting(gradients: Tensor, orders: Sequence[Sequence[int]]) -> T
     """PCGrad (Yu et al. 2020, Algorithm 1): sum_i g_i^PC, where g_i^PC starts as g_i and, for each other task j
     in ``orders[i]``, loses its component along g_j when they conflict: g_i^PC -= min(g_i^PC . g_j, 0) / |g_j|^2 g_j.
 
-    Projections use the original g_j, as in the paper. Written without a branch (min(., 0)), so a step on a
-    GPU has no host sync per pair; a zero g_j projects nothing.
+    Projections use the original g_j, as in the paper. Every g_i^PC stays a combination c_i . G of the rows, so
+    the surgery runs on the K x K Gram matrix (float64, CPU) and touches the P-long rows twice (G G^T, then
+    (sum_i c_i) . G) instead of twice per pair. A zero g_j projects nothing.
     """
-    squared_norms = gradients.square().sum(dim=1)
-    projected = []
+    gram = (gradients @ gradients.T).double().cpu()
+    identity = torch.eye(len(gradients), dtype=torch.float64)
+    combined = torch.zeros(len(gradients), dtype=torch.float64)
     for i, order in enumerate(orders):
-        surgery = gradients[i].clone()
+        coefficients = identity[i].clone()
         for j in order:
-            if j == i:
-                continue
-            conflict = torch.clamp(surgery @ gradients[j], max=0.0)
-            coefficient = torch.where(squared_norms[j] > 0, conflict / squared_norms[j].clamp(min=1e-30), 0.0)
-            surgery = surgery - coefficient * gradients[j]
-        projected.append(surgery)
-    return torch.stack(projected).sum(dim=0)
+            if j != i and gram[j, j] > 0:
+                conflict = min(float(coefficients @ gram[:, j]), 0.0)
+                coefficients -= conflict / float(gram[j, j]) * identity[j]
+        combined += coefficients
+    return combined.to(gradients.dtype).to(gradients.device) @ gradients
 
 
 def align_principal_components(gradients: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from pipeline.data import (
     train_loader,
 )
 from pipeline.freeze import EarlyFreeze, SnapshotStore, apply_decision
+from pipeline.gradient_weighting import combined_gradient_step
 from pipeline.losses import LossWeighting, build_weighting
 from pipeline.model import MultiTaskNet
 from pipeline.progress import epoch_progress
@@ -57,6 +58,7 @@ class MultiTaskObjective(nn.Module):
     def __init__(self, net: MultiTaskNet, weighting: LossWeighting, tasks: Sequence[TaskSpec], config: TrainConfig) -> None:
         super().__init__()
         self.net, self.weighting, self.tasks = net, weighting, list(tasks)
+        weighting.attach_shared_parameters(list(net.trunk_parameters()))
         self.age_scale, self.regression_loss = config.loss.age_scale, config.loss.regression_loss
         # DDP expects a gradient for every trainable parameter at every step; one process does not, and
         # there an absent task's head and loss weight get no gradient at all (so Adam leaves them alone).
@@ -99,6 +101,12 @@ class WorkerContext:
         dist.all_reduce(reduced)
         return reduced.cpu()
 
+    def all_reduce_sum_on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks, in place and where ``tensor`` is: for large tensors such as per-task gradients."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
     def broadcast_buffers(self, module: nn.Module) -> None:
         """Rank 0's BatchNorm statistics to every rank: each rank's last training batch moved its own, and
         validation and the checkpoint must see one model."""
@@ -117,8 +125,11 @@ class WorkerContext:
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """DDP over the trainable parameters (frozen ones are left out by DDP itself); with nothing left to
-        train (every task frozen), there is nothing to synchronise."""
-        if not self.distributed or not any(parameter.requires_grad for parameter in module.parameters()):
+        train (every task frozen), there is nothing to synchronise. A gradient-level weighting averages its
+        per-task gradients itself (:func:`set_combined_gradients`): no DDP, whose all-reduce would come per task."""
+        gradient_level = isinstance(module, MultiTaskObjective) and module.weighting.gradient_level
+        trainable = any(parameter.requires_grad for parameter in module.parameters())
+        if not self.distributed or gradient_level or not trainable:
             return module
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
@@ -246,7 +257,10 @@ def train_one_epoch(
         with autocast:
             total, task_losses, _ = model(images, labels, mask, loss_tasks)
         optimizer.zero_grad(set_to_none=True)
-        grad_scaler.scale(total).backward()  # a no-op scale unless fp16, whose small gradients underflow
+        if objective.weighting.gradient_level:
+            set_combined_gradients(objective, task_losses, loss_tasks, context)
+        else:
+            grad_scaler.scale(total).backward()  # a no-op scale unless fp16, whose small gradients underflow
         grad_scaler.step(optimizer)
         grad_scaler.update()
         if objective.weighting.needs_losses_after_step:
@@ -275,6 +289,20 @@ def train_one_epoch(
     metrics |= {f"train/{t.name}/labelled_per_batch": float(labelled[i] / steps) for i, t in enumerate(tasks)}
     metrics |= {"train/total_loss": sums[-1] / counts[-1], "train/images_per_s": images_seen * context.world_size / seconds}
     return metrics
+
+
+def set_combined_gradients(objective: MultiTaskObjective, task_losses: dict[str, torch.Tensor],
+                           loss_tasks: Sequence[str], context: WorkerContext) -> None:
+    """A gradient-level weighting's step: each training task's gradient of the trainable shared parameters and of
+    its head, averaged over the ranks that had the task (one all-reduce), combined by the weighting into the
+    shared parameters' ``.grad``; heads get their own task's. The same on every rank."""
+    weighting = objective.weighting
+    contributing = weighting.differentiated_losses({t: loss for t, loss in task_losses.items() if t in loss_tasks})
+    shared = [p for p in objective.net.trunk_parameters() if p.requires_grad]
+    heads = {task: [p for p in objective.net.head_parameters(task) if p.requires_grad]
+             for task in weighting.task_names}
+    combined_gradient_step(contributing, weighting.task_names, shared, heads, weighting.combine_gradients,
+                           context.all_reduce_sum_on_device if context.distributed else None)
 
 
 def check_finite(first_bad_step: torch.Tensor, loss_sums: torch.Tensor, tasks: Sequence[TaskSpec], context: WorkerContext,
@@ -322,6 +350,10 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
         config.model.weights_path, config.model.binary_outputs,
     )
     weighting = build_weighting(config.loss.weighting, [t.name for t in setup.tasks], **weighting_options(config))
+    if weighting.gradient_level and config.precision == "fp16":
+        # The GradScaler scales one loss; per-task gradients would need their own unscaling and inf checks.
+        raise ValueError(f"loss.weighting={config.loss.weighting} combines per-task gradients and does not support "
+                         f"precision=fp16; use bf16 or fp32")
     for task, mean in setup.regression_means.items():
         net.set_output_bias(task, mean / config.loss.age_scale)
     if config.model.init_from and resume is None:
@@ -331,7 +363,7 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
                   f"fresh {', '.join(parts['fresh']) or 'nothing'}; not used {', '.join(parts['unused']) or 'nothing'}",
                   flush=True)
     objective = MultiTaskObjective(net, weighting, setup.tasks, config).to(context.device)
-    objective.every_parameter_in_graph = context.distributed
+    objective.every_parameter_in_graph = context.distributed and not weighting.gradient_level
     if config.model.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
     freezer = EarlyFreeze([t.name for t in setup.tasks], config.freeze.patience, config.freeze.min_delta, config.freeze.mode,
@@ -446,10 +478,13 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
 
 
 def weighting_options(config: TrainConfig) -> dict[str, Any]:
-    """The config's options of its loss weighting (RLW's seed is the run's: every rank draws the same weights)."""
+    """The config's options of its loss weighting (RLW's and PCGrad's seed is the run's: every rank draws alike)."""
     options = {"learned": {"lam": config.loss.lam}, "fixed": {"weights": config.loss.fixed_weights},
                "dwa": {"temperature": config.loss.dwa_temperature}, "rlw": {"seed": config.seed},
-               "famo": {"lr": config.loss.famo_lr, "weight_decay": config.loss.famo_weight_decay}}
+               "famo": {"lr": config.loss.famo_lr, "weight_decay": config.loss.famo_weight_decay},
+               "gradnorm": {"alpha": config.loss.gradnorm_alpha},
+               "dbmtl": {"beta": config.loss.dbmtl_beta, "beta_sigma": config.loss.dbmtl_beta_sigma},
+               "pcgrad": {"seed": config.seed}}
     return options.get(config.loss.weighting, {})
 
 
