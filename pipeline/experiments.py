@@ -24,7 +24,8 @@ arm's (other than ``max_epochs``): choose another ``--name`` for another config.
 The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipeline.config):
 
 - ``mtl-vs-single``: the config as it is (row "MTL") and one single-task model per task (row
-  "single-task"). A single-task model is the same config restricted to its task: ``data.tasks`` = [task],
+  "single-task"), or per task of ``--single-tasks`` (e.g. ``Smiling,Male,landmarks`` of CelebA's 41: the
+  table then has every task's MTL figure, single-task figures and Δm for those only). A single-task model is the same config restricted to its task: ``data.tasks`` = [task],
   ``data.datasets`` = the datasets that label it, ``loss.weighting=fixed`` with the one-hot weight
   {task: 1}. That is the 2019 lab notes' one-hot ``loss_weights`` without the idle heads: with all heads
   kept, the untrained tasks' losses would still choose the best epoch (lowest total validation loss),
@@ -77,6 +78,7 @@ from pipeline.inference import CheckpointError
 from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE
 from pipeline.schema import TaskSpec, get_task
 from pipeline.train import main as train_main
+from pipeline.training_setup import declare_config_tasks
 
 EXPERIMENTS = ("mtl-vs-single", "weighting", "freeze", "lambda")
 # Every registered strategy but the hand-set one, equal (the thesis' "average loss", the baseline) first.
@@ -84,7 +86,8 @@ COMPARED_WEIGHTINGS = ("equal", *(name for name in WEIGHTINGS if name not in ("e
 LAMBDA_GRID = (0.001, 0.01, 0.1, 1.0)  # thesis Table 5.5
 # The row every other row's Δm is measured against.
 BASELINE_ROW = {"mtl-vs-single": "single-task", "weighting": "equal", "freeze": "early-stop", "lambda": "λ=0.1"}
-LOWER_IS_BETTER = frozenset({"mae", "rmse"})
+LOWER_IS_BETTER = frozenset({"mae", "rmse", "nme"})
+PLOTTED_TASKS_MAX = 12  # one bar chart each; beyond this the plot shows the tasks with a baseline, first ones
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.parquet", "table.md", "plot.png"
 INVOCATIONS_FILE = "invocations.jsonl"  # every command that ran this experiment, with commit and shard summaries
 SPLIT_CHOICES = ("val", "test")
@@ -119,11 +122,18 @@ def single_task_overrides(task: str, datasets: Sequence[str]) -> dict[str, Any]:
             "loss.weighting": "fixed", "loss.fixed_weights": {task: 1.0}}
 
 
-def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Mapping[str, Sequence[str]]) -> list[Arm]:
-    """The arms of ``experiment`` in table order; ``datasets_by_task`` (shard folders labelling each task)
-    is only used by ``mtl-vs-single``."""
+def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Mapping[str, Sequence[str]],
+                    single_tasks: Sequence[str] = ()) -> list[Arm]:
+    """The arms of ``experiment`` in table order; ``datasets_by_task`` (shard folders labelling each task) and
+    ``single_tasks`` (the tasks that get a single-task arm; default all) are only used by ``mtl-vs-single``."""
     if experiment == "mtl-vs-single":
-        singles = [Arm(f"single-{task}", "single-task", single_task_overrides(task, datasets_by_task[task])) for task in tasks]
+        unknown = [task for task in single_tasks if task not in tasks]
+        if unknown:
+            raise ExperimentError(f"--single-tasks names {', '.join(unknown)}, not among the config's tasks "
+                                  f"({', '.join(tasks)})")
+        chosen = [task for task in tasks if task in single_tasks] if single_tasks else list(tasks)
+        singles = [Arm(f"single-{task}", "single-task", single_task_overrides(task, datasets_by_task[task]))
+                   for task in chosen]
         return [*singles, Arm("mtl", "MTL")]
     if experiment == "weighting":
         return [Arm(weighting, weighting, {"loss.weighting": weighting}) for weighting in COMPARED_WEIGHTINGS]
@@ -221,12 +231,13 @@ def summarize(records: Sequence[Mapping[str, Any]], rows: Sequence[str], tasks: 
 
 def metric_label(task: TaskSpec) -> str:
     if lower_is_better(task):
-        return f"{task.name} {task.metric.upper()} (years) ↓"
+        unit = " (years)" if task.kind == "regression" else ""
+        return f"{task.name} {task.metric.upper()}{unit} ↓"
     return f"{task.name} {task.metric.replace('_', ' ')} (%) ↑"
 
 
 def display_scale(task: TaskSpec) -> float:
-    """Fractions are shown in percent (as the thesis' tables), errors in years."""
+    """Fractions are shown in percent (as the thesis' tables), errors as they are (years, NME)."""
     return 1.0 if lower_is_better(task) else 100.0
 
 
@@ -248,8 +259,9 @@ def format_table(experiment: str, summary: Mapping[str, Mapping[str, CellStats]]
                f"{baseline} row, sign-adjusted so that positive is better (Maninis et al. 2019).")
     header = ["model", *(metric_label(task) for task in tasks), f"Δm vs {baseline} (%) ↑"]
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lower_better = {task.name: lower_is_better(task) for task in tasks}
     baseline_means = {task: stats.mean for task, stats in summary[baseline].items()}
+    # Δm over the tasks the baseline row has (all, unless --single-tasks chose some)
+    lower_better = {task.name: lower_is_better(task) for task in tasks if not math.isnan(baseline_means[task.name])}
     for row, by_task in summary.items():
         cells = [format_cell(by_task[task.name], display_scale(task)) for task in tasks]
         if row == baseline:
@@ -271,6 +283,9 @@ def plot_comparison(summary: Mapping[str, Mapping[str, CellStats]], tasks: Seque
     from matplotlib.figure import Figure
 
     rows = list(summary)
+    if len(tasks) > PLOTTED_TASKS_MAX:
+        with_baseline = [task for task in tasks if any(summary[row][task.name].count for row in rows[:-1])]
+        tasks = (with_baseline or list(tasks))[:PLOTTED_TASKS_MAX]
     figure = Figure(figsize=(0.6 + 3.0 * len(tasks), 3.8), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     colours = [colormaps["tab10"](index % 10) for index in range(len(rows))]
@@ -407,14 +422,16 @@ def write_results(records: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
-                   out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = ()) -> Path:
+                   out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = (),
+                   single_tasks: Sequence[str] = ()) -> Path:
     """Train every arm x seed (skipping finished runs), then write the results, table and plot of ``split``."""
     base = with_absolute_paths(load_config(config_path, overrides))
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
+    declare_config_tasks(base)
     task_names = resolve_tasks(shard_sets, base.data.tasks)
     datasets_by_task = {task: [path for path, s in zip(base.data.datasets, shard_sets) if s.labelled_fraction(task) > 0]
                         for task in task_names}
-    arms = experiment_arms(experiment, task_names, datasets_by_task)
+    arms = experiment_arms(experiment, task_names, datasets_by_task, single_tasks)
     experiment_dir = Path(base.runs_dir) / (out_name or experiment)
     experiment_dir.mkdir(parents=True, exist_ok=True)
     record_invocation(experiment_dir, command, shard_sets)
@@ -450,13 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="train in this process, no Ray")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="val",
                         help="split the table reports: val (from the runs' records) or test (best_model.pt evaluated)")
+    parser.add_argument("--single-tasks", default="",
+                        help="mtl-vs-single: the tasks that get a single-task model, e.g. Smiling,Male,landmarks (default all)")
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     started = time.perf_counter()
     try:
         experiment_dir = run_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name, args.local,
-                                        args.split, ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])])
+                                        args.split, ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])],
+                                        [task.strip() for task in args.single_tasks.split(",") if task.strip()])
     except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

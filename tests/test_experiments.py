@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline.config import config_differences, load_config
 from pipeline.experiments import (
     CellStats,
+    ExperimentError,
     arm_overrides,
     best_epoch_row,
     delta_m,
@@ -90,6 +91,24 @@ def test_finished_runs_best_epoch_and_config_differences() -> None:
     assert not run_is_finished(rows[:2], max_epochs=3) and not run_is_finished([], max_epochs=1)
     saved = {"max_epochs": 3, "seed": 0, "loss": {"weighting": "learned", "lam": 0.1}}
     assert config_differences(saved, {"max_epochs": 9, "seed": 0, "loss": {"weighting": "learned", "lam": 0.01}}) == ["loss.lam"]
+
+
+def test_single_tasks_subset_gets_single_arms_and_delta_m_over_those_tasks_only() -> None:
+    datasets = {"age": ["/s/utk"], "gender": ["/s/utk"], "landmarks": ["/s/celeba"]}
+    arms = experiment_arms("mtl-vs-single", ["age", "gender", "landmarks"], datasets, single_tasks=["landmarks", "age"])
+    assert [arm.name for arm in arms] == ["single-age", "single-landmarks", "mtl"]
+    with pytest.raises(ExperimentError, match="--single-tasks names Smiling"):
+        experiment_arms("mtl-vs-single", ["age"], {"age": ["/s/utk"]}, single_tasks=["Smiling"])
+    tasks = [get_task("age"), get_task("gender"), get_task("landmarks")]
+    records = [{"row": "single-task", "val/age/mae": 6.0}, {"row": "single-task", "val/landmarks/nme": 0.10},
+               {"row": "MTL", "val/age/mae": 3.0, "val/gender/accuracy": 0.9, "val/landmarks/nme": 0.12}]
+    table = format_table("mtl-vs-single", summarize(records, ["single-task", "MTL"], tasks), tasks,
+                         {"age": 9.0, "gender": 0.5, "landmarks": 0.3}, seeds=1)
+    lines = table.splitlines()
+    assert lines[2] == "| model | age MAE (years) ↓ | gender accuracy (%) ↑ | landmarks NME ↓ | Δm vs single-task (%) ↑ |"
+    assert lines[4] == "| single-task | 6.00 | – | 0.10 | ref. |"
+    # age: +50 % (6 -> 3), landmarks: -20 % (0.10 -> 0.12); gender has no single-task model
+    assert lines[5] == "| MTL | 3.00 | 90.00 | 0.12 | +15.00 |"
 
 
 def test_table_has_a_column_per_task_rows_chance_and_delta_m() -> None:
