@@ -54,7 +54,8 @@ def test_aligned_mtl_rescales_orthogonal_gradients_to_the_smallest_singular_valu
 
 def test_aligned_mtl_equals_sigma_min_times_u_v_transposed_summed_over_tasks() -> None:
     # The paper's form: G = U S V^T, aligned G^ = s_min U V^T (orthogonal rows of norm s_min).
-    # For G = ((1, 0), (1, 1)): G G^T = ((1, 1), (1, 2)), eigenvalues (3 -+ sqrt 5) / 2, so s_min = sqrt(0.381966) = 0.618034.
+    # For G = ((1, 0), (1, 1)): G G^T = ((1, 1), (1, 2)), eigenvalues (3 -+ sqrt 5) / 2,
+    # so s_min = sqrt(0.381966) = 0.618034.
     gradients = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     u, s, vh = torch.linalg.svd(gradients.double())
     assert s.min().item() == pytest.approx(0.618034, rel=1e-5)
@@ -280,7 +281,7 @@ def gradnorm_ddp_worker(rank: int, init_file: str, results: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_average_each_task_gradient_over_the_ranks_that_had_it_and_end_identical(tmp_path: Path) -> None:
+def test_two_gloo_ranks_average_each_task_gradient_over_the_ranks_that_had_it_and_end_alike(tmp_path: Path) -> None:
     ranks = run_on_two_gloo_ranks(gloo_worker, tmp_path)
     for name in ("pcgrad", "alignedmtl", "dbmtl"):
         assert_bit_identical([rank[name]["model"] | rank[name]["weighting"] for rank in ranks], name)
@@ -320,3 +321,50 @@ def test_a_dbmtl_step_on_conflicting_rows_scales_the_smaller_average_up_to_the_l
     # t = 1: averages 0.1 g = (0.2, 0), (-0.1, 0.1); norms 0.2, 0.141421; max 0.2:
     # (0.2, 0) + 1.414214 (-0.1, 0.1) = (0.058579, 0.141421); lr 0.1.
     assert model.theta.tolist() == pytest.approx([-0.0058579, -0.0141421], rel=1e-4)
+
+
+# ---------------------------------------------------------------- the loop's step on 2 gloo ranks
+
+
+def loop_worker(rank: int, init_file: str, results: str) -> None:
+    """Two PCGrad steps of ``train_one_epoch`` (the other methods differ only in their combine rule, tested above):
+    rank 1's batches have no smile label."""
+    from pipeline.config import TrainConfig
+    from pipeline.loop import MultiTaskObjective, WorkerContext, state_digest, train_one_epoch
+    from pipeline.model import MultiTaskNet
+    from pipeline.schema import get_task
+
+    torch.set_num_threads(1)  # two ranks on a shared machine
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    tasks = [get_task(name) for name in ("age", "gender", "smile")]
+    config, context = TrainConfig(), WorkerContext(rank, 2)
+    generator = torch.Generator().manual_seed(rank)
+    batches = []
+    for _ in range(2):
+        labels = torch.stack([torch.rand(4, generator=generator) * 80,
+                              torch.randint(0, 2, (4,), generator=generator).float(),
+                              torch.randint(0, 2, (4,), generator=generator).float()], dim=1)
+        mask = torch.ones(4, 3, dtype=torch.bool)
+        mask[:, 2] = rank == 0
+        batches.append({"images": torch.randint(0, 256, (4, 3, 16, 16), generator=generator, dtype=torch.uint8),
+                        "labels": labels, "mask": mask})
+    torch.manual_seed(0)
+    net = MultiTaskNet(tasks, "resnet18", (8,), 8, 0.0)
+    objective = MultiTaskObjective(net, build_weighting("pcgrad", [t.name for t in tasks]), tasks, config)
+    model = context.wrap(objective)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3)
+    train_one_epoch(model, iter(batches), 2, optimizer, tasks, [t.name for t in tasks], context, config,
+                    torch.Generator().manual_seed(rank), torch.amp.GradScaler("cpu", enabled=False))
+    context.broadcast_buffers(objective)  # BatchNorm statistics, as the loop does after every epoch
+    torch.save((model is objective, state_digest(objective), objective.net.heads["smile"][0].weight.grad),
+               f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # a ResNet-18 per rank
+def test_the_loops_gradient_level_step_leaves_two_gloo_ranks_with_one_state(tmp_path: Path) -> None:
+    (unwrapped, digest, smile_grad), (_, other_digest, other_smile_grad) = run_on_two_gloo_ranks(loop_worker, tmp_path)
+    assert unwrapped  # no DDP: the per-task gradients are averaged by the step itself
+    assert digest == other_digest
+    # smile was labelled on rank 0 only: its head's gradient, rank 0's own, reached rank 1 too.
+    assert torch.equal(smile_grad, other_smile_grad) and smile_grad.abs().sum() > 0
