@@ -2,9 +2,9 @@
 
 Cross-entropy for classification (BCE-with-logits for a one-logit binary head), mean squared (or
 absolute) error for regression with target and prediction divided by ``age_scale``, so that the age loss
-is of the order of the classification losses (thesis 3.3.2); mean absolute error over the coordinates for
-landmarks, which are in units of the crop side already. How they are weighted into one loss is
-:mod:`pipeline.losses`.
+is of the order of the classification losses (thesis 3.3.2); mean absolute error over the landmark
+coordinates in percent of the crop side (``LANDMARK_LOSS_SCALE``) for the same reason. How they are
+weighted into one loss is :mod:`pipeline.losses`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from pipeline.schema import TaskSpec, label_slices
 # Plain means over the labelled rows. The thesis' eq. 3.2 halves the squared error; that factor only
 # scales the age loss (and its gradient) by 0.5, which a weighting absorbs, so torch's MSE is used as is.
 REGRESSION_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "l1": F.l1_loss}
+# Landmark errors in percent of the crop side: at chance ~4 (a face is placed within a few per cent), so that one
+# landmarks task weighs about as much as a handful of binary attributes (0.69 each at chance) among 40 of them.
+LANDMARK_LOSS_SCALE = 100.0
 
 
 def masked_task_losses(
@@ -50,7 +53,7 @@ def masked_task_losses(
             continue
         output, target = outputs[task.name][rows].float(), labels[rows, columns].float()
         if task.kind == "landmarks":
-            losses[task.name] = F.l1_loss(output, target)
+            losses[task.name] = F.l1_loss(output, target) * LANDMARK_LOSS_SCALE
         elif task.kind == "regression":
             losses[task.name] = REGRESSION_LOSSES[regression_loss](output[:, 0], target[:, 0] / age_scale)
         else:

@@ -15,7 +15,7 @@ from pipeline.data import augment_batch, augment_batch_and_labels, label_values
 from pipeline.metrics import MetricSums, chance_level, normalised_mean_errors
 from pipeline.schema import get_task
 from pipeline.sources.synthetic import face_landmarks, list_synthetic, rotated_point
-from pipeline.task_losses import masked_task_losses
+from pipeline.task_losses import LANDMARK_LOSS_SCALE, masked_task_losses
 from tests.shard_helpers import read_samples, shard
 
 LANDMARKS = get_task("landmarks")
@@ -106,7 +106,7 @@ def test_landmark_loss_is_l1_over_labelled_rows_and_nme_is_point_error_over_inte
     mask = torch.tensor([[True, True], [True, False]])
     outputs = {"gender": torch.zeros(2, 2), "landmarks": torch.tensor([guess, [9.0] * 10])}
     losses = masked_task_losses(outputs, labels, mask, tasks)
-    assert losses["landmarks"].item() == pytest.approx((0.04 + 0.03) / 10)
+    assert losses["landmarks"].item() == pytest.approx((0.04 + 0.03) / 10 * LANDMARK_LOSS_SCALE)
     nme = normalised_mean_errors(torch.tensor([guess]), torch.tensor([truth]), LANDMARKS)
     assert nme.item() == pytest.approx((0.04 + 0.03) / 5 / 0.4)  # mean point error / inter-ocular 0.4
     sums = MetricSums(tasks)

@@ -89,7 +89,7 @@ def metric_infos(tasks: Sequence[str]) -> list[api_pb2.MetricInfo]:
     described = {OBJECTIVE: "search objective: mean normalized score over tasks, higher is better"}
     for task in tasks:
         spec = get_task(task)
-        better = "lower" if spec.kind == "regression" else "higher"
+        better = "lower" if spec.lower_is_better else "higher"
         described[f"val/{task}/{spec.metric}"] = f"{task}: validation {spec.metric}, {better} is better"
     described[TOTAL_LOSS] = "weighted total validation loss, lower is better"
     return [

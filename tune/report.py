@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.run_records import CONFIG_FILE, METRICS_FILE
-from pipeline.schema import TASKS, get_task
+from pipeline.config import declared_tasks_of, load_config_dict
+from pipeline.schema import declare_tasks, get_task, known_tasks
 from tune.objective import OBJECTIVE
 from tune.results import BEST_CONFIG_FILE, SPACE_FILE, TRIAL_RUN_NAME, TRIALS_FILE
 from tune.space import CONFIG_KEYS
@@ -113,12 +114,20 @@ def task_metric_column(task: str) -> str:
 
 
 def lower_is_better(task: str) -> bool:
-    return get_task(task).kind == "regression"
+    return get_task(task).lower_is_better
 
 
 def validated_tasks(columns: Sequence[str]) -> list[str]:
     """The tasks whose main metric is a column, in the registry's order."""
-    return [task for task in TASKS if task_metric_column(task) in columns]
+    return [task for task in known_tasks() if task_metric_column(task) in columns]
+
+
+def declare_search_tasks(search_dir: Path) -> None:
+    """The declared tasks of a search (its config's data.tasks_file and shards), where they are readable here."""
+    config_path = search_dir / CONFIG_FILE
+    if config_path.is_file():
+        declared, _ = declared_tasks_of(load_config_dict(yaml.safe_load(config_path.read_text())).data)
+        declare_tasks(declared, f"{config_path}'s data.tasks_file and datasets")
 
 
 def is_number(value: Any) -> bool:
@@ -633,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"report of search {search_dir}", flush=True)
     try:
+        declare_search_tasks(search_dir)
         out = write_report(options)
     except NotASearchError as error:
         print(f"error: {error}", file=sys.stderr)

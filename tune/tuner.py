@@ -22,6 +22,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from pipeline.cluster import ClusterTooSmall, alive_nodes, describe_fit, fixes, runs_that_fit
 from pipeline.config import ConfigError, TrainConfig, load_config_dict, save_config, to_dict, with_absolute_paths
 from pipeline.data import check_validation_labels, open_shard_set, resolve_tasks
+from pipeline.training_setup import declare_config_tasks
 from pipeline.run_records import CONFIG_FILE, TENSORBOARD_DIR
 from pipeline.train import connect_ray, worker_resources
 from tune.hparams import TrialHParams, write_search_experiment
@@ -157,6 +158,7 @@ def run_search(args: argparse.Namespace, base_document: dict[str, Any], space: S
         baselines = load_baselines(search_dir / BASELINES_FILE) if (search_dir / BASELINES_FILE).exists() else None
 
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
+    declare_config_tasks(base)
     tasks = resolve_tasks(shard_sets, base.data.tasks)
     check_validation_labels(shard_sets, tasks)
     if baselines and not set(baselines) <= set(tasks):
