@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` (the main job on synthetic faces) and `make test`.
-# Both create .venv and install the project into it when it is missing or pyproject.toml changed.
+# Both create .venv and install the project into it when it is missing or pyproject.toml changed; the align
+# extra is included so that tests/test_align.py runs (a 1.9 MB pure-Python wheel with its weights: seconds).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,align]"
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
