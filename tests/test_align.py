@@ -110,7 +110,8 @@ def utkface_crops() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def crops_with_one_face(utkface_crops: list[Image.Image], detector: MtcnnDetector) -> list[tuple[Image.Image, DetectedFace]]:
+def crops_with_one_face(utkface_crops: list[Image.Image],
+                        detector: MtcnnDetector) -> list[tuple[Image.Image, DetectedFace]]:
     """The first 8 crops in which the detector finds exactly one face on the crop alone (about 99% do)."""
     found = []
     for crop in utkface_crops:
@@ -203,10 +204,11 @@ def test_pasted_utkface_crops_are_found_and_aligned_as_their_true_landmarks_alig
         true_landmarks = apply_transform(crop_to_photo, on_crop.landmarks)
         true_crop, true_in_crop = align_face(photo, true_landmarks, SHARD_SIZE)
         # MTCNN's points move by a few pixels with the resampling and the background (median 2.2 px of 200 per
-        # point over 38 pastes); the similarity fit averages 5 of them: under 3 px of the 128-px crop.
+        # point over 38 pastes); the similarity fit averages 5 of them: at most 2.9 px of the 128-px crop over
+        # those 38, 0.7-2.7 px on these 8; 4 px (3% of the side) leaves room for other CPUs' arithmetic.
         error = np.linalg.norm(face.landmarks_in_crop - true_in_crop, axis=1).mean()
-        assert error < 3.0, f"{placement}: mean landmark error {error:.2f} px of {SHARD_SIZE}"
-        # The same picture as the truth would give (0.9: what a 1-3 px shift of a face costs).
+        assert error < 4.0, f"{placement}: mean landmark error {error:.2f} px of {SHARD_SIZE}"
+        # The same picture as the truth would give (0.93-0.99 on these 8; 0.9: what a 3 px shift of a face costs).
         assert correlation(face.crop, true_crop) > 0.9, placement
 
 
