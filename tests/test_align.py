@@ -203,12 +203,12 @@ def test_pasted_utkface_crops_are_found_and_aligned_as_their_true_landmarks_alig
         # Where the crop's own landmarks (found on the crop alone) lie in the photo: the truth to align to.
         true_landmarks = apply_transform(crop_to_photo, on_crop.landmarks)
         true_crop, true_in_crop = align_face(photo, true_landmarks, SHARD_SIZE)
-        # MTCNN's points move by a few pixels with the resampling and the background (median 2.2 px of 200 per
-        # point over 38 pastes); the similarity fit averages 5 of them: at most 2.9 px of the 128-px crop over
-        # those 38, 0.7-2.7 px on these 8; 4 px (3% of the side) leaves room for other CPUs' arithmetic.
+        # MTCNN's points move by a few pixels with the resampling and the background (median 2.9 px of 200 per
+        # point over 38 random pastes); the similarity fit averages 5 of them: median 1.0, at most 3.1 px of the
+        # 128-px crop over those 38, 0.7-2.8 px on these 8; 4 px (3% of the side) is the tolerance.
         error = np.linalg.norm(face.landmarks_in_crop - true_in_crop, axis=1).mean()
         assert error < 4.0, f"{placement}: mean landmark error {error:.2f} px of {SHARD_SIZE}"
-        # The same picture as the truth would give (0.93-0.99 on these 8; 0.9: what a 3 px shift of a face costs).
+        # The same picture as the truth would give: correlation 0.935-0.995 on these 8, tolerance 0.9.
         assert correlation(face.crop, true_crop) > 0.9, placement
 
 
