@@ -64,11 +64,13 @@ class DetectedFace:
 
 @dataclass(frozen=True)
 class AlignedFace:
-    """A detected face warped to the template: ``crop`` (RGB, size x size) and its landmarks in the crop."""
+    """A detected face warped to the template: ``crop`` (RGB, size x size), its landmarks in the crop and the
+    2x3 ``photo_to_crop`` similarity (to carry a dataset's own point labels into the crop)."""
 
     detection: DetectedFace
     crop: Image.Image
     landmarks_in_crop: np.ndarray
+    photo_to_crop: np.ndarray
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready: box, landmarks (photo pixels), landmarks_in_crop, score; rounded to 0.01 px."""
@@ -148,10 +150,15 @@ def warp_image(image: Image.Image, matrix: np.ndarray, size: tuple[int, int], fi
                            fillcolor=(fill,) * len(image.getbands()))
 
 
+def alignment_matrix(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """The 2x3 similarity from photo pixels to the ``size`` crop that best fits ``landmarks`` to the template."""
+    return similarity_transform(landmarks, template_points(size))
+
+
 def align_face(image: Image.Image, landmarks: np.ndarray, size: int) -> tuple[Image.Image, np.ndarray]:
     """The ``size`` x ``size`` RGB crop in which ``landmarks`` (5, 2, photo pixels) best fit the template, and
     where they landed in it. Parts of the crop outside the photo are black, as padding is elsewhere."""
-    matrix = similarity_transform(landmarks, template_points(size))
+    matrix = alignment_matrix(landmarks, size)
     crop = warp_image(image.convert("RGB"), matrix, (size, size))
     return crop, apply_transform(matrix, landmarks)
 
@@ -179,7 +186,7 @@ def faces_in_photo(image: Image.Image, detector: FaceDetector, size: int, policy
     faces = []
     for detection in kept:
         crop, landmarks_in_crop = align_face(rgb, detection.landmarks, size)
-        faces.append(AlignedFace(detection, crop, landmarks_in_crop))
+        faces.append(AlignedFace(detection, crop, landmarks_in_crop, alignment_matrix(detection.landmarks, size)))
     return FacesInPhoto(faces=faces)
 
 
