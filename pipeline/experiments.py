@@ -25,7 +25,8 @@ The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipe
 
 - ``mtl-vs-single``: the config as it is (row "MTL") and one single-task model per task (row
   "single-task"), or per task of ``--single-tasks`` (e.g. ``Smiling,Male,landmarks`` of CelebA's 41: the
-  table then has every task's MTL figure, single-task figures and Δm for those only). A single-task model is the same config restricted to its task: ``data.tasks`` = [task],
+  table then has every task's MTL figure, single-task figures and Δm for those only). A single-task model
+  is the same config restricted to its task: ``data.tasks`` = [task],
   ``data.datasets`` = the datasets that label it, ``loss.weighting=fixed`` with the one-hot weight
   {task: 1}. That is the 2019 lab notes' one-hot ``loss_weights`` without the idle heads: with all heads
   kept, the untrained tasks' losses would still choose the best epoch (lowest total validation loss),
@@ -468,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="val",
                         help="split the table reports: val (from the runs' records) or test (best_model.pt evaluated)")
     parser.add_argument("--single-tasks", default="",
-                        help="mtl-vs-single: the tasks that get a single-task model, e.g. Smiling,Male,landmarks (default all)")
+                        help="mtl-vs-single: the tasks that get a single-task model, e.g. Smiling,Male,landmarks "
+                             "(default all)")
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")

@@ -26,7 +26,8 @@ from pipeline.loop import MultiTaskObjective, resolve_device, weighting_options
 from pipeline.losses import build_weighting
 from pipeline.model import MultiTaskNet, describe_state_mismatch
 from pipeline.run_records import BEST_MODEL_FILE, CHECKPOINT_FILE, checkpoint_folders
-from pipeline.schema import TaskDeclarationError, TaskSpec, declare_tasks, get_task, known_tasks, parse_task_declarations
+from pipeline.schema import (TaskDeclarationError, TaskSpec, declare_tasks, get_task, known_tasks,
+                             parse_task_declarations)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 CPU = torch.device("cpu")

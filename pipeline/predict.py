@@ -8,7 +8,8 @@
 One JSON line per image, in input order (folders are searched recursively, sorted, image files only):
 
     {"path": "photos/a.jpg", "predictions": {"age": {"label": 31.4},
-                                             "gender": {"label": "male", "probabilities": {"female": 0.12, "male": 0.88}},
+                                             "gender": {"label": "male",
+                                                        "probabilities": {"female": 0.12, "male": 0.88}},
                                              "landmarks": {"points": {"left_eye": [70.2, 110.5], ...}}, ...}}
     {"path": "photos/broken.jpg", "error": "not a decodable image (corrupt file or unknown format)"}
 
@@ -82,7 +83,8 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def task_predictions(outputs: Mapping[str, torch.Tensor], tasks: Sequence[TaskSpec], age_scale: float,
-                     image_sizes: Sequence[tuple[int, int]] | None = None, input_size: int = 0) -> list[dict[str, dict]]:
+                     image_sizes: Sequence[tuple[int, int]] | None = None,
+                     input_size: int = 0) -> list[dict[str, dict]]:
     """Per image: task -> {"label": class name, "probabilities": {class: p}}, {"label": years} for regression, or
     {"points": {name: [x, y]}} for landmarks.
 
@@ -98,8 +100,10 @@ def task_predictions(outputs: Mapping[str, torch.Tensor], tasks: Sequence[TaskSp
             rows = output.tolist()
             if image_sizes is not None:
                 rows = [uncrop_landmarks(row, *size, input_size) for row, size in zip(rows, image_sizes)]
-            per_task[task.name] = [{"points": {name: [round(x, 2 if image_sizes else 4), round(y, 2 if image_sizes else 4)]
-                                               for name, x, y in zip(task.points, row[0::2], row[1::2])}} for row in rows]
+            digits = 2 if image_sizes else 4  # pixels, or units of the input side
+            per_task[task.name] = [{"points": {name: [round(x, digits), round(y, digits)]
+                                               for name, x, y in zip(task.points, row[0::2], row[1::2])}}
+                                   for row in rows]
             continue
         if task.kind == "regression":
             per_task[task.name] = [{"label": round(float(years), 1)} for years in predict_age(output, age_scale)]

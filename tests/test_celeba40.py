@@ -13,7 +13,8 @@ from tests.conftest import SHARED_DATA, requires_shared_data, write_face_jpeg
 from tests.shard_helpers import REPO, read_rejected, read_samples, shard
 
 ATTRIBUTE_FILE = SHARED_DATA / "celeba-labels" / "list_attr_celeba_first20000.txt"
-LANDMARK_HEADER = "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
+LANDMARK_HEADER = ("lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y "
+                   "leftmouth_x leftmouth_y rightmouth_x rightmouth_y")
 IMAGES = 12
 
 
@@ -31,22 +32,24 @@ def test_real_celeba_attribute_file_gives_40_named_attributes_the_built_in_three
     for index in range(1, IMAGES + 1):
         write_face_jpeg(root / "img_align_celeba" / f"{index:06d}.jpg", index, size=(178, 218))
     landmark_lines = [f"{index:06d}.jpg " + " ".join(map(str, landmark_row(index))) for index in range(1, IMAGES + 1)]
-    (root / "list_landmarks_align_celeba.txt").write_text(f"202599\n{LANDMARK_HEADER}\n" + "\n".join(landmark_lines) + "\n")
+    landmark_file = f"202599\n{LANDMARK_HEADER}\n" + "\n".join(landmark_lines) + "\n"  # CelebA's count line
+    (root / "list_landmarks_align_celeba.txt").write_text(landmark_file)
     out = tmp_path / "out"
     assert shard("celeba", root, "--attr-file", ATTRIBUTE_FILE, "--out", out, "--size", "64") == 0
     samples = read_samples(out)
     assert len(samples) == IMAGES and len(read_rejected(out)) == 20000 - IMAGES
     for key, sample in samples.items():
         codes, labels = rows[f"{key}.jpg"], sample["json"]["labels"]
-        assert {name: labels[name] for name in columns} == {name: int(code == "1") for name, code in zip(columns, codes)}
-        assert (labels["gender"], labels["smile"], labels["young"]) == (labels["Male"], labels["Smiling"], labels["Young"])
+        assert {name: labels[name] for name in columns} == {name: int(code == "1")
+                                                            for name, code in zip(columns, codes)}
+        assert [labels["gender"], labels["smile"], labels["young"]] == [labels[n] for n in ("Male", "Smiling", "Young")]
         # 178x218 -> 52x64 (round(178 / 218 * 64)), 6 px of padding on the left
         pixels = landmark_row(int(key))
         expected = [(6 + (x + 0.5) * 52 / 178) / 64 if axis == 0 else (x + 0.5) / 218 for axis, x in
                     ((position % 2, value) for position, value in enumerate(pixels))]
         assert labels["landmarks"] == pytest.approx(expected, abs=1e-12)
     first = samples["000001"]["json"]["labels"]  # the real row: -1 1 1 -1 ... (Arched_Eyebrows, Attractive: 1)
-    assert (first["Arched_Eyebrows"], first["Attractive"], first["Male"], first["Smiling"], first["Young"]) == (1, 1, 0, 1, 1)
+    assert [first[n] for n in ("Arched_Eyebrows", "Attractive", "Male", "Smiling", "Young")] == [1, 1, 0, 1, 1]
 
     # what training reads back from the folder matches configs/tasks/celeba40.yaml, so synthetic proof and
     # real CelebA shards declare the same tasks

@@ -72,7 +72,8 @@ def test_augmenting_moves_points_with_the_crop_and_swaps_left_and_right_on_a_fli
     tasks = [get_task("age"), LANDMARKS]
     labels = torch.tensor([[30.0, *unit_points]] * 16)
     config = AugmentConfig(crop_scale=(0.6, 0.9), hflip=True, color_jitter=0.0)
-    moved_images, moved_labels = augment_batch_and_labels(images, labels, tasks, config, torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    moved_images, moved_labels = augment_batch_and_labels(images, labels, tasks, config, generator)
     assert torch.equal(moved_labels[:, 0], labels[:, 0])
     assert torch.equal(moved_images, augment_batch(images, config, torch.Generator().manual_seed(3)))  # same draws
     flipped_rows = 0

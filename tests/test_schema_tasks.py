@@ -35,7 +35,8 @@ def test_tasks_file_declares_binary_regression_and_landmark_tasks(tmp_path: Path
     assert (points.kind, points.num_outputs, points.label_width, points.metric) == ("landmarks", 10, 10, "nme")
     declare_tasks([glasses, yaw, points], str(path))
     assert get_task("head_yaw") == yaw
-    assert validate_labels({"head_yaw": -30, "landmarks5": list(range(10))})["landmarks5"] == [float(v) for v in range(10)]
+    labels = validate_labels({"head_yaw": -30, "landmarks5": list(range(10))})
+    assert labels["landmarks5"] == [float(v) for v in range(10)] and labels["head_yaw"] == -30.0
     with pytest.raises(LabelError, match="head_yaw: 91 is outside"):
         validate_labels({"head_yaw": 91})
     with pytest.raises(LabelError, match="landmarks5: 4 coordinates, expected 10"):
@@ -50,7 +51,8 @@ def test_a_task_declared_twice_differently_is_refused_with_both_declarations() -
     declare_tasks([parse_task_declaration({"name": "beauty", "kind": "regression", "range": [1, 5]})], "first.yaml")
     declare_tasks([parse_task_declaration({"name": "beauty", "kind": "regression", "range": [1, 5]})], "again.yaml")
     with pytest.raises(TaskDeclarationError) as raised:
-        declare_tasks([parse_task_declaration({"name": "beauty", "kind": "regression", "range": [0, 10]})], "second.yaml")
+        wider = parse_task_declaration({"name": "beauty", "kind": "regression", "range": [0, 10]})
+        declare_tasks([wider], "second.yaml")
     message = str(raised.value)
     assert "second.yaml" in message and "range: [0.0, 10.0]" in message and "range: [1.0, 5.0]" in message
 
