@@ -16,13 +16,9 @@ Candidates: ``mtcnn`` is pipeline.align's detector (the align extra, facenet-pyt
 
 from __future__ import annotations
 
-import os
-
-for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[_variable] = "1"  # per core: set before numpy, torch or dlib start their thread pools
-
 import argparse
 import importlib.util
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +28,12 @@ import numpy as np
 from PIL import Image
 
 from pipeline.align import AlignExtraMissing, MtcnnDetector
-from tests.test_align import paste_face, random_background, read_utkface_crops
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python bench/align_speed.py`: the photos are made as the tests make them
+    sys.path.insert(0, str(REPO))
+from tests.conftest import SHARED_DATA  # noqa: E402
+from tests.test_align import paste_face, random_background, read_utkface_crops  # noqa: E402
 
 PHOTO_SIZE = (640, 480)
 # A detector here is a function from an RGB photo to box centres (N, 2); the setup cost is not timed.
@@ -105,8 +106,8 @@ CANDIDATES: dict[str, Callable[[], BoxCentres]] = {
 
 
 def score(detect: BoxCentres, photos: list[PastedPhoto]) -> tuple[float, int, int]:
-    """CPU seconds per photo, faces found, false detections. CPU time of this one-thread process, not wall
-    time: the figure per core holds on a machine that other jobs share."""
+    """CPU seconds per photo, faces found, false detections. CPU time of the process (all its threads;
+    torch is set to one), not wall time: the figure per core holds on a machine that other jobs share."""
     found = false = 0
     start = time.process_time()
     centres_by_photo = [detect(pasted.photo) for pasted in photos]
@@ -124,9 +125,11 @@ def main() -> None:
     parser.add_argument("--max-angle", type=float, default=20.0)
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     args = parser.parse_args()
+    if not (SHARED_DATA / "utkface.tar").exists():
+        sys.exit(f"error: the photos are made from {SHARED_DATA / 'utkface.tar'}, which is not there")
     photos = make_photos(args.photos, args.max_angle)
     print(f"{len(photos)} photos {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}, one pasted UTKFace crop each "
-          f"(rotated up to {args.max_angle:g} degrees, scaled 0.5-1.5); one thread")
+          f"(rotated up to {args.max_angle:g} degrees, scaled 0.5-1.5); CPU time")
     print(f"{'candidate':<12} {'faces/s/core':>12} {'CPU ms/photo':>12} {'found':>9} {'false':>6}")
     for name in args.candidates.split(","):
         try:

@@ -12,7 +12,6 @@ import importlib.util
 import sys
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
