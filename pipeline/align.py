@@ -73,13 +73,18 @@ class AlignedFace:
     photo_to_crop: np.ndarray
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready: box, landmarks (photo pixels), landmarks_in_crop, score; rounded to 0.01 px."""
+        """JSON-ready: box, landmarks (photo pixels) and landmarks_in_crop by LANDMARK_NAMES, score; 0.01 px."""
         return {
             "box": [round(float(value), 2) for value in self.detection.box],
-            "landmarks": np.round(self.detection.landmarks, 2).tolist(),
-            "landmarks_in_crop": np.round(self.landmarks_in_crop, 2).tolist(),
+            "landmarks": named_points(self.detection.landmarks),
+            "landmarks_in_crop": named_points(self.landmarks_in_crop),
             "score": round(float(self.detection.score), 4),
         }
+
+
+def named_points(points: np.ndarray) -> dict[str, list[float]]:
+    """{"left_eye": [x, y], ...} rounded to 0.01 px, as pipeline.predict names landmark points."""
+    return {name: [round(float(x), 2), round(float(y), 2)] for name, (x, y) in zip(LANDMARK_NAMES, points)}
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,9 @@ def test_a_photo_with_two_faces_gives_two_records_largest_first(
                                (face.detection.box[1] + face.detection.box[3]) / 2])
         crop_centre_in_photo = apply_transform(matrix, [[100, 100]])[0]
         assert np.linalg.norm(box_centre - crop_centre_in_photo) < 30
-        assert set(face.describe()) == {"box", "landmarks", "landmarks_in_crop", "score"}
+        described = face.describe()
+        assert set(described) == {"box", "landmarks", "landmarks_in_crop", "score"}
+        assert list(described["landmarks"]) == ["left_eye", "right_eye", "nose", "mouth_left", "mouth_right"]
         np.testing.assert_allclose(apply_transform(face.photo_to_crop, face.detection.landmarks),
                                    face.landmarks_in_crop, atol=1e-9)
     largest = faces_in_photo(photo, detector, SHARD_SIZE, policy="largest")
