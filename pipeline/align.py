@@ -162,7 +162,7 @@ def alignment_matrix(landmarks: np.ndarray, size: int) -> np.ndarray:
 
 def align_face(image: Image.Image, landmarks: np.ndarray, size: int) -> tuple[Image.Image, np.ndarray]:
     """The ``size`` x ``size`` RGB crop in which ``landmarks`` (5, 2, photo pixels) best fit the template, and
-    where they landed in it. Parts of the crop outside the photo are black, as padding is elsewhere."""
+    where they landed in it. Parts of the crop outside the photo are black, as fit_image pads."""
     matrix = alignment_matrix(landmarks, size)
     crop = warp_image(image.convert("RGB"), matrix, (size, size))
     return crop, apply_transform(matrix, landmarks)
