@@ -14,6 +14,7 @@ from pipeline.config import AugmentConfig
 from pipeline.data import augment_batch, augment_batch_and_labels, label_values
 from pipeline.metrics import MetricSums, chance_level, normalised_mean_errors
 from pipeline.schema import get_task
+from pipeline.shard_writer import crop_landmarks, uncrop_landmarks
 from pipeline.sources.synthetic import face_landmarks, list_synthetic, rotated_point
 from pipeline.task_losses import LANDMARK_LOSS_SCALE, masked_task_losses
 from tests.shard_helpers import read_samples, shard
@@ -151,3 +152,13 @@ def test_synthetic_faces_label_the_points_they_draw_eyes_apart_and_mouth_below_n
         assert mouth_left[0] < mouth_right[0]
     record = listing.records[0]
     assert record.labels["landmarks"] == face_landmarks(record.image.face, record.image.seed, 64)
+
+
+@pytest.mark.parametrize("width, height", [(178, 218), (218, 178), (64, 64), (24, 48)])
+def test_points_moved_into_the_crop_come_back_to_the_same_pixels(width: int, height: int) -> None:
+    points = [0.0, 0.0, width - 1.0, height - 1.0, width / 3, height / 2]
+    unit = crop_landmarks(points, width, height, 64)
+    assert uncrop_landmarks(unit, width, height, 64) == pytest.approx(points, abs=1e-9)
+    # a square image is only scaled: pixel centres map to (i + 0.5) / side
+    if width == height:
+        assert unit[:2] == pytest.approx([0.5 / width, 0.5 / height])
