@@ -87,3 +87,23 @@ def test_flipping_swaps_left_and_right_points_and_keeps_the_others() -> None:
 def test_label_slices_give_landmarks_two_columns_per_point() -> None:
     tasks = [get_task("age"), get_task("landmarks"), get_task("gender")]
     assert label_slices(tasks) == [slice(0, 1), slice(1, 11), slice(11, 12)]
+
+
+def test_two_datasets_declaring_a_task_differently_are_refused_naming_both(tmp_path: Path) -> None:
+    from pipeline.data import DataConfigError, open_shard_set, resolve_tasks
+    from pipeline.schema import forget_declared_tasks
+    from tests.shard_helpers import shard
+
+    folders = []
+    for name, classes in (("plain", "[no, yes]"), ("worded", "[absent, present]")):
+        tasks_file = tmp_path / f"{name}.yaml"
+        tasks_file.write_text(f"tasks:\n  - {{name: Glasses, kind: binary, classes: {classes}}}\n")
+        assert shard("synthetic", "--tasks-file", tasks_file, "--tasks", "Glasses", "--num-samples", "12",
+                     "--size", "32", "--out", tmp_path / name) == 0
+        forget_declared_tasks()  # each folder sharded as by its own command
+        folders.append(open_shard_set(tmp_path / name))
+    with pytest.raises(DataConfigError) as raised:
+        resolve_tasks(folders, ["Glasses"])
+    message = str(raised.value)
+    assert "classes: ['absent', 'present']" in message and "classes: ['no', 'yes']" in message
+    assert "plain/summary.json" in message and "worded/summary.json" in message
