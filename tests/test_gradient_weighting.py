@@ -5,6 +5,7 @@ after a resume, and on 2 gloo ranks whose batches differ (both must end with the
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,27 @@ def test_the_loops_gradient_level_step_leaves_two_gloo_ranks_with_one_state(tmp_
     assert digest == other_digest
     # smile was labelled on rank 0 only: its head's gradient, rank 0's own, reached rank 1 too.
     assert torch.equal(smile_grad, other_smile_grad) and smile_grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- end to end: train, checkpoint, resume
+
+
+@pytest.mark.slow  # the two with learned state; PCGrad's and Aligned-MTL's loop path is pcgrad's gloo test above
+@pytest.mark.parametrize("weighting", ["gradnorm", "dbmtl"])
+def test_gradnorm_and_dbmtl_train_end_to_end_and_resume_exactly(synthetic_shards, tmp_path: Path, weighting: str) -> None:
+    from pipeline.train import main as train_main
+    from tests.test_train import metric_rows, tiny_overrides, without_timings
+
+    def run(name: str, epochs: int) -> list[str]:
+        return tiny_overrides(synthetic_shards, tmp_path, name, f"max_epochs={epochs}", "freeze.mode=none",
+                              f"loss.weighting={weighting}", "optim.weighting_lr=0")
+
+    assert train_main(["--local", *run("straight", 3)]) == 0
+    assert train_main(["--local", *run("resumed", 2)]) == 0
+    assert train_main(["--local", *run("resumed", 3)]) == 0
+    straight, resumed = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "resumed")
+    assert all(math.isfinite(row["val/total_loss"]) and math.isfinite(row["train/total_loss"]) for row in straight)
+    # GradNorm's weights and first-epoch losses, DB-MTL's averages are in the checkpoint: the same epochs.
+    assert without_timings(resumed) == without_timings(straight)
+    if weighting == "gradnorm":  # its weights moved once the first epoch's losses were known
+        assert any(abs(value - 1.0) > 1e-4 for key, value in straight[-1].items() if key.startswith("weights/"))
