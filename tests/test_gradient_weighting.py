@@ -376,7 +376,7 @@ def test_the_loops_gradient_level_step_leaves_two_gloo_ranks_with_one_state(tmp_
 
 @pytest.mark.slow  # the two with learned state; PCGrad's and Aligned-MTL's loop path is pcgrad's gloo test above
 @pytest.mark.parametrize("weighting", ["gradnorm", "dbmtl"])
-def test_gradnorm_and_dbmtl_train_end_to_end_and_resume_exactly(synthetic_shards, tmp_path: Path, weighting: str) -> None:
+def test_gradnorm_and_dbmtl_train_end_to_end_and_resume_exactly(synthetic_shards, tmp_path: Path, weighting: str):
     from pipeline.train import main as train_main
     from tests.test_train import metric_rows, tiny_overrides, without_timings
 
