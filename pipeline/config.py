@@ -237,6 +237,12 @@ def validate(config: TrainConfig) -> None:
          f"freeze.counter must be consecutive or cumulative, got {config.freeze.counter!r}"),
         (config.loss.weighting in WEIGHTINGS,
          f"loss.weighting {config.loss.weighting!r} unknown; known: {', '.join(WEIGHTINGS)}"),
+        (not (getattr(WEIGHTINGS.get(config.loss.weighting), "gradient_level", False) and config.precision == "fp16"),
+         f"loss.weighting={config.loss.weighting} combines per-task gradients and does not support precision=fp16; "
+         "use bf16 or fp32"),
+        (config.loss.gradnorm_alpha >= 0, f"loss.gradnorm_alpha must be >= 0, got {config.loss.gradnorm_alpha}"),
+        (0 <= config.loss.dbmtl_beta < 1 and config.loss.dbmtl_beta_sigma >= 0,
+         "loss.dbmtl_beta must be in [0, 1) and loss.dbmtl_beta_sigma >= 0"),
         (config.loss.regression_loss in ("mse", "l1"), "loss.regression_loss must be mse or l1"),
         (config.precision in ("auto", "fp32", "bf16", "fp16"), f"precision {config.precision!r} unknown"),
         (config.num_workers >= 1, "num_workers must be >= 1"),

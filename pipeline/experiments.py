@@ -124,9 +124,10 @@ def single_task_overrides(task: str, datasets: Sequence[str]) -> dict[str, Any]:
 
 
 def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Mapping[str, Sequence[str]],
-                    single_tasks: Sequence[str] = ()) -> list[Arm]:
+                    single_tasks: Sequence[str] = (), weightings: Sequence[str] = ()) -> list[Arm]:
     """The arms of ``experiment`` in table order; ``datasets_by_task`` (shard folders labelling each task) and
-    ``single_tasks`` (the tasks that get a single-task arm; default all) are only used by ``mtl-vs-single``."""
+    ``single_tasks`` (the tasks that get a single-task arm; default all) are only used by ``mtl-vs-single``,
+    ``weightings`` (default every registered one but ``fixed``; ``equal``, the baseline, always) by ``weighting``."""
     if experiment == "mtl-vs-single":
         unknown = [task for task in single_tasks if task not in tasks]
         if unknown:
@@ -137,7 +138,11 @@ def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Map
                    for task in chosen]
         return [*singles, Arm("mtl", "MTL")]
     if experiment == "weighting":
-        return [Arm(weighting, weighting, {"loss.weighting": weighting}) for weighting in COMPARED_WEIGHTINGS]
+        unknown = [name for name in weightings if name not in COMPARED_WEIGHTINGS]
+        if unknown:
+            raise ExperimentError(f"--weightings names {', '.join(unknown)}; known: {', '.join(COMPARED_WEIGHTINGS)}")
+        chosen = [name for name in COMPARED_WEIGHTINGS if name == "equal" or name in weightings or not weightings]
+        return [Arm(weighting, weighting, {"loss.weighting": weighting}) for weighting in chosen]
     if experiment == "freeze":
         return [*(Arm(mode, mode, {"freeze.mode": mode}) for mode in FREEZE_MODES),
                 Arm("early-freeze-cumulative", "early-freeze (cumulative counter)",
@@ -424,7 +429,7 @@ def write_results(records: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
                    out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = (),
-                   single_tasks: Sequence[str] = ()) -> Path:
+                   single_tasks: Sequence[str] = (), weightings: Sequence[str] = ()) -> Path:
     """Train every arm x seed (skipping finished runs), then write the results, table and plot of ``split``."""
     base = with_absolute_paths(load_config(config_path, overrides))
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
@@ -432,7 +437,7 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     task_names = resolve_tasks(shard_sets, base.data.tasks)
     datasets_by_task = {task: [path for path, s in zip(base.data.datasets, shard_sets) if s.labelled_fraction(task) > 0]
                         for task in task_names}
-    arms = experiment_arms(experiment, task_names, datasets_by_task, single_tasks)
+    arms = experiment_arms(experiment, task_names, datasets_by_task, single_tasks, weightings)
     experiment_dir = Path(base.runs_dir) / (out_name or experiment)
     experiment_dir.mkdir(parents=True, exist_ok=True)
     record_invocation(experiment_dir, command, shard_sets)
@@ -458,6 +463,10 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     return experiment_dir
 
 
+def comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.experiments", description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", metavar="NAME", choices=EXPERIMENTS, help=" | ".join(EXPERIMENTS))
@@ -471,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-tasks", default="",
                         help="mtl-vs-single: the tasks that get a single-task model, e.g. Smiling,Male,landmarks "
                              "(default all)")
+    parser.add_argument("--weightings", default="",
+                        help="weighting: the methods compared, e.g. learned,pcgrad (default every registered one but "
+                             "fixed; equal, the baseline, is always run)")
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -478,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         experiment_dir = run_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name, args.local,
                                         args.split, ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])],
-                                        [task.strip() for task in args.single_tasks.split(",") if task.strip()])
+                                        comma_list(args.single_tasks), comma_list(args.weightings))
     except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ from pipeline.config import TrainConfig, config_differences, describe_difference
 from pipeline.data import (
     EvalStream,
     TaskBalancedStream,
-    augment_batch,
+    augment_batch_and_labels,
     eval_loader,
     normalize_images,
     stream_seed,
@@ -249,9 +249,11 @@ def train_one_epoch(
     started = time.perf_counter()
     for step in range(steps):
         batch = next(batches)
-        images = augment_batch(batch["images"].to(context.device, non_blocking=True), config.data.augment, augment_generator)
-        images = normalize_images(images, config.model.channels_last)
         labels = batch["labels"].to(context.device, non_blocking=True)
+        # landmark labels move with the crop and flip of their image
+        images, labels = augment_batch_and_labels(batch["images"].to(context.device, non_blocking=True), labels,
+                                                  tasks, config.data.augment, augment_generator)
+        images = normalize_images(images, config.model.channels_last)
         mask = batch["mask"].to(context.device, non_blocking=True)
         autocast = torch.autocast(context.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with autocast:

@@ -36,6 +36,13 @@ def test_bad_values_are_errors_that_name_the_key() -> None:
         load_config(None, ["max_epochs"])
 
 
+def test_a_gradient_level_weighting_under_fp16_is_refused_before_training() -> None:
+    with pytest.raises(ConfigError, match="pcgrad combines per-task gradients and does not support precision=fp16"):
+        load_config(None, ["loss.weighting=pcgrad", "precision=fp16"])
+    assert load_config(None, ["loss.weighting=pcgrad", "precision=bf16"]).precision == "bf16"
+    assert load_config(None, ["loss.weighting=famo", "precision=fp16"]).precision == "fp16"  # loss-level: fine
+
+
 def test_saved_config_reloads_to_the_same_values(tmp_path: Path) -> None:
     config = load_config(REPO / "configs" / "demo.yaml", ["data.augment.crop_scale=[0.5, 0.9]"])
     save_config(config, tmp_path / "config.yaml")

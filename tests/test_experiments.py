@@ -26,6 +26,7 @@ from pipeline.experiments import (
     run_is_finished,
     summarize,
 )
+from pipeline.losses import WEIGHTINGS
 from pipeline.schema import get_task
 from tests.test_train import tiny_overrides
 
@@ -65,10 +66,15 @@ def test_single_task_arms_restrict_tasks_and_datasets_and_use_one_hot_fixed_weig
 
 def test_weighting_freeze_and_lambda_arms_vary_one_key() -> None:
     weighting = experiment_arms("weighting", ["age"], {})
-    assert [(a.row, dict(a.overrides)) for a in weighting] == [
+    assert [(a.row, dict(a.overrides)) for a in weighting][:6] == [
         ("equal", {"loss.weighting": "equal"}), ("learned", {"loss.weighting": "learned"}),
         ("uncertainty", {"loss.weighting": "uncertainty"}), ("dwa", {"loss.weighting": "dwa"}),
         ("rlw", {"loss.weighting": "rlw"}), ("famo", {"loss.weighting": "famo"})]
+    assert {a.name for a in weighting} == set(WEIGHTINGS) - {"fixed"}
+    chosen = experiment_arms("weighting", ["age"], {}, weightings=["pcgrad", "learned"])
+    assert [a.name for a in chosen] == ["equal", "learned", "pcgrad"]  # registry order; the baseline always
+    with pytest.raises(ExperimentError, match="--weightings names fixed"):
+        experiment_arms("weighting", ["age"], {}, weightings=["fixed"])
     freeze = experiment_arms("freeze", ["age"], {})
     assert [(a.row, dict(a.overrides)) for a in freeze] == [
         ("early-freeze", {"freeze.mode": "early-freeze"}), ("early-stop", {"freeze.mode": "early-stop"}),
