@@ -129,6 +129,20 @@ def _builtin_tasks_only():
     forget_declared_tasks()
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray started as pipeline.train starts it (its dashboard, the cleaner asking this cluster), with
+    6 CPUs so that two workers with loader processes fit; a Ray an earlier test left behind is shut first."""
+    import ray
+
+    from pipeline.train import connect_ray
+
+    ray.shutdown()
+    connect_ray(6)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     """A real one-node SLURM on this machine (tests/slurm/up.sh). Skipped with the reason where it cannot

@@ -19,7 +19,6 @@ from pipeline.inference import build_objective
 from pipeline.loop import check_digests_agree, state_digest
 from pipeline.run_records import checkpoint_folders, load_checkpoint
 from pipeline.schema import get_task
-from pipeline.train import connect_ray
 from pipeline.train import main as train_main
 from tests.test_train import tiny_overrides
 
@@ -32,56 +31,39 @@ def metric_rows(run_dir: Path) -> list[dict]:
     return pq.read_table(run_dir / "metrics.parquet").to_pylist()
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    connect_ray(6)  # as pipeline.train starts it: its dashboard, and the cleaner asking this cluster
-    yield
-    ray.shutdown()
-
-
-def test_two_workers_train_freeze_mid_ddp_and_resume_by_name(local_ray, synthetic_shards, tmp_path: Path) -> None:
-    # patience 1 + a huge min_delta: the trunk freezes at epoch 1 and DDP is rebuilt without it on both ranks.
-    args = tiny_overrides(synthetic_shards, tmp_path, "ddp", "num_workers=2", "max_epochs=3",
-                          "freeze.patience=1", "freeze.min_delta=1e9")
-    assert train_main(args) == 0
-    run = tmp_path / "ddp"
-    rows = metric_rows(run)
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert json.loads(rows[1]["freeze/events"]) == ["freeze_trunk:age@1->0"]
-    for row in rows:
-        for task in TASKS:
-            assert row[f"val/{task}/count"] > 0 and math.isfinite(row[f"val/{task}/loss"])
-    # validation counts are all-reduced: both ranks together saw the whole val split exactly once
-    summaries = [json.loads((p / "summary.json").read_text()) for p in synthetic_shards.values()]
-    assert rows[0]["val/emotion/count"] == sum(s["labelled_per_task"].get("emotion", {}).get("val", 0) for s in summaries)
-    assert len(list(run.glob("checkpoint_*/checkpoint.pt"))) == 2  # keep_checkpoints: the 2 newest
-    # Both ranks checked each epoch that they hold one state (the run would have failed otherwise), and it
-    # is the state rank 0 saved: loss-weight logits, frozen trunk and BatchNorm statistics included.
-    newest = load_checkpoint(checkpoint_folders(run)[0])
-    objective = build_objective(load_config_dict(newest["config"]), [get_task(t) for t in newest["tasks"]])
-    objective.net.apply_frozen_parts(newest["frozen_parts"])
-    objective.load_state_dict(newest["objective"])
-    assert state_digest(objective) == rows[-1]["state_digest"]
-
-    assert train_main(args[:-3] + ["max_epochs=4", "freeze.patience=1", "freeze.min_delta=1e9"]) == 0
-    rows = metric_rows(run)
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]  # resumed at epoch 3, history kept
-
-
-def test_a_resumed_two_worker_run_is_bit_identical_to_an_uninterrupted_one(local_ray, synthetic_shards, tmp_path: Path) -> None:
+def test_two_workers_freeze_mid_ddp_and_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(
+        local_ray, synthetic_shards, tmp_path: Path) -> None:
     """Two gloo ranks: each rank's data, dropout and augmentation come from (seed, rank, epoch), and an
     all-reduce of two addends gives the same sum in either order, so no tolerance is needed."""
     def run(name: str, epochs: int) -> list[str]:
+        # patience 1 + a huge min_delta: the trunk freezes at epoch 1 and DDP is rebuilt without it on both ranks
         return tiny_overrides(synthetic_shards, tmp_path, name, "num_workers=2", f"max_epochs={epochs}",
                               "freeze.patience=1", "freeze.min_delta=1e9", "model.dropout=0.3")
 
     assert train_main(run("straight", 3)) == 0
-    assert train_main(run("resumed", 2)) == 0
-    assert train_main(run("resumed", 3)) == 0
-    straight, resumed = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "resumed")
+    straight_dir = tmp_path / "straight"
+    straight = metric_rows(straight_dir)
+    assert [r["epoch"] for r in straight] == [0, 1, 2]
     assert json.loads(straight[1]["freeze/events"]) == ["freeze_trunk:age@1->0"]
+    for row in straight:
+        for task in TASKS:
+            assert row[f"val/{task}/count"] > 0 and math.isfinite(row[f"val/{task}/loss"])
+    # validation counts are all-reduced: both ranks together saw the whole val split exactly once
+    summaries = [json.loads((p / "summary.json").read_text()) for p in synthetic_shards.values()]
+    assert straight[0]["val/emotion/count"] == sum(s["labelled_per_task"].get("emotion", {}).get("val", 0)
+                                                   for s in summaries)
+    assert len(list(straight_dir.glob("checkpoint_*/checkpoint.pt"))) == 2  # keep_checkpoints: the 2 newest
+    # Both ranks checked each epoch that they hold one state (the run would have failed otherwise), and it
+    # is the state rank 0 saved: loss-weight logits, frozen trunk and BatchNorm statistics included.
+    newest = load_checkpoint(checkpoint_folders(straight_dir)[0])
+    objective = build_objective(load_config_dict(newest["config"]), [get_task(t) for t in newest["tasks"]])
+    objective.net.apply_frozen_parts(newest["frozen_parts"])
+    objective.load_state_dict(newest["objective"])
+    assert state_digest(objective) == straight[-1]["state_digest"]
+
+    assert train_main(run("resumed", 2)) == 0
+    assert train_main(run("resumed", 3)) == 0  # the same name: resumed at epoch 2, history kept
+    resumed = metric_rows(tmp_path / "resumed")
     timing = ("epoch_seconds", "train/images_per_s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
         [{k: v for k, v in r.items() if k not in timing} for r in straight]

@@ -53,7 +53,8 @@ def test_real_utkface_files_including_the_odd_names_shard_with_their_labels(utkf
     assert len(samples) == len(files) and not read_rejected(out)
     by_source = {Path(s["json"]["source_id"]).name: s["json"]["labels"] for s in samples.values()}
     assert by_source["39_1_20170116174525125.jpg.chip.jpg"] == {
-        "age": 39.0, "gender": 0, "race": None, "smile": None, "young": None, "emotion": None}
+        "age": 39.0, "gender": 0, "race": None, "smile": None, "young": None, "emotion": None,
+        "landmarks": None}
     assert by_source["24_0_1_20170116220224657 .jpg.chip.jpg"]["gender"] == 1
     assert by_source["55_0_0_20170116232725357jpg.chip.jpg"]["age"] == 55.0
     for row in read_manifest(out):  # each manifest row seeks to its sample's members in the tar
