@@ -44,10 +44,10 @@ from pipeline.losses import LossWeighting, build_weighting
 from pipeline.model import MultiTaskNet
 from pipeline.progress import epoch_progress
 from pipeline.run_records import network_state_of
+from pipeline.schema import TaskSpec
 from pipeline.task_losses import masked_task_losses
 from pipeline.training_setup import prepare
 from pipeline.validation import evaluate_split, format_epoch_line
-from pipeline.schema import TaskSpec
 
 # ---------------------------------------------------------------- the objective: model + loss weighting
 
