@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two pytest processes (pytest-xdist); the tests that start Ray or use SLURM run one at a time in one of them.
+TEST_PROCESSES ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadgroup --durations=15
 
 .PHONY: demo test test-fast bench clean-shards
 
@@ -20,11 +23,11 @@ demo: $(INSTALLED)
 
 # pytest exits 5 when it collects no test; that is a failure here too, so it is not masked.
 test: $(INSTALLED)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # The inner loop: everything but the end-to-end tests marked slow (about 2 minutes on 2 cores).
 test-fast: $(INSTALLED)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(INSTALLED)
 	$(PY) bench/shard_throughput.py

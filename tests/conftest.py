@@ -113,6 +113,19 @@ def requires_shared_data(*relative: str):
     return pytest.mark.skipif(bool(missing), reason=f"real data not available: {SHARED_DATA}/{missing}")
 
 
+# Tests that start a Ray cluster or use the SLURM test cluster run one after another in one pytest-xdist
+# process: two local Rays at once would share /tmp/ray's record of the current cluster, which some of these
+# tests check, and the SLURM nodes have CPUs for one job at a time. Everything else is spread freely.
+CLUSTER_FIXTURES = {"local_ray", "finished_search", "slurm_cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses_cluster = CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if uses_cluster or item.get_closest_marker("ray") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
 @pytest.fixture(autouse=True)
 def _plain_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests are not a terminal: progress is printed as plain lines."""

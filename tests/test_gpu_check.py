@@ -88,6 +88,7 @@ def test_steps_outside_1_to_6_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed")
 def test_ddp_step_runs_under_ray_train(tmp_path: Path) -> None:
     result = run_check(tmp_path, "--steps", "5")

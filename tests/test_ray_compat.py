@@ -87,6 +87,7 @@ print("STATE", ray.get(ask_state_api.remote(ray.get(alive.actor_id.remote()))))
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_local_rays_processes_ask_their_own_state_api_when_another_cluster_is_recorded(tmp_path: Path) -> None:
     """Ray Train's placement-group cleaner asks the state API whether its controller lives; the state API
     found "the" cluster through /tmp/ray/ray_current_cluster, and asking another cluster there ("no such

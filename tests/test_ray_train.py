@@ -22,7 +22,7 @@ from pipeline.schema import get_task
 from pipeline.train import main as train_main
 from tests.test_train import tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("age", "gender", "race", "smile", "young", "emotion")
 

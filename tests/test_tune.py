@@ -120,6 +120,7 @@ def test_bad_baselines_are_refused_with_the_task_named(tmp_path: Path, text: str
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_population_based_training_lets_a_trailing_trial_adopt_a_leading_ones_state(synthetic_shards, tmp_path: Path) -> None:
     """PBT, two trials side by side, an exploit/explore step after every epoch: the trailing trial goes on
     from the leading one's epoch checkpoint with perturbed values, which trials.parquet records per epoch."""
