@@ -3,12 +3,16 @@
     python -m pipeline.shard utkface data/UTKFace --split-csv data/coral --out shards/utkface --workers 2
     python -m pipeline.shard synthetic --num-samples 4000 --tasks age,gender,race --out shards/synth
     python -m pipeline.shard merge shards/utkface        # after the parts of a SLURM array are done
+    python -m pipeline.shard table photos.csv --image-root photos --map age=age --align --faces all --min-face 40
 
 The run: list the source (cheap, deterministic) -> fix the shard plan (which records go into which
 ``<split>-NNNNNN.tar``) -> encode the shards in worker processes, each published atomically -> merge:
 ``manifest.parquet``, ``rejected.parquet``, one ``wids`` index per split and ``summary.json``.
 A re-run skips complete shards; a SLURM array task (``--task-index I --num-tasks K``) encodes every
 K-th shard of the same plan, and whichever part finishes last merges.
+
+``--align`` (any source; the ``align`` extra) treats every input as a photo: each worker finds its faces and
+writes each kept face warped onto the 5-point template (docs/align.md); a photo without a face is a rejection.
 
 The summary also holds per-split image statistics of the written crops (grey mean, std, sharpness) and
 warns when a held-out split's sharpness differs from train's by more than ``SHARPNESS_RATIO_LIMIT``.
@@ -17,7 +21,6 @@ warns when a held-out split's sharpness differs from train's by more than ``SHAR
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -25,14 +28,21 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.align import (
+    DEFAULT_MIN_FACE,
+    FACE_POLICIES,
+    AlignExtraMissing,
+    AlignSettings,
+    check_align_extra,
+)
 from pipeline.progress import start_progress
 from pipeline.schema import (
     BUILTIN_TASKS,
@@ -58,7 +68,13 @@ from pipeline.shard_writer import (
     shard_is_complete,
     write_shard,
 )
-from pipeline.sources.base import SPLITS, SourceInputError, SourceListing, SourceRecord, unit_interval
+from pipeline.sources.base import (
+    SPLITS,
+    SourceInputError,
+    SourceListing,
+    SourceRecord,
+    unit_interval,
+)
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.parquet"
@@ -145,7 +161,7 @@ def plan_shards(records: Iterable[SourceRecord], samples_per_shard: int) -> list
 def plan_fingerprint(dataset: str, plans: list[ShardPlan], job: ShardJob) -> str:
     """A hash of everything that determines the shards' bytes; a resumed run must match it."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([dataset, dataclasses.asdict(job.encode), job.samples_per_shard]).encode())
+    digest.update(json.dumps([dataset, job.encode.describe(), job.samples_per_shard]).encode())
     for plan in plans:
         for record in plan.records:
             digest.update(json.dumps([plan.name, record.key, record.source_id, record.labels, record.extras], default=str).encode())
@@ -192,7 +208,7 @@ def _prepare_out_dir(listing: SourceListing, plans: list[ShardPlan], job: ShardJ
         {
             "dataset": listing.dataset,
             "fingerprint": fingerprint,
-            "encode": dataclasses.asdict(job.encode),
+            "encode": job.encode.describe(),
             "samples_per_shard": job.samples_per_shard,
             "shards": [{"name": p.name, "split": p.split, "num_records": len(p.records)} for p in plans],
             "listing_rejections": [vars(r) for r in listing.rejections],
@@ -399,10 +415,23 @@ def summarize(
                     "sharpness": round(s.sharpness, 3)}
             for split, s in stats.items()
         },
+        **({"align": alignment_summary(encode["align"], statuses)} if "align" in encode else {}),
         "manifest_format": min((manifest_format(s) for s in statuses), default=MANIFEST_FORMAT),
         "tar_bytes": sum(s["num_bytes"] for s in statuses),
         "notes": [*notes, *sharpness_warnings(stats)],
     }
+
+
+def alignment_summary(settings: dict, statuses: list[dict]) -> dict[str, object]:
+    """Photos searched, faces written, photos without a kept face, and faces/s of one worker: faces over the
+    seconds the workers spent detecting and warping (each shard runs on one thread of one worker)."""
+    photos = sum(status["align"]["photos"] for status in statuses)
+    faces = sum(status["align"]["faces"] for status in statuses)
+    seconds = sum(status["align"]["seconds"] for status in statuses)
+    without_face = sum(1 for status in statuses for rejection in status["rejections"] if rejection["stage"] == "face")
+    return {**settings, "photos": photos, "faces": faces, "photos_without_face": without_face,
+            "detect_seconds": round(seconds, 3),
+            "faces_per_second_per_worker": round(faces / seconds, 2) if seconds > 0 else 0.0}
 
 
 def _human_size(num_bytes: int) -> str:
@@ -431,6 +460,11 @@ def print_summary(summary: dict[str, object], out_dir: Path, seconds: float, enc
         per_split = [f"{split} {s['mean']:.1f} / {s['std']:.1f} / {s['sharpness']:.1f}"
                      for split, s in summary["image_stats"].items()]
         print("  images (grey mean / std / sharpness): " + ", ".join(per_split))
+    if "align" in summary:
+        align = summary["align"]
+        print(f"  faces ({align['detector']}, {align['policy']}, at least {align['min_face']} px): {align['faces']} from "
+              f"{align['photos']} photos, {align['photos_without_face']} without one; "
+              f"{align['faces_per_second_per_worker']:.1f} faces/s per worker")
     ratio = summary["manifest_bytes"] / summary["tar_bytes"] if summary["tar_bytes"] else 0.0
     print(f"  manifest: {_human_size(summary['manifest_bytes'])} beside {_human_size(summary['tar_bytes'])} of tars "
           f"({ratio:.1%})")
@@ -486,6 +520,10 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--test-fraction", type=float, default=0.1)
     common.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
     common.add_argument("--tasks-file", type=Path, help="YAML task declarations beside the built-in tasks (docs/tasks.md)")
+    common.add_argument("--align", action="store_true",
+                        help="inputs are photos: detect faces (MTCNN, the align extra) and write each aligned (docs/align.md)")
+    common.add_argument("--faces", choices=FACE_POLICIES, help="with --align: the largest face (default) or all")
+    common.add_argument("--min-face", type=int, help=f"with --align: smallest face box side in px (default {DEFAULT_MIN_FACE})")
     return common
 
 
@@ -552,6 +590,19 @@ def list_source(args: argparse.Namespace) -> SourceListing:
     )
 
 
+def align_settings(args: argparse.Namespace) -> AlignSettings | None:
+    """``--align`` with its policy, checked up front (the extra installed, the options meaningful), or None."""
+    if not args.align:
+        if args.faces is not None or args.min_face is not None:
+            raise ValueError("--faces and --min-face choose among detected faces: they need --align")
+        return None
+    check_align_extra()
+    settings = AlignSettings(args.faces or "largest", DEFAULT_MIN_FACE if args.min_face is None else args.min_face)
+    print(f"aligning: {settings.policy} face(s) of at least {settings.min_face} px per photo (MTCNN, one thread per "
+          f"worker)", file=sys.stderr)
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -562,11 +613,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.tasks_file:
             declare_tasks(load_tasks_file(args.tasks_file), str(args.tasks_file))
+        align = align_settings(args)
         print(f"listing {args.source} {getattr(args, 'input', '') or ''}".rstrip(), file=sys.stderr)
         listing = list_source(args)  # a reader may declare its own tasks (CelebA's attributes)
         job = ShardJob(
             out_dir=args.out or Path("shards") / (args.name or args.source),
-            encode=EncodeSettings(args.size, args.jpeg_quality),
+            encode=EncodeSettings(args.size, args.jpeg_quality, align),
             samples_per_shard=args.samples_per_shard,
             workers=args.workers,
             task_index=args.task_index,
@@ -577,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks=tuple(known_tasks().values()),
         )
         run(listing, job)
-    except (SourceInputError, ShardingError, ValueError, KeyError) as error:
+    except (SourceInputError, ShardingError, AlignExtraMissing, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.align import (
@@ -26,12 +25,13 @@ from pipeline.align import (
     MtcnnDetector,
     align_face,
     apply_transform,
+    crosses_edge,
     faces_in_photo,
     invert_transform,
     keep_faces,
+    one_torch_thread,
     similarity_transform,
     template_points,
-    crosses_edge,
     warp_image,
 )
 from pipeline.annotate import annotate_faces
@@ -48,13 +48,16 @@ PHOTO_SIZE = (480, 360)
 UTKFACE_EVERY = 600
 
 
-def read_utkface_crops(every: int = UTKFACE_EVERY) -> list[Image.Image]:
-    """Every ``every``-th UTKFace crop of the shared archive, decoded (one pass over the tar, about 1 s)."""
-    crops = []
+def read_utkface_crops(every: int = UTKFACE_EVERY, limit: int | None = None) -> list[Image.Image]:
+    """Every ``every``-th UTKFace crop of the shared archive, decoded (one pass over the tar, 1-8 s on a busy
+    machine), or only the first ``limit`` of them (reading only the start of the tar)."""
+    crops: list[Image.Image] = []
     with tarfile.open(SHARED_DATA / "utkface.tar") as archive:
         for index, member in enumerate(archive):
             if member.isfile() and index % every == 0:
                 crops.append(Image.open(archive.extractfile(member)).convert("RGB"))
+            if len(crops) == limit:
+                break
     return crops
 
 
@@ -96,11 +99,8 @@ def correlation(first: Image.Image, second: Image.Image, margin: int = SHARD_SIZ
 
 @pytest.fixture(scope="module")
 def detector() -> Iterator[MtcnnDetector]:
-    # One thread, as a shard worker runs it: on 2 busy cores torch's thread pool made MTCNN 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield MtcnnDetector()
-    torch.set_num_threads(threads)
+    with one_torch_thread():  # as a shard worker runs it
+        yield MtcnnDetector()
 
 
 @pytest.fixture(scope="module")
