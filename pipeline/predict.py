@@ -4,6 +4,7 @@
     python -m pipeline.predict runs/demo/best_model.pt face.jpg             # JSON lines on stdout
     python -m pipeline.predict runs/demo/checkpoint_000004 a.png b.webp --device cpu
     python -m pipeline.predict runs/demo --export torchscript --export-path demo.ts
+    python -m pipeline.predict runs/demo photos/ --detect --annotate annotated/ --out faces.jsonl  # every face
 
 One JSON line per image, in input order (folders are searched recursively, sorted, image files only):
 
@@ -12,6 +13,14 @@ One JSON line per image, in input order (folders are searched recursively, sorte
                                                         "probabilities": {"female": 0.12, "male": 0.88}},
                                              "landmarks": {"points": {"left_eye": [70.2, 110.5], ...}}, ...}}
     {"path": "photos/broken.jpg", "error": "not a decodable image (corrupt file or unknown format)"}
+
+With ``--detect`` (the ``align`` extra) every input is a photo: each face found in it is aligned as
+``pipeline.shard --align`` aligns faces (pipeline/align.py) and gets one line, largest face first; a photo
+without a face gets one line that says why; box, detector points and predicted landmarks are pixels of the photo:
+
+    {"path": "photos/two.jpg", "face": 0, "faces": 2, "box": [312.4, 96.0, 420.9, 231.7], "score": 0.9998,
+     "landmarks": {"left_eye": [340.1, 150.2], ...}, "predictions": {"age": {"label": 28.3}, ...}}
+    {"path": "photos/empty.jpg", "faces": 0, "reason": "no face found"}
 
 Exit status: 0 every image predicted (and the export checked), 1 some image failed or the exported model
 does not match the eager one, 2 a checkpoint or command line that cannot be used.
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib
 import json
 import os
@@ -39,20 +49,44 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from pipeline.align import (
+    DEFAULT_MIN_FACE,
+    AlignedFace,
+    AlignExtraMissing,
+    FaceDetector,
+    MtcnnDetector,
+    apply_transform,
+    faces_in_photo,
+    invert_transform,
+    named_points,
+)
+from pipeline.annotate import annotate_faces
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, decode_image, normalize_images
-from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, InferenceModel, choose_device,
-                                load_inference_model)
-from pipeline.task_losses import predict_age
+from pipeline.inference import (
+    DEVICE_CHOICES,
+    CheckpointError,
+    DeviceError,
+    InferenceModel,
+    choose_device,
+    load_inference_model,
+)
 from pipeline.model import MultiTaskNet
 from pipeline.run_summary import at_chance_warning, read_run_summary
 from pipeline.schema import TaskSpec
 from pipeline.shard_writer import describe_image_error, fit_image, uncrop_landmarks
-from pipeline.sources.base import IMAGE_SUFFIXES, NEUTRAL_BACKGROUND, decode_image_bytes, is_image_name
+from pipeline.sources.base import (
+    IMAGE_SUFFIXES,
+    NEUTRAL_BACKGROUND,
+    decode_image_bytes,
+    is_image_name,
+)
+from pipeline.task_losses import predict_age
 
 EXPORT_TOLERANCE = 1e-5  # max abs difference between the exported and the eager model's outputs
 EXPORT_METADATA_NAME = "facemtl.json"  # TorchScript extra file / ONNX metadata key describing inputs and outputs
@@ -82,25 +116,27 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
+PointMap = Callable[[list[float]], list[float]]  # x0, y0, ... in units of the network's input -> pixels of an image
+
+
 def task_predictions(outputs: Mapping[str, torch.Tensor], tasks: Sequence[TaskSpec], age_scale: float,
-                     image_sizes: Sequence[tuple[int, int]] | None = None,
-                     input_size: int = 0) -> list[dict[str, dict]]:
+                     landmarks_to_pixels: Sequence[PointMap] | None = None) -> list[dict[str, dict]]:
     """Per image: task -> {"label": class name, "probabilities": {class: p}}, {"label": years} for regression, or
     {"points": {name: [x, y]}} for landmarks.
 
     A class label is the most probable class (for a one-logit binary head: logit > 0, as validation counts
     it); a regression head's scaled output is turned back into years by :func:`pipeline.task_losses.predict_age`.
-    Landmarks are pixels of each input image when ``image_sizes`` (width, height per image) and the network's
-    ``input_size`` are given, else units of the network's square input.
+    Landmarks are pixels of each input image when ``landmarks_to_pixels`` (one map per image) is given, else units
+    of the network's square input.
     """
     per_task: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
         output = outputs[task.name].detach().float().cpu()
         if task.kind == "landmarks":
             rows = output.tolist()
-            if image_sizes is not None:
-                rows = [uncrop_landmarks(row, *size, input_size) for row, size in zip(rows, image_sizes)]
-            digits = 2 if image_sizes else 4  # pixels, or units of the input side
+            if landmarks_to_pixels is not None:
+                rows = [to_pixels(row) for row, to_pixels in zip(rows, landmarks_to_pixels)]
+            digits = 2 if landmarks_to_pixels else 4  # pixels, or units of the input side
             per_task[task.name] = [{"points": {name: [round(x, digits), round(y, digits)]
                                                for name, x, y in zip(task.points, row[0::2], row[1::2])}}
                                    for row in rows]
@@ -139,14 +175,28 @@ def find_images(inputs: Sequence[Path]) -> list[Path]:
     return found
 
 
-def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """uint8 CHW RGB of side ``image_size``, prepared as training prepared its images (see the module doc)."""
+def read_file_bytes(path: Path) -> bytes:
+    """The file's bytes, or ImageReadError saying why not."""
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ImageReadError("no such file") from None
     except OSError as error:
         raise ImageReadError(f"cannot read file ({error.strerror or error})") from None
+
+
+def read_photo(path: Path) -> Image.Image:
+    """The decoded photo (transparency composited as the shard readers do), or ImageReadError saying why not."""
+    data = read_file_bytes(path)
+    try:
+        return decode_image_bytes(data)  # a full decode: corrupt and truncated files fail here
+    except Exception as error:  # any decoder failure is a property of that one file
+        raise ImageReadError(describe_image_error(error)) from None
+
+
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """uint8 CHW RGB of side ``image_size``, prepared as training prepared its images (see the module doc)."""
+    data = read_file_bytes(path)
     try:
         image = decode_image_bytes(data)  # a full decode: corrupt and truncated files fail here
         if image.format == "JPEG" and image.width == image.height:
@@ -164,15 +214,16 @@ def predict_files(model: InferenceModel, paths: Sequence[Path], batch_size: int)
     for start in range(0, len(paths), batch_size):
         batch_paths = paths[start : start + batch_size]
         images: list[torch.Tensor] = []
-        sizes: list[tuple[int, int]] = []
+        to_pixels: list[PointMap] = []
         errors: dict[int, str] = {}
         for index, path in enumerate(batch_paths):
             try:
                 images.append(load_image(path, model.image_size))
-                sizes.append(Image.open(path).size)  # the header only: landmarks are given in its pixels
+                width, height = Image.open(path).size  # the header only: landmarks are given in its pixels
+                to_pixels.append(functools.partial(uncrop_landmarks, width=width, height=height, size=model.image_size))
             except ImageReadError as error:
                 errors[index] = str(error)
-        predictions = iter(predict_images(model, torch.stack(images), sizes) if images else [])
+        predictions = iter(predict_images(model, torch.stack(images), to_pixels) if images else [])
         for index, path in enumerate(batch_paths):
             if index in errors:
                 yield {"path": str(path), "error": errors[index]}
@@ -182,11 +233,70 @@ def predict_files(model: InferenceModel, paths: Sequence[Path], batch_size: int)
 
 @torch.no_grad()
 def predict_images(model: InferenceModel, images: torch.Tensor,
-                   image_sizes: Sequence[tuple[int, int]] | None = None) -> list[dict[str, dict]]:
+                   landmarks_to_pixels: Sequence[PointMap] | None = None) -> list[dict[str, dict]]:
     """Predictions for a uint8 NCHW batch, computed as validation computes them (eval mode, float32); landmarks in
-    pixels of the original images when their (width, height) are given."""
+    pixels of the original images when a map per image is given."""
     outputs = model.net(normalize_images(images.to(model.device)))
-    return task_predictions(outputs, model.tasks, model.age_scale, image_sizes, model.image_size)
+    return task_predictions(outputs, model.tasks, model.age_scale, landmarks_to_pixels)
+
+
+def crop_units_to_photo(photo_to_crop: np.ndarray, size: int, points: list[float]) -> list[float]:
+    """Points ``x0, y0, ...`` in units of an aligned crop's side -> pixels of its photo (pixel i centred on i, as
+    :func:`uncrop_landmarks` gives them), by the inverse of the alignment's similarity."""
+    in_crop = np.asarray(points, dtype=np.float64).reshape(-1, 2) * size  # continuous pixels of the crop
+    return [float(value) - 0.5 for value in apply_transform(invert_transform(photo_to_crop), in_crop).ravel()]
+
+
+def described_face(face: AlignedFace) -> dict[str, Any]:
+    """The detection in an output line: box, score and the detector's 5 points, in pixels of the photo with pixel
+    i centred on i, as the landmarks predicted (pipeline.align's continuous pixels, shifted by half a pixel)."""
+    left, top, right, bottom = (value - 0.5 for value in face.detection.box)
+    return {"box": [round(value, 2) for value in (left, top, right, bottom)],
+            "score": round(float(face.detection.score), 4),
+            "landmarks": named_points(face.detection.landmarks - 0.5)}
+
+
+def face_label(predictions: dict[str, dict], most: int = 4) -> str:
+    """A short text for an annotated photo: the first ``most`` answers that are not points, e.g. "age 31, male"."""
+    answers = [f"{task} {answer['label']:.0f}" if isinstance(answer["label"], float) else str(answer["label"])
+               for task, answer in predictions.items() if "label" in answer]
+    return ", ".join(answers[:most]) + (", ..." if len(answers) > most else "")
+
+
+def predict_photos(model: InferenceModel, paths: Sequence[Path], detector: FaceDetector, min_face: int,
+                   annotate_dir: Path | None = None) -> Iterator[dict[str, Any]]:
+    """Every face of every photo, in order: {"path", "face" (0 = largest), "faces", "box", "score", "landmarks",
+    "predictions"}; a photo without a face: {"path", "faces": 0, "reason"}; an unreadable one: {"path", "error"}.
+
+    Each face is warped onto the template at the model's input size as ``pipeline.shard --align`` warps it, and
+    the landmarks a model predicts in the crop go back into the photo by the inverse of that warp.
+    ``annotate_dir``: also write a copy of each photo with boxes, points and labels (under its path relative to
+    the folder that holds all the photos).
+    """
+    photos_root = Path(os.path.commonpath([path.resolve().parent for path in paths])) if paths else Path()
+    for path in paths:
+        try:
+            photo = read_photo(path)
+        except ImageReadError as error:
+            yield {"path": str(path), "error": str(error)}
+            continue
+        found = faces_in_photo(photo, detector, model.image_size, policy="all", min_face=min_face)
+        if not found.faces:
+            yield {"path": str(path), "faces": 0, "reason": found.no_face_reason}
+            predictions = []
+        else:
+            crops = torch.stack([pil_to_tensor(face.crop) for face in found.faces])
+            to_photo = [functools.partial(crop_units_to_photo, face.photo_to_crop, model.image_size)
+                        for face in found.faces]
+            predictions = predict_images(model, crops, to_photo)
+            for index, (face, prediction) in enumerate(zip(found.faces, predictions)):
+                yield {"path": str(path), "face": index, "faces": len(found.faces), **described_face(face),
+                       "predictions": prediction}
+        if annotate_dir is not None:
+            annotated_path = annotate_dir / path.resolve().relative_to(photos_root)
+            annotated_path.parent.mkdir(parents=True, exist_ok=True)
+            annotate_faces(photo, [face.detection for face in found.faces],
+                           [face_label(prediction) for prediction in predictions]).save(annotated_path)
 
 
 def write_records(records: Iterator[dict[str, Any]], out: TextIO, errors: TextIO) -> tuple[int, int]:
@@ -340,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: the GPU when there is one")
     parser.add_argument("--export", choices=tuple(EXPORTERS), help="also write the network as TorchScript or ONNX, checked against eager")
     parser.add_argument("--export-path", type=Path, help="file the export is written to (required with --export)")
+    parser.add_argument("--detect", action="store_true",
+                        help="inputs are photos: find every face (MTCNN, the align extra), align it and predict each")
+    parser.add_argument("--min-face", type=int, default=DEFAULT_MIN_FACE,
+                        help=f"with --detect: smallest face box side in px (default {DEFAULT_MIN_FACE})")
+    parser.add_argument("--annotate", type=Path, metavar="DIR",
+                        help="with --detect: write a copy of each photo with boxes, points and labels into DIR")
     return parser
 
 
@@ -352,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1")
     if args.export and args.export_path is None:
         parser.error("--export needs --export-path FILE")
+    if args.annotate and not args.detect:
+        parser.error("--annotate draws the faces --detect finds: add --detect")
+    if args.min_face < 0:
+        parser.error("--min-face must be at least 0")
     try:
         device = choose_device(args.device)
     except DeviceError as error:
@@ -371,6 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     export_status = run_export(model, args.export, args.export_path) if args.export else 0
     if not args.inputs:
         return export_status
+    if args.detect:
+        try:
+            detector = MtcnnDetector(min_face=args.min_face, device=str(model.device))
+        except AlignExtraMissing as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return run_photo_predictions(model, args.inputs, args.out, detector, args.min_face, args.annotate) or export_status
     return run_predictions(model, args.inputs, args.out, args.batch_size) or export_status
 
 
@@ -389,24 +516,60 @@ def run_export(model: InferenceModel, kind: str, path: Path) -> int:
     return 0
 
 
-def run_predictions(model: InferenceModel, inputs: Sequence[Path], out: Path | None, batch_size: int) -> int:
-    """Predict every image under ``inputs`` into ``out`` (or stdout); the exit status: 0 all, 1 some failed."""
+def image_paths(inputs: Sequence[Path]) -> list[Path]:
+    """Every image under ``inputs``; a folder without one is warned about."""
     paths = find_images(inputs)
     for folder in (path for path in inputs if path.is_dir()):
         if not any(folder in path.parents for path in paths):
             print(f"warning: folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
+    return paths
+
+
+def write_all(records: Iterator[dict[str, Any]], out: Path | None) -> tuple[int, int]:
+    """JSON lines into ``out`` (atomically) or stdout; failed files reported on stderr. Returns (records, failed)."""
+    if out is None:
+        return write_records(records, sys.stdout, sys.stderr)
+    return write_records_atomically(records, out, sys.stderr)
+
+
+def run_predictions(model: InferenceModel, inputs: Sequence[Path], out: Path | None, batch_size: int) -> int:
+    """Predict every image under ``inputs`` into ``out`` (or stdout); the exit status: 0 all, 1 some failed."""
+    paths = image_paths(inputs)
     if not paths:
         print("error: no image file to predict", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    records = predict_files(model, paths, batch_size)
-    if out is None:
-        total, failed = write_records(records, sys.stdout, sys.stderr)
-    else:
-        total, failed = write_records_atomically(records, out, sys.stderr)
+    total, failed = write_all(predict_files(model, paths, batch_size), out)
     seconds = time.perf_counter() - started
     print(f"predicted {total - failed} of {total} images ({failed} failed) in {seconds:.1f} s "
           f"({total / max(seconds, 1e-9):.0f} images/s) -> {out or 'stdout'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_photo_predictions(model: InferenceModel, inputs: Sequence[Path], out: Path | None, detector: FaceDetector,
+                          min_face: int, annotate_dir: Path | None) -> int:
+    """``--detect``: every face of every photo under ``inputs``; the exit status: 0 every photo read (with or
+    without a face), 1 some could not be read."""
+    paths = image_paths(inputs)
+    if not paths:
+        print("error: no image file to predict", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    lines: list[dict[str, Any]] = []
+
+    def counted(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for record in records:
+            lines.append({key: record.get(key) for key in ("faces", "error")})
+            yield record
+
+    _, failed = write_all(counted(predict_photos(model, paths, detector, min_face, annotate_dir)), out)
+    seconds = time.perf_counter() - started
+    faces = sum(1 for line in lines if line["faces"])
+    without_face = sum(1 for line in lines if line["faces"] == 0)
+    annotated = f"; annotated copies in {annotate_dir}" if annotate_dir else ""
+    print(f"found {faces} faces in {len(paths) - failed - without_face} of {len(paths)} photos ({without_face} without a "
+          f"face, {failed} failed) in {seconds:.1f} s ({faces / max(seconds, 1e-9):.1f} faces/s) -> {out or 'stdout'}"
+          f"{annotated}", file=sys.stderr)
     return 1 if failed else 0
 
 
