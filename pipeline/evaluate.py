@@ -32,14 +32,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from pipeline.data import DataConfigError, EvalStream, ShardSet, data_error_line, eval_loader, open_shard_set
+from pipeline.data import (SUMMARY_FILE, DataConfigError, EvalStream, ShardSet, data_error_line, eval_loader,
+                           open_shard_set, shard_task_declarations)
 from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, InferenceModel, choose_device,
                                 load_inference_model)
 from pipeline.loop import WorkerContext
 from pipeline.validation import evaluate_split
 from pipeline.metrics import MetricSums, TaskSums, per_class_accuracy
 from pipeline.run_summary import chance_levels, headline_metric, no_better_than_chance
-from pipeline.schema import TaskSpec
+from pipeline.schema import TaskDeclarationError, TaskSpec, check_same_declaration
 from pipeline.sources.base import SPLITS
 
 EVALUATION_DIR = "evaluation"
@@ -77,6 +78,20 @@ def open_evaluation_data(paths: Sequence[str | Path], split: str) -> EvaluationD
         raise EvaluationError(f"no dataset has a {split!r} split: {names}")
     skipped = [{"name": s.name, "path": str(s.root), "reason": f"no {split} split"} for s in shard_sets if s not in with_split]
     return EvaluationData(split, with_split, skipped)
+
+
+def check_task_declarations(tasks: Sequence[TaskSpec], checkpoint: Path, shard_sets: Sequence[ShardSet]) -> None:
+    """Refuse a dataset that declares one of the model's ``tasks`` differently (other classes, points or range):
+    its labels mean something else than the model's outputs. The message quotes both declarations."""
+    model_specs = {spec.name: spec for spec in tasks}
+    for shard_set in shard_sets:
+        try:
+            for spec in shard_task_declarations(shard_set):
+                if spec.name in model_specs:
+                    check_same_declaration(model_specs[spec.name], spec, f"the checkpoint {checkpoint}",
+                                           f"dataset {shard_set.name!r} ({shard_set.root / SUMMARY_FILE})")
+        except (DataConfigError, TaskDeclarationError) as error:
+            raise EvaluationError(str(error)) from None
 
 
 # ---------------------------------------------------------------- running the model
@@ -397,6 +412,7 @@ def evaluate_checkpoint(
     model = load_inference_model(target, choose_device(device))
     log(f"checkpoint: {model.describe()}")
     data = open_evaluation_data(data_paths or model.config.data.datasets, split)
+    check_task_declarations(model.tasks, model.checkpoint_path, data.shard_sets)
     for skipped in data.skipped:
         log(f"note: skipping {skipped['name']} ({skipped['path']}): {skipped['reason']}")
     prepare_device(model)

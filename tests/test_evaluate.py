@@ -14,13 +14,14 @@ from PIL import Image
 from pipeline.data import open_shard_set
 from pipeline.evaluate import (
     EvaluationError,
+    check_task_declarations,
     default_output_dir,
     main as evaluate_main,
     open_evaluation_data,
     task_report,
 )
 from pipeline.metrics import MetricSums, classification_metrics, per_class_accuracy
-from pipeline.schema import TaskSpec, get_task
+from pipeline.schema import TaskSpec, forget_declared_tasks, get_task
 from pipeline.shard import main as shard_main
 from pipeline.train import main as train_main
 from tests.test_train import tiny_overrides
@@ -178,3 +179,19 @@ def test_split_that_no_dataset_has_is_an_error_naming_it_and_others_are_skipped(
     data = open_evaluation_data([train_only, synthetic_shards["fer"]], "test")
     assert [s.name for s in data.shard_sets] == ["fer"]
     assert data.skipped == [{"name": "train_only", "path": str(train_only), "reason": "no test split"}]
+
+
+def test_data_declaring_a_task_of_the_model_differently_is_refused_naming_both(tmp_path: Path) -> None:
+    tasks_file = tmp_path / "tasks.yaml"
+    tasks_file.write_text("tasks:\n  - {name: Glasses, kind: binary, classes: [no, yes]}\n")
+    assert shard_main(["synthetic", "--tasks-file", str(tasks_file), "--tasks", "Glasses", "--num-samples", "6",
+                       "--size", "32", "--out", str(tmp_path / "glasses")]) == 0
+    forget_declared_tasks()  # the model's process knows its own declaration, not the folder's
+    folder = open_shard_set(tmp_path / "glasses")
+    check_task_declarations([TaskSpec("Glasses", "binary", classes=("no", "yes"))], tmp_path / "model.pt", [folder])
+    worded = TaskSpec("Glasses", "binary", classes=("absent", "present"))
+    with pytest.raises(EvaluationError) as raised:
+        check_task_declarations([worded, get_task("age")], tmp_path / "model.pt", [folder])
+    message = str(raised.value)
+    assert "classes: ['absent', 'present']" in message and "classes: ['no', 'yes']" in message
+    assert "model.pt" in message and "glasses/summary.json" in message
