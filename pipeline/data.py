@@ -8,8 +8,11 @@ An epoch is a fixed number of steps, the same on every rank, so no rank runs dry
 
 Evaluation: each split is read once, in order; sample i of a dataset goes to reader
 ``i mod (world_size x loader_workers)``, so every sample is seen exactly once across ranks and workers.
-Images leave the loader as uint8 (4x less to move between processes); :func:`normalize_images` turns
-them into floats on the training device.
+
+Both read a sample's JPEG where the folder's manifest places it in its tar and its labels from the
+manifest's columns (:func:`manifest_shards`); a folder whose manifest predates offsets is read member by
+member, labels from each ``.json``. Images leave the loader as uint8 (4x less to move between processes);
+:func:`normalize_images` turns them into floats on the training device.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +33,7 @@ import torch
 import webdataset as wds
 from scipy.optimize import linprog
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode
 from torchvision.transforms.v2 import functional as transforms_functional
 
 from pipeline.config import AugmentConfig
@@ -44,11 +48,7 @@ from pipeline.schema import (
     label_slices,
     parse_task_declarations,
 )
-from pipeline.tar_format import TarFormatError, tar_members
-
-# torchvision 0.29 deprecates its JPEG decoder in favour of torchcodec; it is still ~2x faster than Pillow
-# for our small crops (bench/loader_throughput.py), so we keep it until torchcodec is a dependency.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+from pipeline.tar_format import TarBytes, TarFormatError, member_at, members_at, tar_members
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -430,49 +430,75 @@ def move_landmarks(labels: torch.Tensor, tasks: Sequence[TaskSpec], theta: torch
     return moved
 
 
-def decode_image(jpeg: bytes, image_size: int) -> torch.Tensor:
-    """uint8 CHW RGB, resized to ``image_size`` when the shard stores another size."""
-    image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+# torchvision 0.29 deprecates its JPEG decoder in favour of torchcodec; it is still ~2x faster than Pillow for our
+# small crops (bench/loader_throughput.py), so we keep it until torchcodec is a dependency. Its op is called
+# directly: the Python wrapper's checks and deprecation warning cost ~10 % of decoding a 64 px crop.
+_DECODE_JPEG = torch.ops.image.decode_jpeg.default
+
+
+def decode_image(jpeg: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 CHW RGB from JPEG bytes (or a 1-D uint8 tensor of them), resized to ``image_size`` when the shard
+    stores another size."""
+    data = jpeg if isinstance(jpeg, torch.Tensor) else torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+    image = _DECODE_JPEG(data, ImageReadMode.RGB.value, False)
     if image.shape[-1] != image_size or image.shape[-2] != image_size:
         image = transforms_functional.resize(image, [image_size, image_size], antialias=True)
     return image
 
 
 def normalize_images(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NCHW -> float, ImageNet mean/std (what torchvision backbones and weight files expect)."""
+    """uint8 NCHW (any memory layout) -> float, ImageNet mean/std (what torchvision backbones and weight files expect),
+    laid out NCHW or, with ``channels_last``, NHWC."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
     images = (images.float() - mean) / std
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-# ---------------------------------------------------------------- reading tars
+# ---------------------------------------------------------------- reading samples
 
 
 SAMPLE_MEMBERS = ("jpg", "json")
+
+
+def read_shard(shard: Mapping[str, object]) -> TarBytes:
+    """A tar's bytes, checked against the byte size its index entry records when ``shard`` is one.
+
+    Mapped, not read: reading a tar costs up to 5 us per sample (a zeroed buffer, then a copy from the page
+    cache), 5-10 % of decoding its image. The private mapping is writable, so tensors can view it. Shards are
+    published by rename and never rewritten in place; a tar truncated while mapped would stop the reader
+    (SIGBUS)."""
+    url = str(shard["url"])
+    with open(url, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        data = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+    if "filesize" in shard:
+        check_shard_size(shard, len(data))
+    return data
+
+
+def member_key(name: str) -> tuple[str, str]:
+    """(key, suffix) of a member name: the key is the file name up to its first dot, as webdataset groups."""
+    directory, _, base = name.rpartition("/")
+    key, _, suffix = base.partition(".")
+    return (f"{directory}/{key}" if directory else key), suffix
 
 
 def tar_samples(shards: Iterable[Mapping[str, object]]) -> Iterator[dict]:
     """webdataset pipeline stage: shards -> samples ``{"__key__", "__url__", "jpg", "json"}``.
 
     A shard is ``{"url"}``, or an entry of :attr:`ShardSet.shard_index`, whose recorded byte size and sample
-    count the tar must then have. Members are grouped by key (the file name up to its first dot), as
-    webdataset does. A tar that is truncated, damaged or disagrees with its index raises
-    :class:`DataConfigError` naming the file.
+    count the tar must then have. Members are grouped by key, as webdataset does. A tar that is truncated,
+    damaged or disagrees with its index raises :class:`DataConfigError` naming the file.
     """
     for shard in shards:
         url = str(shard["url"])
-        with open(url, "rb") as handle:
-            data = handle.read()
-        if "filesize" in shard:
-            check_shard_size(shard, len(data))
+        data = read_shard(shard)
         count = 0
         sample: dict = {}
         try:
             for name, payload in tar_members(data, url):
-                directory, _, base = name.rpartition("/")
-                key, _, suffix = base.partition(".")
-                key = f"{directory}/{key}" if directory else key
+                key, suffix = member_key(name)
                 if sample and sample["__key__"] != key:
                     yield _complete_sample(sample)
                     count += 1
@@ -498,6 +524,141 @@ def _complete_sample(sample: dict) -> dict:
     return sample
 
 
+class Sample(NamedTuple):
+    """One sample as the streams take it: its JPEG bytes (a view into its shard's bytes), its targets and
+    labelled mask in the layout of :func:`label_values`."""
+
+    key: str
+    jpeg: torch.Tensor
+    targets: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class ManifestShard:
+    """One tar's samples as the manifest's rows describe them, in tar order."""
+
+    keys: list[str]
+    jpg_names: np.ndarray  # b"<key>.jpg", the member name each sample's header should have
+    offsets: np.ndarray  # int64: byte offset of each sample's first header
+    targets: np.ndarray  # (samples, label columns) float32
+    mask: np.ndarray  # (samples, tasks) bool
+
+
+def manifest_shards(root: Path, split: str, shards: Sequence[Mapping[str, object]],
+                    tasks: Sequence[TaskSpec]) -> dict[str, ManifestShard] | None:
+    """A split's shards (by url) as the folder's manifest describes them: where each sample lies in its tar and
+    its labels, read column-wise once instead of parsing every sample's ``.json``. None for a manifest written
+    before it located samples (no ``offset`` column): those shards are read member by member. A manifest
+    that does not list a shard's samples as its index counts them is a :class:`DataConfigError`."""
+    manifest_path = root / MANIFEST_FILE
+    names = pq.read_schema(manifest_path).names
+    if "offset" not in names:
+        return None
+    columns = ["shard", "key", "offset", *(task.name for task in tasks if task.name in names)]
+    table = pq.read_table(manifest_path, columns=columns, filters=[("split", "=", split)])
+    table = table.sort_by([("shard", "ascending"), ("offset", "ascending")])
+    targets, mask = label_arrays(table, tasks, manifest_path)
+    shard_names = np.asarray(table.column("shard").to_pylist(), dtype=object)
+    keys, offsets = table.column("key").to_pylist(), table.column("offset").to_numpy()
+    jpg_names = np.array([f"{key}.jpg".encode() for key in keys], dtype=bytes)
+    starts = np.flatnonzero(np.r_[True, shard_names[1:] != shard_names[:-1]]) if len(shard_names) else []
+    ends = np.r_[starts[1:], len(shard_names)] if len(shard_names) else []
+    described = {str(root / shard_names[start]): ManifestShard(keys[start:end], jpg_names[start:end],
+                                                               offsets[start:end], targets[start:end], mask[start:end])
+                 for start, end in zip(starts, ends)}
+    for shard in shards:
+        listed = len(described[shard["url"]].keys) if shard["url"] in described else 0
+        if listed != shard["nsamples"]:
+            raise DataConfigError(f"{manifest_path} lists {listed} samples of {Path(str(shard['url'])).name}, "
+                                  f"{shard['index']} records {shard['nsamples']}; {_metadata_hint(root)}")
+    return described
+
+
+def label_arrays(table: pa.Table, tasks: Sequence[TaskSpec], manifest_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Targets and labelled mask of every row of a manifest table, as :func:`label_values` makes them for one
+    sample (a task without a column is unlabelled everywhere)."""
+    targets = np.zeros((table.num_rows, sum(task.label_width for task in tasks)), dtype=np.float32)
+    mask = np.zeros((table.num_rows, len(tasks)), dtype=bool)
+    for index, (task, columns) in enumerate(zip(tasks, label_slices(tasks))):
+        if task.name not in table.column_names:
+            continue
+        column = table.column(task.name)
+        labelled = column.is_valid().to_numpy(zero_copy_only=False)
+        values = column.drop_null()
+        if task.kind == "landmarks":
+            values = values.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            if len(values) != labelled.sum() * task.label_width:
+                raise DataConfigError(f"{manifest_path}: a {task.name!r} label does not hold {task.label_width} "
+                                      f"numbers; {_metadata_hint(manifest_path.parent)}")
+            values = values.reshape(-1, task.label_width)
+        else:
+            values = values.to_numpy(zero_copy_only=False)[:, None]
+        mask[:, index] = labelled
+        targets[labelled, columns] = values
+    return targets, mask
+
+
+def located_samples(shard: Mapping[str, object], described: ManifestShard) -> Iterator[Sample]:
+    """A shard's samples, their JPEGs found by reading the headers at the offsets the manifest records: all at
+    once, and member by member only where a header is not the plain ``<key>.jpg`` one (long names)."""
+    url = str(shard["url"])
+    data = read_shard(shard)
+    starts, sizes, found = members_at(data, described.offsets, described.jpg_names)
+    for row in np.flatnonzero(~found):
+        starts[row], sizes[row] = _jpeg_span(data, int(described.offsets[row]), described.keys[row], url)
+    yield from map(Sample, described.keys, byte_views(data, starts, sizes, url), described.targets, described.mask)
+
+
+def byte_views(data: TarBytes, starts: np.ndarray, sizes: np.ndarray, url: str) -> list[torch.Tensor]:
+    """1-D uint8 tensors viewing ``data[start:start + size]`` (ascending, not overlapping), made in one call."""
+    if not len(starts):
+        return []
+    ends = starts + sizes
+    gaps = starts - np.r_[0, ends[:-1]]
+    if (gaps < 0).any():
+        raise DataConfigError(f"{url}: its manifest places samples inside one another; {SHARD_HINT}")
+    lengths = np.column_stack([gaps, sizes]).ravel().tolist() + [len(data) - int(ends[-1])]
+    return list(torch.frombuffer(data, dtype=torch.uint8).split(lengths)[1::2])
+
+
+def _jpeg_span(data: TarBytes, offset: int, key: str, url: str) -> tuple[int, int]:
+    """(start, size) of sample ``key``'s ``.jpg`` payload, among its members from ``offset`` on."""
+    following = offset
+    try:
+        while (member := member_at(data, following, url)) is not None:
+            name, start, size, following = member
+            member_of, suffix = member_key(name)
+            if member_of != key:
+                break
+            if suffix == "jpg":
+                return start, size
+    except TarFormatError as error:
+        raise DataConfigError(f"{error}; delete it and {SHARD_HINT}") from None
+    raise DataConfigError(f"{url} has no {key}.jpg where its manifest places it (byte {offset}): the tar changed "
+                          f"after sharding; delete it and {SHARD_HINT}")
+
+
+def member_samples(shard: Mapping[str, object], tasks: Sequence[TaskSpec]) -> Iterator[Sample]:
+    """A shard's samples read member by member, labels parsed from each ``.json``: shards whose manifest does
+    not locate samples."""
+    for sample in tar_samples([shard]):
+        targets, mask = label_values(json.loads(sample["json"])["labels"], tasks)
+        jpeg = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
+        yield Sample(sample["__key__"], jpeg, np.array(targets, dtype=np.float32), np.array(mask, dtype=bool))
+
+
+def read_samples(shards: Iterable[Mapping[str, object]], described: dict[str, ManifestShard] | None,
+                 tasks: Sequence[TaskSpec]) -> Iterator[Sample]:
+    """The samples of ``shards`` (index entries) in tar order, located by ``described`` (from
+    :func:`manifest_shards`) or, when None, read member by member."""
+    for shard in shards:
+        if described is None:
+            yield from member_samples(shard, tasks)
+        else:
+            yield from located_samples(shard, described[str(shard["url"])])
+
+
 # ---------------------------------------------------------------- training stream
 
 
@@ -517,8 +678,8 @@ class TaskBalancedStream(IterableDataset):
         rank: int = 0,
         epoch: int = 0,
     ) -> None:
-        self.sources = [(s.name, s.shards("train")) for s in shard_sets if quotas.get(s.name, 0) > 0]
-        for name, shards in self.sources:
+        self.sources = [(s.name, s.root, s.shards("train")) for s in shard_sets if quotas.get(s.name, 0) > 0]
+        for name, _, shards in self.sources:
             if not shards:
                 raise DataConfigError(f"dataset {name!r} has no train shards")
         self.quotas = dict(quotas)
@@ -528,37 +689,34 @@ class TaskBalancedStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.rank, self.epoch = seed, rank, epoch
 
-    def _samples(self, name: str, shards: list[dict], worker: int) -> Iterator[dict]:
+    def _samples(self, name: str, root: Path, shards: list[dict], worker: int) -> Iterator[Sample]:
         seed = stream_seed(self.seed, self.rank, worker, self.epoch, name)
         by_url = {shard["url"]: shard for shard in shards}
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(list(by_url), seed=seed, worker_seed=lambda: 0, deterministic=True),
-            lambda picked: tar_samples(by_url[pick["url"]] for pick in picked),  # with its index entry, to check
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed),
-        )
-        return iter(pipeline)
+        described = manifest_shards(root, "train", shards, self.task_specs)
+        picked = wds.ResampledShards(list(by_url), seed=seed, worker_seed=lambda: 0, deterministic=True)
+        samples = read_samples((by_url[pick["url"]] for pick in picked), described, self.task_specs)
+        # webdataset's stages composed directly: a DataPipeline adds a generator per sample
+        return wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed)(samples)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info else 0
-        streams = [(index, self.quotas[name], self._samples(name, shards, worker))
-                   for index, (name, shards) in enumerate(self.sources)]
+        streams = [self._samples(name, root, shards, worker) for name, root, shards in self.sources]
+        draws = [stream for (name, _, _), stream in zip(self.sources, streams) for _ in range(self.quotas[name])]
+        sources = torch.tensor([index for index, (name, _, _) in enumerate(self.sources)
+                                for _ in range(self.quotas[name])])
+        size = self.image_size
         while True:
-            images, targets, masks, sources = [], [], [], []
-            for source_index, quota, stream in streams:
-                for _ in range(quota):
-                    sample = next(stream)
-                    images.append(decode_image(sample["jpg"], self.image_size))
-                    target, mask = label_values(json.loads(sample["json"])["labels"], self.task_specs)
-                    targets.append(target)
-                    masks.append(mask)
-                    sources.append(source_index)
-            yield {
-                "images": torch.stack(images),
-                "labels": torch.tensor(targets, dtype=torch.float32),
-                "mask": torch.tensor(masks, dtype=torch.bool),
-                "source": torch.tensor(sources),
-            }
+            # The batch's samples first, then all its decoding in one tight loop (as fast as decoding alone: the
+            # decoder's tables stay in cache). A decoded image is HWC in memory (a CHW view of it), so the
+            # batch is stacked NHWC, plain copies, where transposing uint8 to NCHW would cost a third of the
+            # decoding; its NCHW view goes out (channels_last strides) and the first float op on the device
+            # lays it out.
+            samples = [next(stream) for stream in draws]
+            pixels = torch.stack([decode_image(sample.jpeg, size).permute(1, 2, 0) for sample in samples])
+            yield {"images": pixels.permute(0, 3, 1, 2),
+                   "labels": torch.from_numpy(np.array([sample.targets for sample in samples])),
+                   "mask": torch.from_numpy(np.array([sample.mask for sample in samples])), "source": sources.clone()}
 
 
 def train_loader(stream: TaskBalancedStream, loader_workers: int, pin_memory: bool = False) -> DataLoader:
@@ -581,7 +739,8 @@ class EvalStream(IterableDataset):
 
     def __init__(self, shard_sets: Sequence[ShardSet], split: str, tasks: Sequence[str], image_size: int,
                  rank: int = 0, world_size: int = 1) -> None:
-        self.sources = [(s.name, s.shards(split)) for s in shard_sets]
+        self.split = split
+        self.sources = [(s.root, s.shards(split)) for s in shard_sets]
         self.num_samples = sum(s.num_samples(split) for s in shard_sets)  # over all ranks
         self.tasks, self.image_size = list(tasks), image_size
         self.task_specs = [get_task(task) for task in self.tasks]
@@ -591,20 +750,17 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         readers, reader = self.world_size * workers, self.rank * workers + worker
-        for source_index, (_, shards) in enumerate(self.sources):
-            position = 0
-            for sample in tar_samples(shards):
-                mine = position % readers == reader
-                position += 1
-                if not mine:
+        for source_index, (root, shards) in enumerate(self.sources):
+            described = manifest_shards(root, self.split, shards, self.task_specs)
+            for position, sample in enumerate(read_samples(shards, described, self.task_specs)):
+                if position % readers != reader:
                     continue  # skipped before decoding: a reader pays only for its own samples
-                target, mask = label_values(json.loads(sample["json"])["labels"], self.task_specs)
                 yield {
-                    "images": decode_image(sample["jpg"], self.image_size),
-                    "labels": torch.tensor(target, dtype=torch.float32),
-                    "mask": torch.tensor(mask, dtype=torch.bool),
+                    "images": decode_image(sample.jpeg, self.image_size),
+                    "labels": torch.from_numpy(sample.targets),
+                    "mask": torch.from_numpy(sample.mask),
                     "source": source_index,
-                    "key": sample["__key__"],
+                    "key": sample.key,
                 }
 
 
