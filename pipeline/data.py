@@ -391,18 +391,19 @@ def augment_batch_and_labels(
     theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
     theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
     pixels = images.float()
-    grid = torch.nn.functional.affine_grid(theta.to(images.device), list(pixels.shape), align_corners=False)
+    grid = torch.nn.functional.affine_grid(to_device(theta, images.device), list(pixels.shape), align_corners=False)
     pixels = torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if config.color_jitter > 0:
         strength = config.color_jitter
         brightness, contrast, saturation = (uniform(1 - strength, 1 + strength) for _ in range(3))
-        grey = torch.tensordot(torch.tensor([0.299, 0.587, 0.114], device=images.device), pixels, dims=([0], [1])).unsqueeze(1)
-        mean_grey = grey.mean(dim=(2, 3)).squeeze(1).cpu()
+        grey = torch.tensordot(to_device(torch.tensor([0.299, 0.587, 0.114]), images.device), pixels,
+                               dims=([0], [1])).unsqueeze(1)
+        mean_grey = grey.mean(dim=(2, 3)).view(-1, 1, 1, 1)
         # brightness b, contrast c around the mean grey m, saturation s around the pixel's grey g:
         # x' = b*s*c*x + b*c*(1-s)*g + b*(1-c)*m
-        scale_x = (brightness * contrast * saturation).view(-1, 1, 1, 1).to(images.device)
-        scale_grey = (brightness * contrast * (1 - saturation)).view(-1, 1, 1, 1).to(images.device)
-        offset = (brightness * (1 - contrast) * mean_grey).view(-1, 1, 1, 1).to(images.device)
+        scale_x = to_device((brightness * contrast * saturation).view(-1, 1, 1, 1), images.device)
+        scale_grey = to_device((brightness * contrast * (1 - saturation)).view(-1, 1, 1, 1), images.device)
+        offset = to_device((brightness * (1 - contrast)).view(-1, 1, 1, 1), images.device) * mean_grey
         pixels = pixels * scale_x + grey * scale_grey + offset
     if labels is not None and any(task.kind == "landmarks" for task in tasks):
         labels = move_landmarks(labels, tasks, theta, flip < 0)
@@ -416,15 +417,15 @@ def move_landmarks(labels: torch.Tensor, tasks: Sequence[TaskSpec], theta: torch
     ``A p + t`` with A diagonal; a point at input position q (unit coordinate u = (q + 1) / 2) therefore
     lands at ``(q - t) / A``. On flipped rows the left/right points also trade places."""
     moved = labels.clone()
-    scale = theta[:, [0, 1], [0, 1]].to(labels.device)  # (N, 2): x and y scale (x negative when flipped)
-    shift = theta[:, :, 2].to(labels.device)
-    flipped = flipped.to(labels.device)
+    scale = to_device(theta[:, [0, 1], [0, 1]], labels.device)  # (N, 2): x and y scale (x negative when flipped)
+    shift = to_device(theta[:, :, 2], labels.device)
+    flipped = to_device(flipped, labels.device)
     for task, columns in zip(tasks, label_slices(tasks)):
         if task.kind != "landmarks":
             continue
         points = labels[:, columns].view(len(labels), -1, 2)
         points = ((points * 2 - 1 - shift[:, None, :]) / scale[:, None, :] + 1) / 2
-        order = torch.tensor(task.flip_order(), device=labels.device)
+        order = to_device(torch.tensor(task.flip_order()), labels.device)
         points = torch.where(flipped[:, None, None], points[:, order], points)
         moved[:, columns] = points.reshape(len(labels), -1)
     return moved
@@ -446,11 +447,19 @@ def decode_image(jpeg: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
     return image
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (augmentation parameters, constants) on ``device`` without waiting for the device: a
+    plain copy from pageable memory synchronises the CUDA stream, a non-blocking one from pinned memory does not."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def normalize_images(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 NCHW (any memory layout) -> float, ImageNet mean/std (what torchvision backbones and weight files expect),
     laid out NCHW or, with ``channels_last``, NHWC."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean = to_device(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), images.device) * 255
+    std = to_device(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), images.device) * 255
     images = (images.float() - mean) / std
     return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

@@ -239,10 +239,12 @@ def train_one_epoch(
     objective = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     amp_dtype = autocast_dtype(config, context.device)
     column = {t.name: i for i, t in enumerate(tasks)}
-    # Running sums on the device, read once at the end: no sync per step. Row T is the total loss.
+    # Running sums on the device, read at the divergence checks and at the end: no sync per step, and a few
+    # kernels per step for all tasks together. Row T is the total loss; which losses exist is known on the host.
     loss_sums = torch.zeros(len(tasks) + 1, dtype=torch.float64, device=context.device)
-    loss_batches = torch.zeros(len(tasks) + 1, dtype=torch.float64, device=context.device)
     first_bad_step = torch.full((len(tasks) + 1,), -1, dtype=torch.long, device=context.device)
+    no_loss = torch.zeros((), device=context.device)  # an absent task adds 0 to its sum
+    loss_batches = [0] * (len(tasks) + 1)
     labelled = torch.zeros(len(tasks))
     images_seen = 0
     progress = epoch_progress(context, steps, config.data.batch_size, f"epoch {epoch} train")
@@ -271,11 +273,13 @@ def train_one_epoch(
                 losses_after = masked_task_losses(objective.net(images), labels, mask, tasks, config.loss.age_scale,
                                                   config.loss.regression_loss)
             objective.weighting.after_step(losses_after, context.all_reduce_sum if context.distributed else None)
-        for index, loss in [(column[task], loss) for task, loss in task_losses.items()] + [(len(tasks), total)]:
-            value = loss.detach().double()
-            loss_sums[index] += value
-            loss_batches[index] += 1
-            first_bad_step[index] = torch.where((first_bad_step[index] < 0) & ~torch.isfinite(value), step, first_bad_step[index])
+        step_losses = torch.stack([task_losses[t.name].detach().float() if t.name in task_losses else no_loss
+                                   for t in tasks] + [total.detach().float()]).double()
+        loss_sums += step_losses
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(step_losses), step, first_bad_step)
+        for task in task_losses:
+            loss_batches[column[task]] += 1
+        loss_batches[-1] += 1
         labelled += batch["mask"].sum(dim=0).float()
         images_seen += images.shape[0]
         if progress is not None:
@@ -286,7 +290,8 @@ def train_one_epoch(
     if progress is not None:
         progress.close()
     # Means over every rank's batches: the same figures on every rank (DWA's weights come from them).
-    sums, counts = context.all_reduce_sum(loss_sums).tolist(), context.all_reduce_sum(loss_batches).tolist()
+    sums = context.all_reduce_sum(loss_sums).tolist()
+    counts = context.all_reduce_sum(torch.tensor(loss_batches, dtype=torch.float64)).tolist()
     metrics = {f"train/{t.name}/loss": sums[i] / counts[i] for i, t in enumerate(tasks) if counts[i]}
     metrics |= {f"train/{t.name}/labelled_per_batch": float(labelled[i] / steps) for i, t in enumerate(tasks)}
     metrics |= {"train/total_loss": sums[-1] / counts[-1], "train/images_per_s": images_seen * context.world_size / seconds}
