@@ -6,7 +6,10 @@
 
 Each worker runs MultiTaskNet (resnet18, six task heads) on a fixed random batch with the masked
 losses and the learned loss weighting, one torch thread per process. Steady-state steps/s are timed
-after warm-up steps; start-up (process launch, process group, Ray cluster) is reported separately.
+after warm-up steps, from the median step (a busy machine's bursts move the mean, hardly the median),
+with the median step split into forward, backward (with DDP's all-reduce) and optimizer, and the CPU time
+the worker process spends on a step (its threads included: what Ray adds inside the worker); start-up
+(process launch, process group, Ray cluster) is reported separately.
 
     python bench/ddp_overhead.py [--steps 30] [--batch 32] [--size 64]
 """
@@ -28,7 +31,7 @@ WARMUP = 5
 
 
 def timed_steps(steps: int, batch: int, size: int, distributed: bool) -> dict[str, float]:
-    """Warm up, then time ``steps`` optimizer steps; returns steps/s of the timed part."""
+    """Warm up, then time ``steps`` optimizer steps: steps/s of the median step, and its phases in ms."""
     from pipeline.losses import build_weighting
     from pipeline.task_losses import masked_task_losses
     from pipeline.model import MultiTaskNet
@@ -54,18 +57,23 @@ def timed_steps(steps: int, batch: int, size: int, distributed: bool) -> dict[st
     labels[:, 0] = torch.rand(batch) * 80
     mask = torch.ones(batch, len(TASKS), dtype=torch.bool)  # every head gets a gradient: no unused parameters
 
-    def step() -> None:
+    def step() -> tuple[float, float, float, float]:
+        cpu_started, started = time.process_time(), time.perf_counter()
         total = model(images, labels, mask)
+        forward = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        backward = time.perf_counter()
         optimizer.step()
+        return forward - started, backward - forward, time.perf_counter() - backward, time.process_time() - cpu_started
 
     for _ in range(WARMUP):
         step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return {"steps_per_s": steps / (time.perf_counter() - started)}
+    phases = sorted((step() for _ in range(steps)), key=lambda phase: sum(phase[:3]))
+    median = phases[len(phases) // 2]
+    cpu = sorted(phase[3] for phase in phases)[len(phases) // 2]  # this process's CPU: Ray's threads included
+    return {"steps_per_s": 1 / sum(median[:3]), "forward_ms": 1e3 * median[0], "backward_ms": 1e3 * median[1],
+            "optimizer_ms": 1e3 * median[2], "cpu_ms": 1e3 * cpu}
 
 
 def torchrun_worker(steps: int, batch: int, size: int) -> None:
@@ -91,7 +99,7 @@ def ray_worker(config: dict) -> None:
         ray.train.report(figures, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank0 else None)
 
 
-def run_ray(steps: int, batch: int, size: int) -> tuple[float, float]:
+def run_ray(steps: int, batch: int, size: int) -> tuple[dict[str, float], float]:
     import tempfile
 
     import ray
@@ -109,7 +117,7 @@ def run_ray(steps: int, batch: int, size: int) -> tuple[float, float]:
         raise RuntimeError(f"Ray Train run failed: {result.error}")
     wall = time.perf_counter() - started
     ray.shutdown()
-    return result.metrics["steps_per_s"], wall
+    return result.metrics, wall
 
 
 def main() -> None:
@@ -124,7 +132,7 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    single = timed_steps(args.steps, args.batch, args.size, distributed=False)["steps_per_s"]
+    single = timed_steps(args.steps, args.batch, args.size, distributed=False)
     single_wall = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -134,21 +142,25 @@ def main() -> None:
          "--steps", str(args.steps), "--batch", str(args.batch), "--size", str(args.size)],
         capture_output=True, text=True, env=env, check=True,
     ).stdout
-    torchrun = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])["steps_per_s"]
+    torchrun = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
     torchrun_wall = time.perf_counter() - started
 
-    ray_rate, ray_wall = run_ray(args.steps, args.batch, args.size)
+    ray, ray_wall = run_ray(args.steps, args.batch, args.size)
 
     def startup(wall: float, rate: float) -> float:
         return wall - (args.steps + WARMUP) / rate
 
     print(f"\nresnet18 MultiTaskNet, {args.size}x{args.size}, batch {args.batch} per worker, {args.steps} timed steps, 1 thread/process")
-    print(f"{'run':<36}{'steps/s':>9}{'samples/s':>11}{'start-up s':>12}")
-    for name, rate, wall, workers in (("(a) one process, no DDP", single, single_wall, 1),
-                                      ("(b) torchrun --nproc_per_node 2 DDP", torchrun, torchrun_wall, 2),
-                                      ("(c) Ray Train TorchTrainer, 2 workers", ray_rate, ray_wall, 2)):
-        print(f"{name:<36}{rate:>9.2f}{rate * args.batch * workers:>11.1f}{startup(wall, rate):>12.1f}")
-    print(f"Ray Train / plain DDP, steady state: {ray_rate / torchrun:.3f}")
+    print(f"{'run':<38}{'steps/s':>8}{'samples/s':>10}{'start-up s':>11}   median step, ms: forward, backward, "
+          "optimizer; CPU")
+    for name, figures, wall, workers in (("(a) one process, no DDP", single, single_wall, 1),
+                                         ("(b) torchrun --nproc_per_node 2 DDP", torchrun, torchrun_wall, 2),
+                                         ("(c) Ray Train TorchTrainer, 2 workers", ray, ray_wall, 2)):
+        rate = figures["steps_per_s"]
+        print(f"{name:<38}{rate:>8.2f}{rate * args.batch * workers:>10.1f}{startup(wall, rate):>11.1f}   "
+              f"{figures['forward_ms']:.0f}, {figures['backward_ms']:.0f}, {figures['optimizer_ms']:.0f}; "
+              f"{figures['cpu_ms']:.0f}")
+    print(f"Ray Train / plain DDP, steady state: {ray['steps_per_s'] / torchrun['steps_per_s']:.3f}")
 
 
 if __name__ == "__main__":
