@@ -17,6 +17,7 @@ from pipeline.sources.synthetic import (
     FaceAttributes,
     SyntheticImage,
     draw_face_attributes,
+    draw_pose,
     list_synthetic,
     render_face,
 )
@@ -57,6 +58,13 @@ def test_synthetic_image_is_rgb_of_requested_size_and_survives_pickling():
     loaded = image.load()
     assert loaded.mode == "RGB" and loaded.size == (64, 64)
     assert pickle.loads(pickle.dumps(image)).load().tobytes() == loaded.tobytes()
+
+
+def test_small_faces_with_glasses_render():
+    # a 26 px child with glasses (seed 131): lenses about 3 px wide, where PIL refused a fractional corner radius
+    image = SyntheticImage(seed=131, face=FaceAttributes(7.0, 0, 0, 0, NEUTRAL), size=26)
+    assert draw_pose(image.face, np.random.default_rng(131), 26).look.glasses
+    assert image.load().size == (26, 26)
 
 
 def test_list_synthetic_lists_unique_dotless_keys_with_seeded_split_fractions():

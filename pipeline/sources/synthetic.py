@@ -587,7 +587,9 @@ def _draw_glasses(draw: ImageDraw.ImageDraw, frame: FaceFrame, eye_v: float) -> 
     width = frame.stroke(0.025)
     for side in (-1, 1):
         lens = frame.around(side * 0.42, eye_v, 0.27, 0.15)
-        draw.rounded_rectangle(lens, radius=0.08 * frame.half_width, outline=GLASSES_FRAME, width=width)
+        # A whole-pixel radius: PIL (<= 13) rounds the box but not the radius, and a fractional radius on a lens a
+        # few pixels wide (small images) makes it draw an edge whose end lies before its start, which it refuses.
+        draw.rounded_rectangle(lens, radius=round(0.08 * frame.half_width), outline=GLASSES_FRAME, width=width)
     draw.line([frame.xy(-0.15, eye_v - 0.04), frame.xy(0.15, eye_v - 0.04)], fill=GLASSES_FRAME, width=width)
 
 
