@@ -551,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--num-samples", type=int, default=2000)
     synthetic.add_argument("--tasks", default="age,gender,race,smile,young,emotion",
                            help="tasks to label, or 'all': every known task (built-in and --tasks-file) it can draw")
+    synthetic.add_argument("--framing", choices=("tight", "loose"), default="tight",
+                           help="tight: aligned-crop-like faces (the demo's); loose: freer position, size and "
+                                "rotation, for learning landmarks")
     merge = sources.add_parser("merge", help="write manifest and indices once every array part is done")
     merge.add_argument("out", type=Path)
     return parser
@@ -587,6 +590,7 @@ def list_source(args: argparse.Namespace) -> SourceListing:
     tasks = tuple(known_tasks()) if args.tasks == "all" else parse_task_list(args.tasks)
     return list_synthetic(
         args.num_samples, tasks, args.seed, args.val_fraction, args.test_fraction, size=args.size, dataset=name,
+        framing=args.framing,
     )
 
 

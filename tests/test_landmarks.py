@@ -162,3 +162,21 @@ def test_points_moved_into_the_crop_come_back_to_the_same_pixels(width: int, hei
     # a square image is only scaled: pixel centres map to (i + 0.5) / side
     if width == height:
         assert unit[:2] == pytest.approx([0.5 / width, 0.5 / height])
+
+
+def test_loose_framing_spreads_the_points_far_beyond_the_tight_default_and_is_another_plan() -> None:
+    def mean_shape_nme(framing: str) -> tuple[float, list]:
+        listing = list_synthetic(200, ["landmarks"], seed=4, size=32, framing=framing)
+        labels = [record.labels["landmarks"] for record in listing.records]
+        return chance_level(get_task("landmarks"), labels, labels), listing.records
+
+    tight, tight_records = mean_shape_nme("tight")
+    loose, loose_records = mean_shape_nme("loose")
+    assert loose > 2 * tight  # the mean shape is a poor guess only for loosely framed faces
+    # the same faces and labels otherwise, drawn elsewhere in the frame: a shard plan must not mix the two
+    assert [r.key for r in tight_records] == [r.key for r in loose_records]
+    assert {r.source_id for r in tight_records}.isdisjoint(r.source_id for r in loose_records)
+    record = loose_records[0]
+    assert record.labels["landmarks"] == face_landmarks(record.image.face, record.image.seed, 32, "loose")
+    with pytest.raises(ValueError, match="unknown framing 'wide'"):
+        list_synthetic(1, ["age"], framing="wide")
