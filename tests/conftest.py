@@ -119,11 +119,11 @@ def requires_shared_data(*relative: str):
 CLUSTER_FIXTURES = {"local_ray", "finished_search", "slurm_cluster"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        uses_cluster = CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
-        if uses_cluster or item.get_closest_marker("ray") or item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Marked as each test is collected: pytest-xdist reads the groups in its own collection_modifyitems."""
+    uses_cluster = CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if uses_cluster or item.get_closest_marker("ray") or item.get_closest_marker("slurm"):
+        item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
 @pytest.fixture(autouse=True)

@@ -255,5 +255,12 @@ def test_a_real_search_shows_every_trial_with_its_sampled_values_in_the_hparams_
         assert final["objective"] == pytest.approx(row["objective"])
         # The training scalars are the run's own: a trial ASHA stops may finish the epoch under way, which
         # its metrics.parquet and TensorBoard record but Tune (trials.parquet) no longer hears of.
-        run_rows = pq.read_table(finished_search / group["name"].split("/")[0] / "train" / "metrics.parquet").to_pylist()
+        trial_id = group["name"].split("/")[0]
+        metrics_file = finished_search / trial_id / "train" / "metrics.parquet"
+        if not metrics_file.exists():
+            # A run writes its records after its report (pipeline/train.py: only epochs whose checkpoint is
+            # persisted), so a trial ASHA stops at its first report may end before writing any.
+            assert [r["epoch"] for r in rows if r["trial_id"] == trial_id] == [0], trial_id
+            continue
+        run_rows = pq.read_table(metrics_file).to_pylist()
         assert final["val/age/mae"] == pytest.approx(run_rows[-1]["val/age/mae"])
