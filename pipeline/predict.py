@@ -185,20 +185,24 @@ def read_file_bytes(path: Path) -> bytes:
         raise ImageReadError(f"cannot read file ({error.strerror or error})") from None
 
 
-def read_photo(path: Path) -> Image.Image:
-    """The decoded photo (transparency composited as the shard readers do), or ImageReadError saying why not."""
-    data = read_file_bytes(path)
+def decoded_photo(data: bytes) -> Image.Image:
+    """The decoded image (transparency composited as the shard readers do), or ImageReadError saying why not."""
     try:
         return decode_image_bytes(data)  # a full decode: corrupt and truncated files fail here
     except Exception as error:  # any decoder failure is a property of that one file
         raise ImageReadError(describe_image_error(error)) from None
 
 
+def read_photo(path: Path) -> Image.Image:
+    """The decoded photo at ``path``, or ImageReadError saying why not."""
+    return decoded_photo(read_file_bytes(path))
+
+
 def load_image(path: Path, image_size: int) -> torch.Tensor:
     """uint8 CHW RGB of side ``image_size``, prepared as training prepared its images (see the module doc)."""
     data = read_file_bytes(path)
+    image = decoded_photo(data)
     try:
-        image = decode_image_bytes(data)  # a full decode: corrupt and truncated files fail here
         if image.format == "JPEG" and image.width == image.height:
             return decode_image(data, image_size)
         return pil_to_tensor(fit_image(image, image_size))
