@@ -25,19 +25,20 @@ _OCTAL_PLACES = 8 ** np.arange(10, -1, -1, dtype=np.int64)
 _MAGIC_ROWS = np.array([list(magic) for magic in _MAGICS], dtype=np.uint8)
 
 
+# The header fields that are the same in every member; a header is the name, size and type flag set among
+# them, and its checksum their byte sum plus this constant (a quarter of the cost of building and summing 512 bytes).
+_MODE_AND_OWNER = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
+_MTIME = b"00000000000\0"  # mtime 0: same input, same bytes
+_CHECKSUM_AS_SPACES = b" " * 8  # the checksum field counts as spaces while summing
+_AFTER_KIND = b"\0" * 100 + _GNU_MAGIC + b"\0" * (TAR_BLOCK - 265)  # link name, magic, owner names etc. empty
+_FIXED_SUM = sum(_MODE_AND_OWNER) + sum(_MTIME) + sum(_CHECKSUM_AS_SPACES) + sum(_AFTER_KIND)
+
+
 def _header(name: bytes, size: int, kind: bytes) -> bytes:
-    header = bytearray(TAR_BLOCK)
-    header[0:100] = name[:100].ljust(100, b"\0")
-    header[100:108] = b"0000644\0"
-    header[108:116] = b"0000000\0"
-    header[116:124] = b"0000000\0"
-    header[124:136] = b"%011o\0" % size
-    header[136:148] = b"00000000000\0"  # mtime 0: same input, same bytes
-    header[148:156] = b" " * 8  # checksum field counts as spaces while summing
-    header[156:157] = kind
-    header[257:265] = _GNU_MAGIC
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    name_field = name[:100].ljust(100, b"\0")
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_FIXED_SUM + sum(name_field) + sum(size_field) + kind[0])
+    return b"".join((name_field, _MODE_AND_OWNER, size_field, _MTIME, checksum, kind, _AFTER_KIND))
 
 
 def _padding(size: int) -> bytes:
