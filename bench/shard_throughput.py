@@ -2,7 +2,9 @@
 
 The floor is a plain loop in one process that only decodes, resizes and re-encodes the same JPEG files
 with Pillow (same size, filter and quality). ``pipeline.shard`` additionally lists the source, writes
-tars and manifest parts atomically (fsync), hashes every image and merges the manifest.
+tars and manifest parts atomically (fsync), hashes every image, sums its grey statistics and merges the
+manifest. Each is warmed on 100 images before it is timed, so that neither pays a process's one-time costs
+(the page cache; pyarrow importing pandas for its first table, ~0.3 s, which only the first run would pay).
 
     python bench/shard_throughput.py [--images 2000] [--size 128]
 """
@@ -48,10 +50,10 @@ def floor_loop(paths: list[Path], size: int, quality: int) -> float:
     return time.perf_counter() - started
 
 
-def shard_run(input_dir: Path, out_dir: Path, size: int, quality: int, workers: int) -> float:
+def shard_run(input_dir: Path, out_dir: Path, size: int, quality: int, workers: int, *options: str) -> float:
     started = time.perf_counter()
     code = shard_main(["utkface", str(input_dir), "--out", str(out_dir), "--size", str(size), "--jpeg-quality",
-                       str(quality), "--workers", str(workers), "--samples-per-shard", "250"])
+                       str(quality), "--workers", str(workers), "--samples-per-shard", "250", *options])
     assert code == 0
     return time.perf_counter() - started
 
@@ -66,6 +68,7 @@ def main() -> None:
     try:
         paths = make_inputs(work / "UTKFace", args.images)
         floor_loop(paths[:100], args.size, args.quality)  # warm the page cache and Pillow
+        shard_run(work / "UTKFace", work / "warm", args.size, args.quality, 1, "--limit", "100")
         floor = args.images / floor_loop(paths, args.size, args.quality)
         rows = [("Pillow loop (floor), 1 process", floor, 1.0)]
         for workers in (1, 2):
