@@ -63,6 +63,37 @@ def test_the_objective_is_the_mean_normalized_score_of_the_validated_tasks() -> 
     assert search_objective(metrics | {"val/age/mae": 400.0}) < search_objective(metrics | {"val/age/mae": 25.0}) < 0.8
 
 
+def test_trial_records_keep_every_epoch_the_latest_report_winning_and_the_best_epochs_values(tmp_path: Path) -> None:
+    import numpy as np
+
+    from tune.objective import tune_result
+    from tune.results import append_trial_row, best_trial_config, trial_row, trials_table
+
+    names = ["lr", "patience"]
+
+    def report(trial: str, epoch: int, age_mae: float, lr: float) -> None:
+        metrics = {"epoch": epoch, "val/age/loss": 1.0, "val/age/mae": age_mae}
+        append_trial_row(tmp_path, trial_row(trial, tune_result(metrics, sample={"lr": lr, "patience": np.int64(3)}), names))
+
+    report("a", 0, 10.0, 1e-3)
+    report("a", 1, 6.0, 1e-3)
+    report("b", 0, 9.0, 2e-3)
+    report("b", 1, 4.0, 5e-4)  # PBT changed b's lr before its second epoch
+    report("a", 1, 5.0, 1e-3)  # a restarted trial reports its epoch again
+    with (tmp_path / "trial_results.jsonl").open("a") as handle:
+        handle.write('{"trial_id": "c", "ep')  # a driver killed mid-line
+    table = trials_table(tmp_path)
+    assert [(r["trial_id"], r["epoch"], r["val/age/mae"]) for r in table.to_pylist()] == [
+        ("a", 0, 10.0), ("a", 1, 5.0), ("b", 0, 9.0), ("b", 1, 4.0)]
+    assert table.column("patience").to_pylist() == [3, 3, 3, 3]
+    document, best = best_trial_config(table, {"optim": {"lr": 0.1}}, "s", names)
+    assert (best["trial_id"], best["epoch"]) == ("b", 1)
+    assert document["optim"]["lr"] == 5e-4 and document["freeze"]["patience"] == 3 and document["name"] == "s-best"
+    (tmp_path / "trial_results.jsonl").write_text('{"trial_id": "a", "epoch": 0}\nnot json\n{"trial_id": "a", "epoch": 1}\n')
+    with pytest.raises(ValueError, match="trial_results.jsonl:2: not a JSON line"):
+        trials_table(tmp_path)
+
+
 @pytest.mark.slow
 def test_an_asha_search_stops_trailing_trials_and_its_best_config_trains(finished_search: Path) -> None:
     """The shared search: 4 trials, one at a time, sampler seed 0, ASHA halving after every epoch of 3.

@@ -28,7 +28,8 @@ from pipeline.train import connect_ray, worker_resources
 from tune.hparams import TrialHParams, write_search_experiment
 from tune.objective import EPOCHS_DONE, OBJECTIVE, load_baselines
 from tune.results import (
-    BASELINES_FILE, BEST_CONFIG_FILE, SPACE_FILE, TRIALS_FILE, best_trial_config, trial_run_dir, trials_table,
+    BASELINES_FILE, BEST_CONFIG_FILE, SPACE_FILE, TRIALS_FILE, append_trial_row, best_trial_config, trial_row,
+    trial_run_dir, trials_table,
 )
 from tune.space import SearchSpace, load_space
 from tune.trainable import train_trial
@@ -100,8 +101,9 @@ def build_scheduler(args: argparse.Namespace, max_epochs: int, space: SearchSpac
                          reduction_factor=args.reduction_factor)
 
 
-class TrialSessions(tune.Callback):
-    """TensorBoard HParams: each trial a session in its run's TensorBoard folder, its objective every epoch."""
+class TrialRecords(tune.Callback):
+    """The driver's records of every result: a row in ``trial_results.jsonl`` (tune/results.py says why not
+    Tune's own logs) and TensorBoard HParams, each trial a session in its run's TensorBoard folder."""
 
     def __init__(self, search_dir: Path, sampled_names: list[str]) -> None:
         self.search_dir = search_dir
@@ -115,6 +117,7 @@ class TrialSessions(tune.Callback):
             sample = {name: trial.config[name] for name in self.sampled_names}
             session = self.sessions[trial.trial_id] = TrialHParams(log_dir, sample)
         session.record(result["epoch"], result[OBJECTIVE])
+        append_trial_row(self.search_dir, trial_row(trial.trial_id, result, self.sampled_names))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, "success")
@@ -196,7 +199,7 @@ def run_search(args: argparse.Namespace, base_document: dict[str, Any], space: S
                 # PBT's exploit steps copy a segment's last checkpoint; a trial otherwise resumes from its run.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if args.scheduler == "pbt" else None),
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TrialSessions(search_dir, space.sampled_names())],
+                callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TrialRecords(search_dir, space.sampled_names())],
             ),
         )
     write_search_experiment(search_dir, space, tasks)
@@ -204,13 +207,13 @@ def run_search(args: argparse.Namespace, base_document: dict[str, Any], space: S
         results = tuner.fit()
     if results.errors:
         print(f"{len(results.errors)} trial(s) failed; first error: {results.errors[0]}", file=sys.stderr)
-    trials = trials_table(results, space.sampled_names())
+    trials = trials_table(search_dir)
     if trials.num_rows == 0:
         raise SearchFailed(f"no trial finished an epoch; Tune's records are in {search_dir}")
     pq.write_table(trials, search_dir / TRIALS_FILE)
 
-    best_document, best = best_trial_config(results, base_document, args.name)
+    best_document, best = best_trial_config(trials, base_document, args.name, space.sampled_names())
     (search_dir / BEST_CONFIG_FILE).write_text(yaml.safe_dump(best_document, sort_keys=False))
-    sample = {name: best.config[name] for name in space.sampled_names()}
-    print(f"best trial {Path(best.path).name}: {OBJECTIVE} {best.metrics_dataframe[OBJECTIVE].max():.4f} with {sample}")
+    sample = {name: best[name] for name in space.sampled_names()}
+    print(f"best trial {best['trial_id']}: {OBJECTIVE} {best[OBJECTIVE]:.4f} at epoch {best['epoch']} with {sample}")
     return search_dir
