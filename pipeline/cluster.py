@@ -173,10 +173,17 @@ class RayCluster:
         self._start_node(self.allocation.nodes[0], [
             "--head", f"--port={port}", "--dashboard-host=0.0.0.0", f"--dashboard-port={port + 1}",
             f"--ray-client-server-port={port + 2}", "--include-dashboard=true"])
-        self._wait_for_nodes(1)
-        for node in self.allocation.nodes[1:]:
-            self._start_node(node, [f"--address={self.address}"])
-        self._wait_for_nodes(len(self.allocation.nodes))
+        import ray
+
+        # One connection for the whole wait: a process that starts and shuts a Ray driver again and again can
+        # crash with a segmentation fault later, at its exit (ray-project/ray#31145).
+        try:
+            self._wait_for_nodes(1)
+            for node in self.allocation.nodes[1:]:
+                self._start_node(node, [f"--address={self.address}"])
+            self._wait_for_nodes(len(self.allocation.nodes))
+        finally:
+            ray.shutdown()
 
     def _start_node(self, node: str, role: list[str]) -> None:
         """``ray start --block`` on ``node`` as a job step of its own, bound to that node's address."""
@@ -188,7 +195,8 @@ class RayCluster:
         self.processes.append(subprocess.Popen(step, stdin=subprocess.DEVNULL, env=self.environment))
 
     def _wait_for_nodes(self, count: int) -> None:
-        """Until ``count`` Ray nodes are alive; every node's process must stay up meanwhile."""
+        """Until ``count`` Ray nodes are alive; every node's process must stay up meanwhile. Connects this
+        process to the cluster as a driver once, when the head answers; ``start`` disconnects it."""
         import ray
 
         deadline = time.monotonic() + NODE_WAIT_S
@@ -198,9 +206,9 @@ class RayCluster:
                     raise RuntimeError(f"a Ray node exited with status {process.returncode} before the cluster was up "
                                        f"({' '.join(process.args[-4:])}); its log is above")
             try:
-                ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+                if not ray.is_initialized():
+                    ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
                 alive = [node for node in ray.nodes() if node["Alive"]]
-                ray.shutdown()
                 if len(alive) >= count:
                     addresses = sorted(node["NodeManagerAddress"] for node in alive)
                     each = f"{self.allocation.cpus_per_node} CPUs and {self.allocation.gpus_per_node} GPUs each"
