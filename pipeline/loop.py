@@ -45,7 +45,7 @@ from pipeline.model import MultiTaskNet
 from pipeline.progress import epoch_progress
 from pipeline.run_records import network_state_of
 from pipeline.schema import TaskSpec
-from pipeline.task_losses import masked_task_losses
+from pipeline.task_losses import labelled_task_names, masked_task_losses
 from pipeline.training_setup import prepare
 from pipeline.validation import evaluate_split, format_epoch_line
 
@@ -64,9 +64,13 @@ class MultiTaskObjective(nn.Module):
         # there an absent task's head and loss weight get no gradient at all (so Adam leaves them alone).
         self.every_parameter_in_graph = False
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, loss_tasks: Sequence[str]):
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, loss_tasks: Sequence[str],
+                labelled_tasks: Sequence[str] | None = None):
+        """``labelled_tasks``: the tasks with a labelled sample in the batch, read by the caller from the
+        loader's mask while it is still on the CPU (else from ``mask`` here: a device sync)."""
         outputs = self.net(images)
-        task_losses = masked_task_losses(outputs, labels, mask, self.tasks, self.age_scale, self.regression_loss)
+        task_losses = masked_task_losses(outputs, labels, mask, self.tasks, self.age_scale, self.regression_loss,
+                                         labelled_tasks)
         contributing = {t: loss for t, loss in task_losses.items() if t in loss_tasks}
         total = self.weighting.combine(contributing)
         if self.every_parameter_in_graph:
@@ -251,6 +255,7 @@ def train_one_epoch(
     started = time.perf_counter()
     for step in range(steps):
         batch = next(batches)
+        labelled_tasks = labelled_task_names(batch["mask"], tasks)  # the loader's mask, still on the CPU
         labels = batch["labels"].to(context.device, non_blocking=True)
         # landmark labels move with the crop and flip of their image
         images, labels = augment_batch_and_labels(batch["images"].to(context.device, non_blocking=True), labels,
@@ -259,7 +264,7 @@ def train_one_epoch(
         mask = batch["mask"].to(context.device, non_blocking=True)
         autocast = torch.autocast(context.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
         with autocast:
-            total, task_losses, _ = model(images, labels, mask, loss_tasks)
+            total, task_losses, _ = model(images, labels, mask, loss_tasks, labelled_tasks)
         optimizer.zero_grad(set_to_none=True)
         if objective.weighting.gradient_level:
             set_combined_gradients(objective, task_losses, loss_tasks, context)
@@ -271,7 +276,7 @@ def train_one_epoch(
             # FAMO: this batch's losses after the step (train mode, as its authors do), to update its weights
             with torch.no_grad(), autocast:
                 losses_after = masked_task_losses(objective.net(images), labels, mask, tasks, config.loss.age_scale,
-                                                  config.loss.regression_loss)
+                                                  config.loss.regression_loss, labelled_tasks)
             objective.weighting.after_step(losses_after, context.all_reduce_sum if context.distributed else None)
         step_losses = torch.stack([task_losses[t.name].detach().float() if t.name in task_losses else no_loss
                                    for t in tasks] + [total.detach().float()]).double()
