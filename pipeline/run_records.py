@@ -162,6 +162,12 @@ class RunRecorder:
         self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
 
     def record_epoch(self, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """metrics.parquet first: a run stopped in between (a trial Tune ends) has no epoch in TensorBoard
+        that its table lacks."""
+        rows = [{k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in history]
+        temporary = self.run_dir / f"{METRICS_FILE}.{os.getpid()}.tmp"
+        pq.write_table(pa.Table.from_pylist(rows), temporary)
+        os.replace(temporary, self.run_dir / METRICS_FILE)
         epoch = int(metrics["epoch"])
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch" and math.isfinite(value):
@@ -169,10 +175,6 @@ class RunRecorder:
         if metrics.get("freeze/events"):
             self.writer.add_text("freeze/events", ", ".join(metrics["freeze/events"]), epoch)
         self.writer.flush()
-        rows = [{k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in history]
-        temporary = self.run_dir / f"{METRICS_FILE}.{os.getpid()}.tmp"
-        pq.write_table(pa.Table.from_pylist(rows), temporary)
-        os.replace(temporary, self.run_dir / METRICS_FILE)
 
     def close(self) -> None:
         self.writer.close()
