@@ -117,6 +117,9 @@ def requires_shared_data(*relative: str):
 # process: two local Rays at once would share /tmp/ray's record of the current cluster, which some of these
 # tests check, and the SLURM nodes have CPUs for one job at a time. Everything else is spread freely.
 CLUSTER_FIXTURES = {"local_ray", "finished_search", "slurm_cluster"}
+# Ray runs its workers at niceness 15 (its worker_niceness setting, read from this variable): next to the other
+# pytest process's CPU-bound tests, the Ray tests, the suite's critical path, got a fraction of a core.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
