@@ -342,7 +342,8 @@ def with_absolute_paths(config: TrainConfig, base: Path | None = None) -> TrainC
     def absolute(path: str) -> str:
         return str((base / path).resolve()) if not Path(path).is_absolute() else path
 
-    data = dataclasses.replace(config.data, datasets=[absolute(p) for p in config.data.datasets])
+    data = dataclasses.replace(config.data, datasets=[absolute(p) for p in config.data.datasets],
+                               tasks_file=absolute(config.data.tasks_file) if config.data.tasks_file else None)
     model = dataclasses.replace(config.model,
                                 weights_path=absolute(config.model.weights_path) if config.model.weights_path else None,
                                 init_from=absolute(config.model.init_from) if config.model.init_from else None)

@@ -57,3 +57,16 @@ def test_a_config_saved_before_a_key_existed_resumes_when_the_key_keeps_its_defa
     del saved["freeze"]["counter"]  # written by a version without freeze.counter
     assert config_differences(saved, to_dict(load_config_dict({}))) == []
     assert config_differences(saved, to_dict(load_config_dict({"freeze": {"counter": "cumulative"}}))) == ["freeze.counter"]
+
+
+def test_every_path_a_ray_worker_reads_is_made_absolute_against_the_launching_folder() -> None:
+    from pipeline.config import with_absolute_paths
+
+    config = load_config(None, ["data.datasets=[shards/a,/abs/b]", "data.tasks_file=configs/tasks/celeba40.yaml",
+                                "model.weights_path=weights/w.pth", "model.init_from=runs/old", "runs_dir=runs"])
+    moved = with_absolute_paths(config, Path("/launch"))
+    assert moved.data.datasets == ["/launch/shards/a", "/abs/b"]
+    assert moved.data.tasks_file == "/launch/configs/tasks/celeba40.yaml"
+    assert (moved.model.weights_path, moved.model.init_from, moved.runs_dir) == (
+        "/launch/weights/w.pth", "/launch/runs/old", "/launch/runs")
+    assert with_absolute_paths(load_config(None, [])).data.tasks_file is None
