@@ -10,9 +10,12 @@ Modes:
 - ``early-freeze``: when a task has not improved for ``patience`` validations, restore the whole model to
   that task's best epoch and freeze the trunk (backbone + shared layers) and that task's head; the other
   tasks go on training their heads. A task converging later restores and freezes only its own head.
+  With ``trunk_quorum`` q > 1 (not in the thesis) the trunk waits until q active tasks have run out of
+  patience together, then restores the latest of their best epochs: with tens of tasks one almost always
+  stalls early, and Algorithm 1 would then throw away what the trunk learned for all the others.
 - ``early-stop``: a converged task stops contributing loss; nothing is restored, the trunk keeps training
-  for the other tasks (the baseline the thesis compares against).
-- ``none``: never decides; bests are tracked for logging only.
+  for the other tasks (the baseline the thesis compares against). ``trunk_quorum`` has no effect.
+- ``none``: never decides; bests are tracked for logging only. ``trunk_quorum`` has no effect.
 
 One epoch of the training loop::
 
@@ -38,6 +41,8 @@ MODES = ("early-freeze", "early-stop", "none")
 # Counter[i] when the loss improves).
 COUNTERS = ("consecutive", "cumulative")
 DECISION_KINDS = ("freeze_trunk", "freeze_head", "stop")
+# State keys added after the first checkpoints: a state without one behaves as before the key existed.
+LATER_KEY_DEFAULTS = {"counter": "consecutive", "trunk_quorum": 1}
 HEADS_PREFIX = "heads."
 
 
@@ -80,7 +85,12 @@ class EarlyFreeze:
     validations (calls to :meth:`update`) without improvement.
 
     Only one trunk freeze per epoch (Algorithm 1's ``break``): if several tasks converge in the same
-    epoch, the first in task order freezes the trunk. When the trunk is frozen, every task still active
+    epoch, the first in task order freezes the trunk. With ``trunk_quorum`` q > 1 (``early-freeze`` mode
+    only), the trunk freezes once at least q active tasks are out of patience at one validation; a task
+    that ran out earlier keeps training and counting until then (it drops out of the count if it improves).
+    The winner is the one whose best epoch is the latest (ties: task order), so the restore keeps the most
+    training that a stalled task still counts as its best. Heads freeze one by one as before: the quorum
+    concerns the trunk only. When the trunk is frozen, every task still active
     restarts its watch (best = inf, counter = 0): its earlier bests were measured on a trunk that no
     longer exists (the model was just restored to another epoch and the trunk will not change again), so
     neither those losses nor those snapshots can be compared with what its head learns from now on.
@@ -88,7 +98,7 @@ class EarlyFreeze:
     """
 
     def __init__(self, tasks: Sequence[str], patience: int, min_delta: float = 0.0, mode: str = "early-freeze",
-                 counter: str = "consecutive") -> None:
+                 counter: str = "consecutive", trunk_quorum: int = 1) -> None:
         tasks = tuple(tasks)
         if not tasks:
             raise ValueError("EarlyFreeze needs at least one task")
@@ -102,8 +112,13 @@ class EarlyFreeze:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if counter not in COUNTERS:
             raise ValueError(f"counter must be one of {COUNTERS}, got {counter!r}")
+        if isinstance(trunk_quorum, bool) or not isinstance(trunk_quorum, int) or trunk_quorum < 1:
+            raise ValueError(f"trunk_quorum must be an integer >= 1, got {trunk_quorum!r}")
+        if trunk_quorum > len(tasks):
+            raise ValueError(f"trunk_quorum {trunk_quorum} is more than the {len(tasks)} tasks of this run: "
+                             "the trunk would never freeze")
         self.tasks, self.patience, self.min_delta, self.mode = tasks, patience, float(min_delta), mode
-        self.counter = counter
+        self.counter, self.trunk_quorum = counter, trunk_quorum
         self._watch = {task: _TaskWatch() for task in tasks}
         self._frozen: list[str] = []
         self._stopped: list[str] = []
@@ -188,7 +203,10 @@ class EarlyFreeze:
             decisions = [FreezeDecision(t, epoch, "stop", None, None) for t in converged]
             self._stopped.extend(converged)
         elif not self._trunk_frozen:
-            winner = converged[0]
+            if len(converged) < self.trunk_quorum:
+                return []
+            # Quorum 1 keeps Algorithm 1's first-in-order (under the cumulative counter the two may differ).
+            winner = converged[0] if self.trunk_quorum == 1 else self._latest_best(converged)
             decisions = [FreezeDecision(winner, epoch, "freeze_trunk", self._watch[winner].best_epoch, "model")]
             self._trunk_frozen = True
             self._frozen.append(winner)
@@ -200,6 +218,10 @@ class EarlyFreeze:
         self.events.extend(decisions)
         return decisions
 
+    def _latest_best(self, tasks: Sequence[str]) -> str:
+        """The task whose best epoch is the latest; the first in order among equals (``max`` keeps the first)."""
+        return max(tasks, key=lambda task: self._watch[task].best_epoch)
+
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON types only; an infinite best loss (no best yet) is stored as None."""
         return {
@@ -208,6 +230,7 @@ class EarlyFreeze:
             "min_delta": self.min_delta,
             "mode": self.mode,
             "counter": self.counter,
+            "trunk_quorum": self.trunk_quorum,
             "watch": {
                 task: {
                     "best_loss": None if math.isinf(w.best_loss) else w.best_loss,
@@ -224,12 +247,14 @@ class EarlyFreeze:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from :meth:`state_dict`; the tasks, patience, min_delta and mode must be the same."""
-        configured = {"tasks": list(self.tasks), "patience": self.patience, "min_delta": self.min_delta, "mode": self.mode,
-                      "counter": self.counter}
+        """Continue from :meth:`state_dict`; the tasks, patience, min_delta, mode, counter and quorum must be the
+        same (a state saved before counter or trunk_quorum existed holds their defaults)."""
+        configured = {"tasks": list(self.tasks), "patience": self.patience, "min_delta": self.min_delta,
+                      "mode": self.mode, "counter": self.counter, "trunk_quorum": self.trunk_quorum}
         for key, value in configured.items():
-            if state.get(key, "consecutive" if key == "counter" else None) != value:
-                raise ValueError(f"Early Freeze state has {key}={state[key]!r}, this run has {key}={value!r}")
+            saved = state.get(key, LATER_KEY_DEFAULTS.get(key))
+            if saved != value:
+                raise ValueError(f"Early Freeze state has {key}={saved!r}, this run has {key}={value!r}")
         self._watch = {
             task: _TaskWatch(
                 math.inf if entry["best_loss"] is None else float(entry["best_loss"]), entry["best_epoch"], int(entry["counter"])

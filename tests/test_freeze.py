@@ -167,6 +167,122 @@ def test_load_state_dict_refuses_a_different_configuration() -> None:
         scripted_machine(patience=3).load_state_dict(state)
 
 
+# ---------------------------------------------------------------- a quorum of tasks for the trunk
+
+# Validation losses by epoch for tasks a, b, c with patience 2, min_delta 0 and trunk_quorum 2.
+QUORUM_SCRIPT = [
+    {"a": 1.0, "b": 1.0, "c": 1.0},  # 0: all best
+    {"a": 1.1, "b": 0.9, "c": 0.9},  # 1: a counter 1; b, c best
+    {"a": 1.2, "b": 0.8, "c": 0.8},  # 2: a counter 2, out of patience alone: no quorum; b, c best
+    {"a": 1.3, "b": 0.85, "c": 0.7},  # 3: a counter 3, still waiting; b counter 1; c best
+    {"a": 1.4, "b": 0.86, "c": 0.6},  # 4: b counter 2: a (best 0) and b (best 2) -> trunk at 2, winner b
+    {"a": 1.0, "c": 0.5},  # 5: first losses on the frozen trunk: both best
+    {"a": 1.1, "c": 0.6},  # 6: both counter 1
+    {"a": 1.2, "c": 0.4},  # 7: a counter 2 -> its head alone at epoch 5 (no quorum for heads); c best
+]
+QUORUM_TRUNK_FREEZE = FreezeDecision("b", 4, "freeze_trunk", 2, "model")
+QUORUM_HEAD_FREEZE = FreezeDecision("a", 7, "freeze_head", 5, "head")
+
+
+def quorum_machine(**overrides) -> EarlyFreeze:
+    return EarlyFreeze(("a", "b", "c"), **({"patience": 2, "trunk_quorum": 2} | overrides))
+
+
+def test_a_trunk_quorum_of_1_is_algorithm_1() -> None:
+    explicit, default = scripted_machine(trunk_quorum=1), scripted_machine()
+    assert decisions_by_epoch(explicit, SCRIPT) == decisions_by_epoch(default, SCRIPT)
+    assert explicit.events == [TRUNK_FREEZE, HEAD_FREEZE]
+    # On the quorum script, a alone freezes the trunk at its best epoch, 0.
+    assert decisions_by_epoch(quorum_machine(trunk_quorum=1), QUORUM_SCRIPT[:3])[2] == [
+        FreezeDecision("a", 2, "freeze_trunk", 0, "model")]
+
+
+def test_trunk_waits_for_a_quorum_and_restores_the_latest_best_epoch_among_the_stalled_tasks() -> None:
+    machine = quorum_machine()
+    decided = decisions_by_epoch(machine, QUORUM_SCRIPT[:4])
+    assert decided == {0: [], 1: [], 2: [], 3: []}  # a ran out of patience at 2 and stays alone
+    assert not machine.trunk_frozen and machine.active_tasks == ("a", "b", "c")
+
+    assert machine.update(4, QUORUM_SCRIPT[4]) == [QUORUM_TRUNK_FREEZE]
+    assert machine.trunk_frozen and machine.frozen_tasks == ("b",) and machine.active_tasks == ("a", "c")
+    assert machine.best_epoch_by_task == {"a": None, "b": 2, "c": None}  # the others' watches restarted
+
+    decided = decisions_by_epoch(machine, QUORUM_SCRIPT[5:], first_epoch=5)
+    assert decided == {5: [], 6: [], 7: [QUORUM_HEAD_FREEZE]}
+    assert machine.frozen_tasks == ("b", "a") and machine.active_tasks == ("c",)
+
+
+def test_a_waiting_task_that_improves_again_leaves_the_quorum() -> None:
+    machine = quorum_machine(patience=1)
+    losses = [{"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 1.1, "b": 0.9, "c": 0.9}, {"a": 0.95, "b": 1.0, "c": 0.8}]
+    decided = decisions_by_epoch(machine, losses)
+    assert decided == {0: [], 1: [], 2: []}  # a out at 1, b out at 2; a improved at 2: one out at a time
+    assert machine.update(3, {"a": 1.0, "b": 1.0, "c": 0.7}) == [FreezeDecision("a", 3, "freeze_trunk", 2, "model")]
+
+
+def test_the_quorum_breaks_ties_between_equally_late_best_epochs_by_task_order() -> None:
+    losses = [{"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 1.1, "b": 1.1, "c": 0.9}]  # a and b: best 0, out at 1
+    assert decisions_by_epoch(EarlyFreeze(("a", "b", "c"), patience=1, trunk_quorum=2), losses)[1] == [
+        FreezeDecision("a", 1, "freeze_trunk", 0, "model")]
+    assert decisions_by_epoch(EarlyFreeze(("b", "a", "c"), patience=1, trunk_quorum=2), losses)[1] == [
+        FreezeDecision("b", 1, "freeze_trunk", 0, "model")]
+
+
+def test_needed_snapshot_epochs_keep_the_best_epochs_of_waiting_tasks() -> None:
+    machine = quorum_machine()
+    needed = [(machine.update(epoch, losses), machine.needed_snapshot_epochs())[1]
+              for epoch, losses in enumerate(QUORUM_SCRIPT)]
+    assert needed == [{0}, {0, 1}, {0, 2}, {0, 2, 3}, set(), {5}, {5}, {7}]
+
+
+def test_the_trunk_quorum_has_no_effect_on_early_stop_and_none() -> None:
+    for mode in ("early-stop", "none"):
+        assert decisions_by_epoch(quorum_machine(mode=mode, trunk_quorum=3), QUORUM_SCRIPT[:3]) == \
+            decisions_by_epoch(quorum_machine(mode=mode, trunk_quorum=1), QUORUM_SCRIPT[:3])
+    stopping = quorum_machine(mode="early-stop", trunk_quorum=3)
+    assert decisions_by_epoch(stopping, QUORUM_SCRIPT[:3])[2] == [FreezeDecision("a", 2, "stop", None, None)]
+
+
+@pytest.mark.parametrize("trunk_quorum", [0, 1.5, True])
+def test_a_trunk_quorum_that_is_not_a_positive_integer_is_refused(trunk_quorum) -> None:
+    with pytest.raises(ValueError, match="trunk_quorum must be an integer >= 1"):
+        EarlyFreeze(("a", "b"), patience=2, trunk_quorum=trunk_quorum)
+
+
+def test_a_trunk_quorum_above_the_number_of_tasks_is_refused_naming_both() -> None:
+    with pytest.raises(ValueError, match="trunk_quorum 4 is more than the 3 tasks of this run"):
+        quorum_machine(trunk_quorum=4)
+    assert quorum_machine(trunk_quorum=3).trunk_quorum == 3
+
+
+@pytest.mark.parametrize("split_epoch", range(len(QUORUM_SCRIPT)))
+def test_state_dict_round_trip_keeps_the_quorum_and_the_waiting_tasks(split_epoch: int) -> None:
+    uninterrupted = quorum_machine()
+    expected = decisions_by_epoch(uninterrupted, QUORUM_SCRIPT)
+
+    first = quorum_machine()
+    decided = decisions_by_epoch(first, QUORUM_SCRIPT[: split_epoch + 1])
+    resumed = quorum_machine()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict(), allow_nan=False)))
+    decided |= decisions_by_epoch(resumed, QUORUM_SCRIPT[split_epoch + 1 :], first_epoch=split_epoch + 1)
+
+    assert decided == expected and resumed.state_dict() == uninterrupted.state_dict()
+    with pytest.raises(ValueError, match="trunk_quorum=2, this run has trunk_quorum=3"):
+        quorum_machine(trunk_quorum=3).load_state_dict(first.state_dict())
+
+
+def test_a_state_saved_before_the_trunk_quorum_existed_loads_as_a_quorum_of_1() -> None:
+    machine = scripted_machine()
+    decisions_by_epoch(machine, SCRIPT[:3])
+    state = machine.state_dict()
+    del state["trunk_quorum"]
+    resumed = scripted_machine()
+    resumed.load_state_dict(state)
+    assert resumed.update(3, SCRIPT[3]) == [TRUNK_FREEZE]
+    with pytest.raises(ValueError, match="trunk_quorum=1, this run has trunk_quorum=2"):
+        scripted_machine(trunk_quorum=2).load_state_dict(state)
+
+
 # ---------------------------------------------------------------- applying decisions to a model
 
 
