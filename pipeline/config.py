@@ -94,6 +94,10 @@ class FreezeConfig:
     # consecutive: validations without improvement since the last one (the thesis' prose); cumulative: every
     # validation without improvement (its Algorithm 1 never resets the counter)
     counter: str = "consecutive"
+    # early-freeze only, not in the thesis: the trunk freezes once this many tasks are out of patience together,
+    # at the latest of their best epochs (1 = Algorithm 1: the first task out of patience). With tens of tasks,
+    # about a quarter of them keeps one early-stalling task from resetting the trunk for all (docs/tasks.md).
+    trunk_quorum: int = 1
 
 
 @dataclass
@@ -232,6 +236,10 @@ def validate(config: TrainConfig) -> None:
         (config.optim.lr > 0, f"optim.lr must be > 0, got {config.optim.lr}"),
         (config.loss.lam >= 0, f"loss.lam must be >= 0, got {config.loss.lam}"),
         (config.freeze.patience >= 1, "freeze.patience must be >= 1"),
+        (config.freeze.trunk_quorum >= 1, f"freeze.trunk_quorum must be >= 1, got {config.freeze.trunk_quorum}"),
+        (not config.data.tasks or config.freeze.trunk_quorum <= len(config.data.tasks),
+         f"freeze.trunk_quorum {config.freeze.trunk_quorum} is more than the {len(config.data.tasks)} tasks in "
+         "data.tasks"),
         (config.freeze.mode in ("early-freeze", "early-stop", "none"), f"freeze.mode {config.freeze.mode!r} unknown"),
         (config.freeze.counter in ("consecutive", "cumulative"),
          f"freeze.counter must be consecutive or cumulative, got {config.freeze.counter!r}"),

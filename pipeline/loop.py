@@ -379,7 +379,7 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
     if config.model.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
     freezer = EarlyFreeze([t.name for t in setup.tasks], config.freeze.patience, config.freeze.min_delta, config.freeze.mode,
-                          config.freeze.counter)
+                          config.freeze.counter, config.freeze.trunk_quorum)
     snapshots = SnapshotStore()
     grad_scaler = torch.amp.GradScaler(context.device.type, enabled=autocast_dtype(config, context.device) == torch.float16)
     state = RunState()

@@ -70,3 +70,12 @@ def test_every_path_a_ray_worker_reads_is_made_absolute_against_the_launching_fo
     assert (moved.model.weights_path, moved.model.init_from, moved.runs_dir) == (
         "/launch/weights/w.pth", "/launch/runs/old", "/launch/runs")
     assert with_absolute_paths(load_config(None, [])).data.tasks_file is None
+
+
+def test_a_trunk_quorum_below_1_or_above_the_listed_tasks_is_refused_naming_both_numbers() -> None:
+    with pytest.raises(ConfigError, match="freeze.trunk_quorum must be >= 1, got 0"):
+        load_config(None, ["freeze.trunk_quorum=0"])
+    with pytest.raises(ConfigError, match="freeze.trunk_quorum 3 is more than the 2 tasks in data.tasks"):
+        load_config(None, ["data.tasks=age,gender", "freeze.trunk_quorum=3"])
+    assert load_config(None, ["data.tasks=age,gender", "freeze.trunk_quorum=2"]).freeze.trunk_quorum == 2
+    assert load_config(None, []).freeze.trunk_quorum == 1  # Algorithm 1
