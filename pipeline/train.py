@@ -204,7 +204,11 @@ def check_datasets(config: TrainConfig) -> None:
             raise ConfigError(f"model.init_from {config.model.init_from} holds no facemtl network: "
                               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
     shard_sets = [open_shard_set(path) for path in config.data.datasets]
-    check_validation_labels(shard_sets, resolve_tasks(shard_sets, config.data.tasks))
+    tasks = resolve_tasks(shard_sets, config.data.tasks)
+    check_validation_labels(shard_sets, tasks)
+    if config.freeze.mode == "early-freeze" and config.freeze.trunk_quorum > len(tasks):
+        raise ConfigError(f"freeze.trunk_quorum {config.freeze.trunk_quorum} is more than the {len(tasks)} "
+                          f"task{'s' if len(tasks) != 1 else ''} these datasets label ({', '.join(tasks)}): the trunk would never freeze")
 
 
 def run_locally(config: TrainConfig) -> None:

@@ -107,6 +107,17 @@ def test_a_missing_dataset_or_an_unlabelled_task_is_refused_before_ray_starts(sy
     assert not ray.is_initialized()
 
 
+def test_a_trunk_quorum_above_the_tasks_the_datasets_label_is_refused_before_ray_starts(
+        synthetic_shards, tmp_path: Path, capsys) -> None:
+    """With data.tasks empty the tasks come from the shards: only the driver can count them before workers start."""
+    import ray
+
+    fer_only = f"data.datasets=[{synthetic_shards['fer']}]"
+    assert train_main([fer_only, "freeze.trunk_quorum=2", f"runs_dir={tmp_path}", "name=m"]) == 2
+    assert "freeze.trunk_quorum 2 is more than the 1 task these datasets label (emotion)" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_a_task_without_validation_labels_is_refused(synthetic_shards, tmp_path: Path, capsys) -> None:
     """Its NaN validation loss would keep every epoch from being the best and confuse Early Freeze."""
     from pipeline.shard import main as shard_main
