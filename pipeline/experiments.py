@@ -354,22 +354,27 @@ def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: 
         handle.write(json.dumps(entry) + "\n")
 
 
-def format_estimate(durations: Sequence[float], remaining: int) -> str:
-    """How long the remaining arms may take, from the mean of the arms trained so far."""
-    if not durations or not remaining:
+def format_estimate(trained: Sequence[tuple[float, int]], remaining_runs: int, epochs_per_run: int) -> str:
+    """How long the remaining runs may take at most, from the seconds per epoch of the (seconds, epochs) trained
+    so far: per epoch, since a resumed run trains only the epochs it had left."""
+    epochs = sum(count for _, count in trained)
+    if not epochs or not remaining_runs:
         return ""
-    minutes = statistics.mean(durations) * remaining / 60
-    return f"; about {minutes:.0f} min left for {remaining} more run(s) (mean of the {len(durations)} trained here)"
+    per_epoch = sum(seconds for seconds, _ in trained) / epochs
+    minutes = per_epoch * remaining_runs * epochs_per_run / 60
+    return (f"; at most about {minutes:.0f} min left for {remaining_runs} more run(s) of up to {epochs_per_run} "
+            f"epochs ({per_epoch / 60:.1f} min per epoch here)")
 
 
 def train_arm(config_path: Path | None, overrides: Sequence[str], arm: Arm, seed: int, experiment_dir: Path,
-              local: bool) -> tuple[Path, float | None]:
+              local: bool) -> tuple[Path, tuple[float, int] | None]:
     """Train one arm with one seed through ``pipeline.train`` unless its run folder is finished; returns the run
-    folder and the seconds it trained (None when skipped)."""
+    folder and the seconds and epochs it trained now (None when skipped)."""
     run_overrides = [*overrides, *arm_overrides(arm, seed, experiment_dir)]
     config = with_absolute_paths(load_config(config_path, run_overrides))
     check_run_folder(config)
-    if run_is_finished(read_rows(config.run_dir), config.max_epochs):
+    rows_before = read_rows(config.run_dir)
+    if run_is_finished(rows_before, config.max_epochs):
         print(f"{config.run_dir.name}: finished, skipped", flush=True)
         return config.run_dir, None
     started = time.perf_counter()
@@ -378,7 +383,7 @@ def train_arm(config_path: Path | None, overrides: Sequence[str], arm: Arm, seed
     if code != 0:
         raise ExperimentError(f"training {config.run_dir} failed (exit {code}); its output is above. "
                               "Running the experiment again resumes it and skips the finished runs")
-    return config.run_dir, time.perf_counter() - started
+    return config.run_dir, (time.perf_counter() - started, len(read_rows(config.run_dir)) - len(rows_before))
 
 
 def split_metrics(report: Mapping[str, Any], split: str) -> dict[str, int | float]:
@@ -445,10 +450,11 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     records, durations, total = [], [], len(arms) * seeds
     for number, (arm, seed) in enumerate(((arm, seed) for arm in arms for seed in range(seeds)), start=1):
         print(f"\n[{number}/{total}] {arm.name}, seed {seed}", flush=True)
-        run_dir, seconds = train_arm(config_path, overrides, arm, seed, experiment_dir, local)
-        if seconds is not None:
-            durations.append(seconds)
-            print(f"{run_dir.name}: trained in {seconds / 60:.1f} min{format_estimate(durations, total - number)}", flush=True)
+        run_dir, trained = train_arm(config_path, overrides, arm, seed, experiment_dir, local)
+        if trained is not None:
+            durations.append(trained)
+            estimate = format_estimate(durations, total - number, base.max_epochs)
+            print(f"{run_dir.name}: trained {trained[1]} epoch(s) in {trained[0] / 60:.1f} min{estimate}", flush=True)
         records.append(result_record(experiment, arm, seed, run_dir, split))
 
     tasks = [get_task(name) for name in task_names]

@@ -20,6 +20,7 @@ from pipeline.experiments import (
     best_epoch_row,
     delta_m,
     experiment_arms,
+    format_estimate,
     format_table,
     main,
     mean_and_std,
@@ -154,6 +155,14 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+def test_the_estimate_of_the_runs_left_is_per_epoch_so_a_resumed_run_does_not_shrink_it() -> None:
+    # a run resumed for its last epoch (60 s), then a whole one (10 epochs in 540 s): 600 s / 11 epochs
+    assert format_estimate([(60.0, 1)], 2, 10) == \
+        "; at most about 20 min left for 2 more run(s) of up to 10 epochs (1.0 min per epoch here)"
+    assert "about 18 min left for 2 more" in format_estimate([(60.0, 1), (540.0, 10)], 2, 10)
+    assert format_estimate([], 3, 10) == "" and format_estimate([(60.0, 1)], 0, 10) == ""
+
+
 def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_runs(
         synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_torch_thread) -> None:
     shards = {name: synthetic_shards[name] for name in ("utk", "celeba")}
@@ -173,7 +182,7 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
     assert mtl_line.rstrip(" |").split("| ")[-1].startswith(("+", "-"))  # a Δm value
     out = capsys.readouterr().out
     assert table in out
-    assert "single-age-seed0: trained in " in out and "min left for 2 more run(s)" in out
+    assert "single-age-seed0: trained 1 epoch(s) in " in out and "min left for 2 more run(s) of up to 1 epochs" in out
     (invocation,) = [json.loads(line) for line in (experiment / "invocations.jsonl").read_text().splitlines()]
     assert invocation["command"].startswith("python -m pipeline.experiments mtl-vs-single --config ")
     assert len(invocation["commit"]) >= 40
