@@ -18,13 +18,15 @@ member, labels from each ``.json``. Images leave the loader as uint8 (4x less to
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import mmap
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -533,14 +535,17 @@ def _complete_sample(sample: dict) -> dict:
     return sample
 
 
-class Sample(NamedTuple):
-    """One sample as the streams take it: its JPEG bytes (a view into its shard's bytes), its targets and
-    labelled mask in the layout of :func:`label_values`."""
+@dataclass(frozen=True)
+class ShardSamples:
+    """One tar's samples in tar order: keys, JPEG bytes (1-D uint8 tensors, views of the tar's bytes where the
+    manifest locates them) and the row of the first one's labels in its :class:`SplitReader`'s arrays."""
 
-    key: str
-    jpeg: torch.Tensor
-    targets: np.ndarray
-    mask: np.ndarray
+    keys: list[str]
+    jpegs: list[torch.Tensor]
+    first_row: int
+
+    def rows(self) -> range:
+        return range(self.first_row, self.first_row + len(self.jpegs))
 
 
 @dataclass(frozen=True)
@@ -550,16 +555,62 @@ class ManifestShard:
     keys: list[str]
     jpg_names: np.ndarray  # b"<key>.jpg", the member name each sample's header should have
     offsets: np.ndarray  # int64: byte offset of each sample's first header
-    targets: np.ndarray  # (samples, label columns) float32
-    mask: np.ndarray  # (samples, tasks) bool
+    first_row: int  # of its samples' labels in the split's label arrays
 
 
-def manifest_shards(root: Path, split: str, shards: Sequence[Mapping[str, object]],
-                    tasks: Sequence[TaskSpec]) -> dict[str, ManifestShard] | None:
-    """A split's shards (by url) as the folder's manifest describes them: where each sample lies in its tar and
-    its labels, read column-wise once instead of parsing every sample's ``.json``. None for a manifest written
-    before it located samples (no ``offset`` column): those shards are read member by member. A manifest
-    that does not list a shard's samples as its index counts them is a :class:`DataConfigError`."""
+class SplitReader:
+    """One split of a shard folder, read a tar at a time; every sample's labels are a row of :attr:`targets`
+    (the columns of :func:`pipeline.schema.label_slices`, 0.0 where unlabelled) and :attr:`mask` (tasks).
+
+    A folder's manifest locates each sample's JPEG in its tar and holds the labels, read column-wise once
+    (:func:`manifest_shards`); a folder whose manifest predates offsets is read member by member, its label rows
+    filled from each ``.json`` as its tar is read. Streams gather a batch's labels by row, so no sample needs
+    label objects of its own."""
+
+    def __init__(self, root: Path, split: str, shards: Sequence[Mapping[str, object]],
+                 tasks: Sequence[TaskSpec]) -> None:
+        self.tasks = list(tasks)
+        located = manifest_shards(root, split, shards, self.tasks)
+        if located is None:
+            self.described: dict[str, ManifestShard] | None = None
+            counts = [int(shard["nsamples"]) for shard in shards]
+            self.first_rows = dict(zip((str(shard["url"]) for shard in shards), np.cumsum([0, *counts[:-1]]).tolist()))
+            self.targets = np.zeros((sum(counts), sum(task.label_width for task in self.tasks)), dtype=np.float32)
+            self.mask = np.zeros((sum(counts), len(self.tasks)), dtype=bool)
+        else:
+            self.described, self.targets, self.mask = located
+        self.located: dict[str, tuple[TarBytes, list[int]]] = {}  # url -> its bytes and :func:`jpeg_pieces`
+
+    def read(self, shard: Mapping[str, object]) -> ShardSamples:
+        """The samples of ``shard`` (an index entry of this split). A tar located by the manifest is mapped and
+        its JPEGs found once per reader: mapping it again on every read costs page faults and header reads of
+        about 3 us a sample, a tenth of decoding a 64 px face (bench/loader_throughput.py)."""
+        url = str(shard["url"])
+        if self.described is not None:
+            described = self.described[url]
+            if url not in self.located:
+                data = read_shard(shard)
+                self.located[url] = data, jpeg_pieces(data, described, url)
+            data, pieces = self.located[url]
+            return ShardSamples(described.keys, list(torch.frombuffer(data, dtype=torch.uint8).split(pieces)[1::2]),
+                                described.first_row)
+        samples = list(tar_samples([shard]))
+        first_row = self.first_rows[url]
+        for row, sample in enumerate(samples, first_row):
+            targets, mask = label_values(json.loads(sample["json"])["labels"], self.tasks)
+            self.targets[row], self.mask[row] = targets, mask
+        return ShardSamples([sample["__key__"] for sample in samples],
+                            [torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8) for sample in samples],
+                            first_row)
+
+
+def manifest_shards(root: Path, split: str, shards: Sequence[Mapping[str, object]], tasks: Sequence[TaskSpec],
+                    ) -> tuple[dict[str, ManifestShard], np.ndarray, np.ndarray] | None:
+    """A split's shards (by url) as the folder's manifest describes them: where each sample lies in its tar, and
+    the split's targets and mask (:func:`label_arrays`), its rows in tar order shard after shard, read column-wise
+    once instead of parsing every sample's ``.json``. None for a manifest written before it located samples (no
+    ``offset`` column). A manifest that does not list a shard's samples as its index counts them is a
+    :class:`DataConfigError`."""
     manifest_path = root / MANIFEST_FILE
     names = pq.read_schema(manifest_path).names
     if "offset" not in names:
@@ -574,14 +625,14 @@ def manifest_shards(root: Path, split: str, shards: Sequence[Mapping[str, object
     starts = np.flatnonzero(np.r_[True, shard_names[1:] != shard_names[:-1]]) if len(shard_names) else []
     ends = np.r_[starts[1:], len(shard_names)] if len(shard_names) else []
     described = {str(root / shard_names[start]): ManifestShard(keys[start:end], jpg_names[start:end],
-                                                               offsets[start:end], targets[start:end], mask[start:end])
+                                                               offsets[start:end], int(start))
                  for start, end in zip(starts, ends)}
     for shard in shards:
         listed = len(described[shard["url"]].keys) if shard["url"] in described else 0
         if listed != shard["nsamples"]:
             raise DataConfigError(f"{manifest_path} lists {listed} samples of {Path(str(shard['url'])).name}, "
                                   f"{shard['index']} records {shard['nsamples']}; {_metadata_hint(root)}")
-    return described
+    return described, targets, mask
 
 
 def label_arrays(table: pa.Table, tasks: Sequence[TaskSpec], manifest_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -608,27 +659,20 @@ def label_arrays(table: pa.Table, tasks: Sequence[TaskSpec], manifest_path: Path
     return targets, mask
 
 
-def located_samples(shard: Mapping[str, object], described: ManifestShard) -> Iterator[Sample]:
-    """A shard's samples, their JPEGs found by reading the headers at the offsets the manifest records: all at
-    once, and member by member only where a header is not the plain ``<key>.jpg`` one (long names)."""
-    url = str(shard["url"])
-    data = read_shard(shard)
+def jpeg_pieces(data: TarBytes, described: ManifestShard, url: str) -> list[int]:
+    """Lengths that cut a tar's bytes into gap, JPEG, gap, JPEG, ..., gap, so that ``split(pieces)[1::2]`` views its
+    JPEGs in one call. They are found by reading the headers at the offsets the manifest records: all at once, and
+    member by member only where a header is not the plain ``<key>.jpg`` one (long names)."""
     starts, sizes, found = members_at(data, described.offsets, described.jpg_names)
     for row in np.flatnonzero(~found):
         starts[row], sizes[row] = _jpeg_span(data, int(described.offsets[row]), described.keys[row], url)
-    yield from map(Sample, described.keys, byte_views(data, starts, sizes, url), described.targets, described.mask)
-
-
-def byte_views(data: TarBytes, starts: np.ndarray, sizes: np.ndarray, url: str) -> list[torch.Tensor]:
-    """1-D uint8 tensors viewing ``data[start:start + size]`` (ascending, not overlapping), made in one call."""
     if not len(starts):
-        return []
+        return [len(data)]
     ends = starts + sizes
     gaps = starts - np.r_[0, ends[:-1]]
     if (gaps < 0).any():
         raise DataConfigError(f"{url}: its manifest places samples inside one another; {SHARD_HINT}")
-    lengths = np.column_stack([gaps, sizes]).ravel().tolist() + [len(data) - int(ends[-1])]
-    return list(torch.frombuffer(data, dtype=torch.uint8).split(lengths)[1::2])
+    return np.column_stack([gaps, sizes]).ravel().tolist() + [len(data) - int(ends[-1])]
 
 
 def _jpeg_span(data: TarBytes, offset: int, key: str, url: str) -> tuple[int, int]:
@@ -646,26 +690,6 @@ def _jpeg_span(data: TarBytes, offset: int, key: str, url: str) -> tuple[int, in
         raise DataConfigError(f"{error}; delete it and {SHARD_HINT}") from None
     raise DataConfigError(f"{url} has no {key}.jpg where its manifest places it (byte {offset}): the tar changed "
                           f"after sharding; delete it and {SHARD_HINT}")
-
-
-def member_samples(shard: Mapping[str, object], tasks: Sequence[TaskSpec]) -> Iterator[Sample]:
-    """A shard's samples read member by member, labels parsed from each ``.json``: shards whose manifest does
-    not locate samples."""
-    for sample in tar_samples([shard]):
-        targets, mask = label_values(json.loads(sample["json"])["labels"], tasks)
-        jpeg = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
-        yield Sample(sample["__key__"], jpeg, np.array(targets, dtype=np.float32), np.array(mask, dtype=bool))
-
-
-def read_samples(shards: Iterable[Mapping[str, object]], described: dict[str, ManifestShard] | None,
-                 tasks: Sequence[TaskSpec]) -> Iterator[Sample]:
-    """The samples of ``shards`` (index entries) in tar order, located by ``described`` (from
-    :func:`manifest_shards`) or, when None, read member by member."""
-    for shard in shards:
-        if described is None:
-            yield from member_samples(shard, tasks)
-        else:
-            yield from located_samples(shard, described[str(shard["url"])])
 
 
 # ---------------------------------------------------------------- training stream
@@ -698,20 +722,10 @@ class TaskBalancedStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.rank, self.epoch = seed, rank, epoch
 
-    def _samples(self, name: str, root: Path, shards: list[dict], worker: int) -> Iterator[Sample]:
-        seed = stream_seed(self.seed, self.rank, worker, self.epoch, name)
-        by_url = {shard["url"]: shard for shard in shards}
-        described = manifest_shards(root, "train", shards, self.task_specs)
-        picked = wds.ResampledShards(list(by_url), seed=seed, worker_seed=lambda: 0, deterministic=True)
-        samples = read_samples((by_url[pick["url"]] for pick in picked), described, self.task_specs)
-        # webdataset's stages composed directly: a DataPipeline adds a generator per sample
-        return wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=seed)(samples)
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info else 0
-        streams = [self._samples(name, root, shards, worker) for name, root, shards in self.sources]
-        draws = [stream for (name, _, _), stream in zip(self.sources, streams) for _ in range(self.quotas[name])]
+        streams = [(*self._samples(name, root, shards, worker), self.quotas[name]) for name, root, shards in self.sources]
         sources = torch.tensor([index for index, (name, _, _) in enumerate(self.sources)
                                 for _ in range(self.quotas[name])])
         size = self.image_size
@@ -720,12 +734,71 @@ class TaskBalancedStream(IterableDataset):
             # decoder's tables stay in cache). A decoded image is HWC in memory (a CHW view of it), so the
             # batch is stacked NHWC, plain copies, where transposing uint8 to NCHW would cost a third of the
             # decoding; its NCHW view goes out (channels_last strides) and the first float op on the device
-            # lays it out.
-            samples = [next(stream) for stream in draws]
-            pixels = torch.stack([decode_image(sample.jpeg, size).permute(1, 2, 0) for sample in samples])
-            yield {"images": pixels.permute(0, 3, 1, 2),
-                   "labels": torch.from_numpy(np.array([sample.targets for sample in samples])),
-                   "mask": torch.from_numpy(np.array([sample.mask for sample in samples])), "source": sources.clone()}
+            # lays it out. Labels are gathered by row, a dataset at a time.
+            jpegs: list[torch.Tensor] = []
+            targets, mask = [], []
+            for samples, reader, quota in streams:
+                taken = samples.take(quota)
+                rows = [row for _, row in taken]
+                jpegs += [jpeg for jpeg, _ in taken]
+                targets.append(reader.targets[rows])
+                mask.append(reader.mask[rows])
+            pixels = torch.stack([decode_image(jpeg, size).permute(1, 2, 0) for jpeg in jpegs])
+            yield {"images": pixels.permute(0, 3, 1, 2), "labels": torch.from_numpy(np.concatenate(targets)),
+                   "mask": torch.from_numpy(np.concatenate(mask)), "source": sources.clone()}
+
+    def _samples(self, name: str, root: Path, shards: list[dict], worker: int) -> tuple[ShuffledSamples, SplitReader]:
+        """One dataset's endless (JPEG, label row) pairs, resampled shards each read whole, mixed through the
+        shuffle buffer; and the reader whose arrays hold the rows."""
+        seed = stream_seed(self.seed, self.rank, worker, self.epoch, name)
+        by_url = {shard["url"]: shard for shard in shards}
+        reader = SplitReader(root, "train", shards, self.task_specs)
+        picked = wds.ResampledShards(list(by_url), seed=seed, worker_seed=lambda: 0, deterministic=True)
+        reads = (reader.read(by_url[pick["url"]]) for pick in picked)
+        # chained, not delegated to: a generator between the tars and the buffer would cost a step per sample
+        samples = itertools.chain.from_iterable(zip(read.jpegs, read.rows()) for read in reads)
+        return ShuffledSamples(samples, self.shuffle_buffer, seed), reader
+
+
+T = TypeVar("T")
+
+
+class ShuffledSamples(Generic[T]):
+    """An endless stream of samples mixed through a buffer, taken a batch's share at a time.
+
+    The order is ``webdataset.shuffle(buffer_size, initial=min(buffer_size, 100), seed=seed)``'s, draw for draw
+    (tested); taking ``count`` samples in one loop saves the generator step and the three calls per sample of its
+    ``pick`` and ``random.randint``, about 2 us a sample (bench/loader_throughput.py)."""
+
+    def __init__(self, samples: Iterator[T], buffer_size: int, seed: int) -> None:
+        self.samples = samples
+        self.buffer: list[T] = []
+        self.buffer_size, self.initial = buffer_size, min(buffer_size, 100)
+        self.random = random.Random(seed)
+
+    def take(self, count: int) -> list[T]:
+        """The next ``count`` samples."""
+        buffer, samples, getrandbits = self.buffer, self.samples, self.random.getrandbits
+        taken: list[T] = []
+        while len(taken) < count:
+            buffer.append(next(samples))
+            if len(buffer) < self.buffer_size:
+                buffer.append(next(samples))
+            if len(buffer) < self.initial:
+                continue
+            # random.randint(0, len(buffer) - 1) as Random._randbelow draws it: the fewest bits, redrawn if too big
+            size = len(buffer)
+            bits = size.bit_length()
+            index = getrandbits(bits)
+            while index >= size:
+                index = getrandbits(bits)
+            last = buffer.pop()
+            if index < len(buffer):
+                taken.append(buffer[index])
+                buffer[index] = last
+            else:
+                taken.append(last)
+        return taken
 
 
 def train_loader(stream: TaskBalancedStream, loader_workers: int, pin_memory: bool = False) -> DataLoader:
@@ -760,16 +833,18 @@ class EvalStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         readers, reader = self.world_size * workers, self.rank * workers + worker
         for source_index, (root, shards) in enumerate(self.sources):
-            described = manifest_shards(root, self.split, shards, self.task_specs)
-            for position, sample in enumerate(read_samples(shards, described, self.task_specs)):
+            split = SplitReader(root, self.split, shards, self.task_specs)
+            reads = (split.read(shard) for shard in shards)
+            samples = itertools.chain.from_iterable(zip(read.keys, read.jpegs, read.rows()) for read in reads)
+            for position, (key, jpeg, row) in enumerate(samples):
                 if position % readers != reader:
                     continue  # skipped before decoding: a reader pays only for its own samples
                 yield {
-                    "images": decode_image(sample.jpeg, self.image_size),
-                    "labels": torch.from_numpy(sample.targets),
-                    "mask": torch.from_numpy(sample.mask),
+                    "images": decode_image(jpeg, self.image_size),
+                    "labels": torch.from_numpy(split.targets[row]),
+                    "mask": torch.from_numpy(split.mask[row]),
                     "source": source_index,
-                    "key": sample.key,
+                    "key": key,
                 }
 
 

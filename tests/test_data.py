@@ -6,24 +6,32 @@ import itertools
 import shutil
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
+import webdataset as wds
 
 from pipeline.config import AugmentConfig
 from pipeline.data import (
     DataConfigError,
     EvalStream,
+    ShuffledSamples,
     TaskBalancedStream,
     augment_batch,
     compute_quotas,
     data_error_line,
+    decode_image,
     eval_loader,
     expected_labelled_per_batch,
+    label_values,
     open_shard_set,
     resolve_tasks,
+    stream_seed,
     tar_samples,
     train_loader,
 )
+from pipeline.schema import get_task
 from pipeline.tar_format import tar_end, tar_member_bytes
 
 TASKS = ["age", "gender", "race", "smile", "young", "emotion"]
@@ -89,6 +97,35 @@ def test_streams_differ_by_rank_and_epoch_and_repeat_for_the_same_seed(synthetic
     assert torch.equal(first_batch(0, 0), first_batch(0, 0))
     assert not torch.equal(first_batch(0, 0), first_batch(1, 0))
     assert not torch.equal(first_batch(0, 0), first_batch(0, 1))
+
+
+@pytest.mark.parametrize("buffer_size", [1, 7, 100, 500])
+def test_shuffled_samples_come_in_webdatasets_shuffle_order_for_the_seed(buffer_size: int) -> None:
+    expected = wds.shuffle(buffer_size, initial=min(buffer_size, 100), seed=11)(iter(range(10**6)))
+    shuffled = ShuffledSamples(iter(range(10**6)), buffer_size, seed=11)
+    taken = [sample for count in [1, 64, 3, 30, 200, 2] * 3 for sample in shuffled.take(count)]
+    assert taken == list(itertools.islice(expected, len(taken)))
+
+
+def test_training_batches_hold_webdatasets_resampled_and_shuffled_samples_for_the_seed(
+        synthetic_shards: dict[str, Path]) -> None:
+    """The stream's own reading equals the plain pipeline: resampled shards, every member, labels from each
+    sample's json, webdataset's shuffle."""
+    shard_set = open_shard_set(synthetic_shards["celeba"])
+    tasks = ["gender", "smile", "young"]
+    stream = TaskBalancedStream([shard_set], {"celeba": 8}, tasks, 32, shuffle_buffer=40, seed=5, rank=1, epoch=2)
+    seed = stream_seed(5, 1, 0, 2, "celeba")
+    by_url = {shard["url"]: shard for shard in shard_set.shards("train")}
+    picked = wds.ResampledShards(list(by_url), seed=seed, worker_seed=lambda: 0, deterministic=True)
+    samples = (sample for pick in picked for sample in tar_samples([by_url[pick["url"]]]))
+    expected = wds.shuffle(40, initial=40, seed=seed)(samples)
+    for batch in itertools.islice(iter(stream), 30):  # several passes over the 4 shards
+        chosen = list(itertools.islice(expected, 8))
+        images = torch.stack([decode_image(sample["jpg"], 32) for sample in chosen])
+        labels = [label_values(json.loads(sample["json"])["labels"], [get_task(t) for t in tasks]) for sample in chosen]
+        assert torch.equal(batch["images"], images)
+        assert batch["labels"].tolist() == [targets for targets, _ in labels]
+        assert batch["mask"].tolist() == [mask for _, mask in labels]
 
 
 def test_validation_reads_every_sample_exactly_once_across_two_ranks_and_two_workers(synthetic_shards: dict[str, Path]) -> None:
