@@ -48,7 +48,8 @@ def interocular_points(task: TaskSpec) -> tuple[int, int] | None:
 def normalised_mean_errors(predicted: torch.Tensor, target: torch.Tensor, task: TaskSpec) -> torch.Tensor:
     """Per face (N,): the mean Euclidean point error divided by the true inter-ocular distance (NME); in units
     of the crop side for a task without eye points. ``predicted`` and ``target`` are (N, 2K) ``x0, y0, ...``."""
-    predicted_points, target_points = predicted.double().view(len(predicted), -1, 2), target.double().view(len(target), -1, 2)
+    predicted_points = predicted.double().reshape(len(predicted), -1, 2)
+    target_points = target.double().reshape(len(target), -1, 2)
     point_errors = (predicted_points - target_points).norm(dim=2).mean(dim=1)
     eyes = interocular_points(task)
     if eyes is None:
@@ -73,21 +74,18 @@ class MetricSums:
     def add_predictions(self, task: TaskSpec, predicted: torch.Tensor, target: torch.Tensor) -> None:
         """``predicted``: class indices, ages in years or (N, 2K) coordinates for the labelled rows; ``target`` likewise."""
         sums = self.sums[task.name]
-        if task.kind == "landmarks":
-            sums.abs_error_sum += float((predicted.double() - target.double()).abs().sum())
-            sums.coordinate_count += target.numel()
-            sums.nme_sum += float(normalised_mean_errors(predicted, target, task).sum())
-        elif task.kind == "regression":
-            error = (predicted.double() - target.double()).abs()
-            sums.abs_error_sum += float(error.sum())
-            sums.squared_error_sum += float((error**2).sum())
-            sums.within_threshold += int((error <= CS_THRESHOLD_YEARS).sum())
-        else:
-            size = sums.confusion.shape[0]
-            flat = target.long() * size + predicted.long()
-            sums.confusion += torch.bincount(flat.cpu(), minlength=size * size).view(size, size).double()
+        added = prediction_sums(task, predicted, target).cpu()
+        abs_error, squared_error, within, coordinates, nme = added[:5].tolist()
+        sums.abs_error_sum += abs_error
+        sums.squared_error_sum += squared_error
+        sums.within_threshold += int(round(within))
+        sums.coordinate_count += int(round(coordinates))
+        sums.nme_sum += nme
+        if sums.confusion is not None:
+            sums.confusion += added[5:].view_as(sums.confusion)
 
     def as_tensor(self) -> torch.Tensor:
+        """Every task's sums in one float64 tensor: per task loss sum, count, then :func:`prediction_sums`'s."""
         parts = []
         for task in self.tasks:
             s = self.sums[task.name]
@@ -132,6 +130,34 @@ class MetricSums:
                 metrics |= classification_metrics(s.confusion)
             result[task.name] = metrics
         return result
+
+
+def prediction_sums(task: TaskSpec, predicted: torch.Tensor, target: torch.Tensor,
+                    labelled: torch.Tensor | None = None) -> torch.Tensor:
+    """What predictions add to a task's sums, in :meth:`MetricSums.as_tensor`'s order after loss sum and count:
+    absolute and squared error sums, count within ``CS_THRESHOLD_YEARS``, coordinate count, NME sum, then a
+    classification task's confusion matrix; float64 on the device of ``target``.
+
+    ``predicted`` and ``target`` as for :meth:`MetricSums.add_predictions`; with ``labelled`` (N,) bool only those
+    rows count, whatever the others hold (NaN included). Computed on every row and masked, never on the rows picked
+    out, and nothing is read on the host: a batch's metrics never wait for the device."""
+    rows = torch.ones(len(target), dtype=torch.bool, device=target.device) if labelled is None else labelled
+    zero = torch.zeros((), dtype=torch.float64, device=target.device)
+    abs_error = squared_error = within = coordinates = nme = zero
+    confusion = []
+    if task.kind == "landmarks":
+        abs_error = torch.where(rows[:, None], (predicted.double() - target.double()).abs(), 0.0).sum()
+        coordinates = rows.double().sum() * target.shape[1]
+        nme = torch.where(rows, normalised_mean_errors(predicted, target, task), 0.0).sum()
+    elif task.kind == "regression":
+        error = torch.where(rows, (predicted.double() - target.double()).abs(), 0.0)
+        abs_error, squared_error = error.sum(), (error**2).sum()
+        within = (rows & (error <= CS_THRESHOLD_YEARS)).double().sum()
+    else:
+        size = len(task.classes)
+        cells = torch.where(rows, target, 0).long() * size + torch.where(rows, predicted, 0).long()
+        confusion = [zero.new_zeros(size * size).index_add_(0, cells, rows.double())]
+    return torch.cat([torch.stack([abs_error, squared_error, within, coordinates, nme]), *confusion])
 
 
 def _empty_confusion(task: TaskSpec) -> torch.Tensor | None:

@@ -4,18 +4,18 @@ and the one line per epoch that training prints."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.config import TrainConfig
 from pipeline.data import normalize_images
-from pipeline.metrics import MetricSums
+from pipeline.metrics import MetricSums, prediction_sums
 from pipeline.model import MultiTaskNet
 from pipeline.progress import epoch_progress
 from pipeline.schema import TaskSpec, label_slices
-from pipeline.task_losses import masked_task_losses, predict_age
+from pipeline.task_losses import all_task_losses, predict_age
 
 if TYPE_CHECKING:
     from pipeline.loop import WorkerContext
@@ -25,39 +25,51 @@ if TYPE_CHECKING:
 def evaluate_split(
     net: MultiTaskNet, loader, tasks: Sequence[TaskSpec], context: "WorkerContext", config: TrainConfig
 ) -> dict[str, dict[str, float]]:
-    """Per-task loss and metrics over a whole split, summed on every rank and all-reduced."""
+    """Per-task loss and metrics over a whole split, summed on every rank and all-reduced.
+
+    The sums stay on the device until the split is done (:func:`batch_metric_sums`): the host reads them once,
+    and no batch waits for the device."""
     net.eval()
     sums = MetricSums(tasks)
     samples = getattr(getattr(loader, "dataset", None), "num_samples", 0)
     progress = epoch_progress(context, math.ceil(samples / (config.data.batch_size * context.world_size)),
                               config.data.batch_size, "validation")
+    totals = sums.as_tensor().to(context.device)
     for batch in loader:
         if progress is not None:
             progress.update(batch["images"].shape[0] * context.world_size)
-        images = normalize_images(batch["images"].to(context.device), config.model.channels_last)
-        labels, mask = batch["labels"].to(context.device), batch["mask"].to(context.device)
-        outputs = net(images)
-        losses = masked_task_losses(outputs, labels, mask, tasks, config.loss.age_scale, config.loss.regression_loss)
-        counts = {t: int(mask[:, i].sum()) for i, t in enumerate(net.task_names)}
-        sums.add_losses(losses, counts)
-        for index, (task, columns) in enumerate(zip(tasks, label_slices(tasks))):
-            rows = mask[:, index]
-            if not rows.any():
-                continue
-            output = outputs[task.name][rows].float()
-            target = labels[rows, columns].cpu()
-            if task.kind == "landmarks":
-                sums.add_predictions(task, output.cpu(), target)
-                continue
-            if task.kind == "regression":
-                predicted = predict_age(output, config.loss.age_scale)
-            elif output.shape[1] == 1:
-                predicted = (output[:, 0] > 0).long()
-            else:
-                predicted = output.argmax(dim=1)
-            sums.add_predictions(task, predicted.cpu(), target[:, 0])
-    sums.load_tensor(context.all_reduce_sum(sums.as_tensor()))
+        images = normalize_images(batch["images"].to(context.device, non_blocking=True), config.model.channels_last)
+        labels = batch["labels"].to(context.device, non_blocking=True)
+        mask = batch["mask"].to(context.device, non_blocking=True)
+        totals += batch_metric_sums(net(images), labels, mask, tasks, config.loss.age_scale,
+                                    config.loss.regression_loss)
+    sums.load_tensor(context.all_reduce_sum(totals))
     return sums.summary()
+
+
+def batch_metric_sums(outputs: Mapping[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor,
+                      tasks: Sequence[TaskSpec], age_scale: float = 100.0, regression_loss: str = "mse",
+                      ) -> torch.Tensor:
+    """One batch's :meth:`MetricSums.as_tensor`, float64 where the outputs are, without reading a value on the host.
+
+    Per task: its mean loss over the labelled rows (:func:`all_task_losses`, 0 without any) times their count, the
+    count, and :func:`prediction_sums` of the predictions on every row, the unlabelled ones masked out."""
+    losses = all_task_losses(outputs, labels, mask, tasks, age_scale, regression_loss)
+    counts = mask.double().sum(dim=0)
+    parts = []
+    for index, (task, columns) in enumerate(zip(tasks, label_slices(tasks))):
+        output, target = outputs[task.name].float(), labels[:, columns]
+        if task.kind == "landmarks":
+            predicted = output
+        elif task.kind == "regression":
+            predicted, target = predict_age(output, age_scale), target[:, 0]
+        elif output.shape[1] == 1:
+            predicted, target = (output[:, 0] > 0).long(), target[:, 0]
+        else:
+            predicted, target = output.argmax(dim=1), target[:, 0]
+        count = counts[index : index + 1]
+        parts += [losses[task.name].double() * count, count, prediction_sums(task, predicted, target, mask[:, index])]
+    return torch.cat(parts)
 
 
 # Above this many classification tasks the epoch line gives their mean accuracy, not one figure each.
