@@ -135,6 +135,11 @@ def worker_resources(config: TrainConfig) -> dict[str, float]:
     return {"CPU": 1 + config.data.loader_workers, **({"GPU": 1} if config.use_gpu else {})}
 
 
+def thread_environment() -> dict[str, str]:
+    """What every Ray process of a run gets of this process's threading settings (pipeline/__init__.py)."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 def connect_ray(min_cpus: int) -> None:
     """Join ``RAY_ADDRESS`` when set, else start a local Ray with this machine's CPUs, at least ``min_cpus``."""
     import ray
@@ -147,14 +152,15 @@ def connect_ray(min_cpus: int) -> None:
     check_ray()
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": job_environment(gcs_address=address)})
+        ray.init(address=address, runtime_env={"env_vars": {**job_environment(gcs_address=address), **thread_environment()}})
     else:
         # address="local": a new Ray here, never another job's `ray start` cluster on this machine, which a
         # plain ray.init() would join. With its dashboard, for the person watching (Ray prints its address).
         dashboard_port = free_port()
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True,
                  dashboard_port=dashboard_port,
-                 runtime_env={"env_vars": job_environment(dashboard_url=f"http://127.0.0.1:{dashboard_port}")})
+                 runtime_env={"env_vars": {**job_environment(dashboard_url=f"http://127.0.0.1:{dashboard_port}"),
+                                           **thread_environment()}})
 
 
 def build_trainer(config: TrainConfig, max_failures: int, callbacks: Sequence[Any] = ()) -> Any:

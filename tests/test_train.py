@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tarfile
 from pathlib import Path
 
@@ -37,6 +38,23 @@ TIMING_KEYS = ("epoch_seconds", "train/images_per_s")
 
 def without_timings(rows: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if key not in TIMING_KEYS} for row in rows]
+
+
+def test_openmp_threads_wait_passively_unless_the_user_chose_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from pipeline.train import thread_environment
+
+    probe = [sys.executable, "-c", "import os, pipeline; print(os.environ['OMP_WAIT_POLICY'])"]
+    unset = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    assert subprocess.run(probe, env=unset, capture_output=True, text=True, check=True).stdout.strip() == "PASSIVE"
+    chosen = {**unset, "OMP_WAIT_POLICY": "ACTIVE"}
+    assert subprocess.run(probe, env=chosen, capture_output=True, text=True, check=True).stdout.strip() == "ACTIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert thread_environment() == {"OMP_WAIT_POLICY": "ACTIVE"}  # what Ray's workers get
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert thread_environment() == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def test_local_run_writes_checkpoint_metrics_tensorboard_and_resumes(synthetic_shards, tmp_path: Path) -> None:
