@@ -145,20 +145,27 @@ def test_update_refuses_an_epoch_that_does_not_increase() -> None:
         machine.update(3, SCRIPT[1])
 
 
-@pytest.mark.parametrize("split_epoch", range(len(SCRIPT)))
-def test_state_dict_json_round_trip_continues_exactly_as_an_uninterrupted_run(split_epoch: int) -> None:
-    uninterrupted = scripted_machine()
-    expected = decisions_by_epoch(uninterrupted, SCRIPT)
+def assert_a_resumed_machine_continues_exactly(new_machine, script, split_epoch: int) -> EarlyFreeze:
+    """Run ``script`` straight, and again stopped after ``split_epoch`` and resumed from a JSON round trip of
+    the state: the same decisions and the same final state. Returns the resumed machine."""
+    uninterrupted = new_machine()
+    expected = decisions_by_epoch(uninterrupted, script)
 
-    first = scripted_machine()
-    decided = decisions_by_epoch(first, SCRIPT[: split_epoch + 1])
-    resumed = scripted_machine()
+    first = new_machine()
+    decided = decisions_by_epoch(first, script[: split_epoch + 1])
+    resumed = new_machine()
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict(), allow_nan=False)))
-    decided |= decisions_by_epoch(resumed, SCRIPT[split_epoch + 1 :], first_epoch=split_epoch + 1)
+    decided |= decisions_by_epoch(resumed, script[split_epoch + 1 :], first_epoch=split_epoch + 1)
 
     assert decided == expected
     assert resumed.state_dict() == uninterrupted.state_dict()
     assert resumed.events == uninterrupted.events and resumed.frozen_tasks == uninterrupted.frozen_tasks
+    return resumed
+
+
+@pytest.mark.parametrize("split_epoch", range(len(SCRIPT)))
+def test_state_dict_json_round_trip_continues_exactly_as_an_uninterrupted_run(split_epoch: int) -> None:
+    assert_a_resumed_machine_continues_exactly(scripted_machine, SCRIPT, split_epoch)
 
 
 def test_load_state_dict_refuses_a_different_configuration() -> None:
@@ -257,18 +264,9 @@ def test_a_trunk_quorum_above_the_number_of_tasks_is_refused_naming_both() -> No
 
 @pytest.mark.parametrize("split_epoch", range(len(QUORUM_SCRIPT)))
 def test_state_dict_round_trip_keeps_the_quorum_and_the_waiting_tasks(split_epoch: int) -> None:
-    uninterrupted = quorum_machine()
-    expected = decisions_by_epoch(uninterrupted, QUORUM_SCRIPT)
-
-    first = quorum_machine()
-    decided = decisions_by_epoch(first, QUORUM_SCRIPT[: split_epoch + 1])
-    resumed = quorum_machine()
-    resumed.load_state_dict(json.loads(json.dumps(first.state_dict(), allow_nan=False)))
-    decided |= decisions_by_epoch(resumed, QUORUM_SCRIPT[split_epoch + 1 :], first_epoch=split_epoch + 1)
-
-    assert decided == expected and resumed.state_dict() == uninterrupted.state_dict()
+    resumed = assert_a_resumed_machine_continues_exactly(quorum_machine, QUORUM_SCRIPT, split_epoch)
     with pytest.raises(ValueError, match="trunk_quorum=2, this run has trunk_quorum=3"):
-        quorum_machine(trunk_quorum=3).load_state_dict(first.state_dict())
+        quorum_machine(trunk_quorum=3).load_state_dict(resumed.state_dict())
 
 
 def test_a_state_saved_before_the_trunk_quorum_existed_loads_as_a_quorum_of_1() -> None:
