@@ -34,6 +34,7 @@ bench: $(INSTALLED)
 	$(PY) bench/loader_throughput.py
 	$(PY) bench/ddp_overhead.py
 	$(PY) bench/channels_last.py
+	$(PY) bench/omp_wait_policy.py
 
 clean-shards:
 	find shards -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
