@@ -2,8 +2,9 @@
 
 import os
 
-# An OpenMP thread waiting for work spins by default; beside loader processes and other jobs on the same CPUs
-# that burns the CPU they need. Read when torch loads, so set before any pipeline module imports it (Ray workers
-# get it from the job's runtime environment, pipeline.train.thread_environment). The demo's training on 2 busy
-# cores: 40 s of CPU and 43-45 s of wall time instead of 63-68 s and 47-56 s; on idle cores the same wall time.
+# An OpenMP thread waiting for work spins a while by default; beside loader processes and other jobs on the same
+# CPUs that burns the CPU they need. Read when torch loads, so set before any pipeline module imports it (Ray
+# workers get it from the job's runtime environment, pipeline.train.thread_environment). bench/omp_wait_policy.py,
+# the demo's step beside 2 busy processes: 0.71x the wall time and 0.57x the CPU of libgomp's default; on idle
+# cores up to 1.11x the wall time (export OMP_WAIT_POLICY=ACTIVE on a dedicated CPU node).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

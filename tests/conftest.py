@@ -120,10 +120,10 @@ CLUSTER_FIXTURES = {"local_ray", "finished_search", "slurm_cluster"}
 # Ray runs its workers at niceness 15 (its worker_niceness setting, read from this variable): next to the other
 # pytest process's CPU-bound tests, the Ray tests, the suite's critical path, got a fraction of a core.
 os.environ.setdefault("RAY_worker_niceness", "0")
-# Two pytest processes, their Ray workers and loaders share 2 cores: an OpenMP thread waiting for work spins
-# by default, burning CPU another process needs. Passive waiting, read when torch loads (hence here, before any
-# test module imports it; Ray workers, SLURM jobs and subprocesses inherit it): the demo's training under load
-# took 40 s of CPU instead of 63-68 s, 43-45 s of wall time instead of 47-56 s.
+# Two pytest processes, their Ray workers and loaders share 2 cores: an OpenMP thread waiting for work spins a
+# while by default, burning CPU another process needs. Passive waiting is read when torch loads (hence here,
+# before any test module imports torch; Ray workers, SLURM jobs and subprocesses inherit it): the suite took 13.7
+# minutes instead of 20.2 (bench/omp_wait_policy.py for the step itself).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
