@@ -212,7 +212,7 @@ def check_datasets(config: TrainConfig) -> None:
     shard_sets = [open_shard_set(path) for path in config.data.datasets]
     tasks = resolve_tasks(shard_sets, config.data.tasks)
     check_validation_labels(shard_sets, tasks)
-    if config.freeze.mode == "early-freeze" and config.freeze.trunk_quorum > len(tasks):
+    if config.freeze.trunk_quorum > len(tasks):  # EarlyFreeze refuses it in every mode, inside the workers
         raise ConfigError(f"freeze.trunk_quorum {config.freeze.trunk_quorum} is more than the {len(tasks)} "
                           f"task{'s' if len(tasks) != 1 else ''} these datasets label ({', '.join(tasks)}): the trunk would never freeze")
 
