@@ -111,15 +111,20 @@ def has_records(run_dir: Path) -> bool:
         (run_dir / name).exists() for name in (METRICS_FILE, BEST_MODEL_FILE, CHECKPOINT_FILE))
 
 
+def network_file_of(target: Path) -> Path:
+    """The file ``model.init_from`` reads: a run folder's best_model.pt, else its newest checkpoint; a file as
+    it is."""
+    if not target.is_dir():
+        return target
+    folders = checkpoint_folders(target)
+    return target / BEST_MODEL_FILE if (target / BEST_MODEL_FILE).is_file() else (
+        folders[0] / CHECKPOINT_FILE if folders else target / BEST_MODEL_FILE)
+
+
 def network_state_of(target: Path) -> dict[str, torch.Tensor]:
-    """The network weights of a facemtl run folder (its best_model.pt, else its newest checkpoint) or of a
-    checkpoint file, without the loss weighting's; for ``model.init_from``."""
-    path = target
-    if target.is_dir():
-        folders = checkpoint_folders(target)
-        path = target / BEST_MODEL_FILE if (target / BEST_MODEL_FILE).is_file() else (
-            folders[0] / CHECKPOINT_FILE if folders else target / BEST_MODEL_FILE)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """The network weights of a facemtl run folder or checkpoint file (:func:`network_file_of`), without the
+    loss weighting's; for ``model.init_from``."""
+    payload = torch.load(network_file_of(target), map_location="cpu", weights_only=True)
     return {key[len("net."):]: tensor for key, tensor in payload["objective"].items() if key.startswith("net.")}
 
 

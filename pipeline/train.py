@@ -198,17 +198,22 @@ def fit_with_ray(config: TrainConfig, max_failures: int) -> Any:
     return build_trainer(config, max_failures).fit()
 
 
+def check_init_from(target: Path) -> None:
+    """``model.init_from`` holds a facemtl network: refused here, before any worker starts training."""
+    try:
+        network_state_of(target)
+    except Exception as error:  # a missing or foreign file fails as OSError, KeyError, UnpicklingError, ...
+        raise ConfigError(f"model.init_from {target} holds no facemtl network: "
+                          f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+
 def check_datasets(config: TrainConfig) -> None:
     """Every dataset is a shard folder and every task has training and validation labels: refused here,
     before Ray starts workers that would each fail on it."""
     if not config.data.datasets:
         raise ConfigError("data.datasets is empty: name at least one shard folder written by python -m pipeline.shard")
     if config.model.init_from:
-        try:
-            network_state_of(Path(config.model.init_from))
-        except Exception as error:  # a missing or foreign file fails as OSError, KeyError, UnpicklingError, ...
-            raise ConfigError(f"model.init_from {config.model.init_from} holds no facemtl network: "
-                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+        check_init_from(Path(config.model.init_from))
     shard_sets = [open_shard_set(path) for path in config.data.datasets]
     tasks = resolve_tasks(shard_sets, config.data.tasks)
     check_validation_labels(shard_sets, tasks)
