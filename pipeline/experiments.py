@@ -4,6 +4,7 @@
     python -m pipeline.experiments weighting --config configs/celeba.yaml --seeds 3          # Tables 5.1-5.3
     python -m pipeline.experiments freeze --config configs/utkface.yaml                      # Table 5.4
     python -m pipeline.experiments lambda --config configs/utkface.yaml max_epochs=10 --local  # Table 5.5
+    python -m pipeline.experiments transfer --config configs/utkface.yaml --init-from runs/fer-utkface --seeds 3
 
 An experiment is a set of training runs ("arms") of one config that differ in one thing, each trained with
 seeds 0..N-1 through ``pipeline.train`` (Ray Train on a local Ray or the cluster named by ``RAY_ADDRESS``;
@@ -37,6 +38,13 @@ The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipe
 - ``freeze``: ``early-freeze`` (Algorithm 1), ``early-stop`` (converged tasks stop; the thesis' Table 5.4
   baseline), ``none``, and ``early-freeze`` with Algorithm 1's cumulative counter.
 - ``lambda``: λ of the learned weighting over the thesis' grid {0.001, 0.01, 0.1, 1} (Table 5.5).
+- ``transfer`` (the lab notes' pretrain, then fine-tune): the config from its own start (the baseline, row
+  "ImageNet start" with ``model.weights_path``, else "random start") and from the network of the run
+  ``--init-from`` names (row "from <run>": ``model.init_from``, which loads the trunk and every head of the same
+  task and shape), e.g. pretrained on FER2013 + UTKFace (``python -m pipeline.train --config
+  configs/fer-utkface.yaml``: runs/fer-utkface), fine-tuned on UTKFace. Only this experiment takes
+  ``--init-from``; the path, the file read and the config its weights were trained with go into
+  ``invocations.jsonl``.
 
 Metrics are those of each run's best epoch (lowest val/total_loss, the epoch saved as best_model.pt): with
 ``--split val`` (the default) its validation metrics, read from its metrics.parquet; with ``--split test``
@@ -65,6 +73,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import yaml
 
 from pipeline.config import (
@@ -76,17 +85,17 @@ from pipeline.run_summary import chance_levels
 from pipeline.freeze import MODES as FREEZE_MODES
 from pipeline.losses import WEIGHTINGS
 from pipeline.inference import CheckpointError
-from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE
+from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE, network_file_of
 from pipeline.schema import TaskSpec, get_task
+from pipeline.train import check_init_from
 from pipeline.train import main as train_main
 from pipeline.training_setup import declare_config_tasks
 
-EXPERIMENTS = ("mtl-vs-single", "weighting", "freeze", "lambda")
+EXPERIMENTS = ("mtl-vs-single", "weighting", "freeze", "lambda", "transfer")
 # Every registered strategy but the hand-set one, equal (the thesis' "average loss", the baseline) first.
 COMPARED_WEIGHTINGS = ("equal", *(name for name in WEIGHTINGS if name not in ("equal", "fixed")))
 LAMBDA_GRID = (0.001, 0.01, 0.1, 1.0)  # thesis Table 5.5
-# The row every other row's Δm is measured against.
-BASELINE_ROW = {"mtl-vs-single": "single-task", "weighting": "equal", "freeze": "early-stop", "lambda": "λ=0.1"}
+BASELINE_LAMBDA = 0.1  # the config default and the thesis' best λ
 LOWER_IS_BETTER = frozenset({"mae", "rmse", "nme"})
 PLOTTED_TASKS_MAX = 12  # one bar chart each; beyond this the plot shows the tasks with a baseline, first ones
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.parquet", "table.md", "plot.png"
@@ -106,6 +115,7 @@ class Arm:
     name: str  # run folders are <name>-seed<k>
     row: str  # the table row its results go to (the single-task arms share one)
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    baseline: bool = False  # its row is the one every other row's Δm is measured against
 
 
 class CellStats(NamedTuple):
@@ -123,33 +133,66 @@ def single_task_overrides(task: str, datasets: Sequence[str]) -> dict[str, Any]:
             "loss.weighting": "fixed", "loss.fixed_weights": {task: 1.0}}
 
 
+def source_name(init_from: Path) -> str:
+    """How the table names a pretrained network: its run folder (``runs/x/mtl-seed0/best_model.pt``: mtl-seed0),
+    with the file when it is another checkpoint (``checkpoint_000003/checkpoint.pt``)."""
+    if init_from.name == BEST_MODEL_FILE:
+        return init_from.parent.name
+    return f"{init_from.parent.name}/{init_from.name}" if init_from.suffix == ".pt" else init_from.name
+
+
+def transfer_arms(init_from: Path, backbone_weights: str | None) -> list[Arm]:
+    """The config's own start (the baseline) and the same config started from ``init_from``'s network. The
+    own start clears ``model.init_from``, so that the two arms differ in that key alone."""
+    own_start = ("imagenet", "ImageNet start") if backbone_weights else ("scratch", "random start")
+    return [Arm(*own_start, {"model.init_from": None}, baseline=True),
+            Arm("pretrained", f"from {source_name(init_from)}", {"model.init_from": str(init_from)})]
+
+
 def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Mapping[str, Sequence[str]],
-                    single_tasks: Sequence[str] = (), weightings: Sequence[str] = ()) -> list[Arm]:
+                    single_tasks: Sequence[str] = (), weightings: Sequence[str] = (), init_from: Path | None = None,
+                    backbone_weights: str | None = None) -> list[Arm]:
     """The arms of ``experiment`` in table order; ``datasets_by_task`` (shard folders labelling each task) and
     ``single_tasks`` (the tasks that get a single-task arm; default all) are only used by ``mtl-vs-single``,
-    ``weightings`` (default every registered one but ``fixed``; ``equal``, the baseline, always) by ``weighting``."""
+    ``weightings`` (default every registered one but ``fixed``; ``equal``, the baseline, always) by ``weighting``,
+    ``init_from`` (required there, refused elsewhere) and ``backbone_weights`` (the config's
+    ``model.weights_path``) by ``transfer``."""
+    if experiment == "transfer" and init_from is None:
+        raise ExperimentError("transfer needs --init-from: the pretrained run folder (or its best_model.pt)")
+    if experiment != "transfer" and init_from is not None:
+        raise ExperimentError(f"--init-from is for the transfer experiment; {experiment} does not take it")
     if experiment == "mtl-vs-single":
         unknown = [task for task in single_tasks if task not in tasks]
         if unknown:
             raise ExperimentError(f"--single-tasks names {', '.join(unknown)}, not among the config's tasks "
                                   f"({', '.join(tasks)})")
         chosen = [task for task in tasks if task in single_tasks] if single_tasks else list(tasks)
-        singles = [Arm(f"single-{task}", "single-task", single_task_overrides(task, datasets_by_task[task]))
-                   for task in chosen]
+        singles = [Arm(f"single-{task}", "single-task", single_task_overrides(task, datasets_by_task[task]),
+                       baseline=True) for task in chosen]
         return [*singles, Arm("mtl", "MTL")]
     if experiment == "weighting":
         unknown = [name for name in weightings if name not in COMPARED_WEIGHTINGS]
         if unknown:
             raise ExperimentError(f"--weightings names {', '.join(unknown)}; known: {', '.join(COMPARED_WEIGHTINGS)}")
         chosen = [name for name in COMPARED_WEIGHTINGS if name == "equal" or name in weightings or not weightings]
-        return [Arm(weighting, weighting, {"loss.weighting": weighting}) for weighting in chosen]
+        return [Arm(weighting, weighting, {"loss.weighting": weighting}, baseline=weighting == "equal")
+                for weighting in chosen]
     if experiment == "freeze":
-        return [*(Arm(mode, mode, {"freeze.mode": mode}) for mode in FREEZE_MODES),
+        return [*(Arm(mode, mode, {"freeze.mode": mode}, baseline=mode == "early-stop") for mode in FREEZE_MODES),
                 Arm("early-freeze-cumulative", "early-freeze (cumulative counter)",
                     {"freeze.mode": "early-freeze", "freeze.counter": "cumulative"})]
     if experiment == "lambda":
-        return [Arm(f"lambda-{lam:g}", f"λ={lam:g}", {"loss.weighting": "learned", "loss.lam": lam}) for lam in LAMBDA_GRID]
+        return [Arm(f"lambda-{lam:g}", f"λ={lam:g}", {"loss.weighting": "learned", "loss.lam": lam},
+                    baseline=lam == BASELINE_LAMBDA) for lam in LAMBDA_GRID]
+    if experiment == "transfer":
+        return transfer_arms(init_from, backbone_weights)
     raise ValueError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
+
+
+def baseline_row(arms: Sequence[Arm]) -> str:
+    """The row every other row's Δm is measured against: the one row of the arms marked ``baseline``."""
+    (row,) = {arm.row for arm in arms if arm.baseline}
+    return row
 
 
 def run_name(arm: Arm, seed: int) -> str:
@@ -255,10 +298,10 @@ def format_cell(stats: CellStats, scale: float) -> str:
     return f"{stats.mean * scale:.2f} ± {stats.std * scale:.2f}"
 
 
-def format_table(experiment: str, summary: Mapping[str, Mapping[str, CellStats]], tasks: Sequence[TaskSpec],
-                 chance: Mapping[str, float], seeds: int, split: str = "val") -> str:
-    """The Markdown table: a caption, one column per task, one row per arm row, the chance level, Δm."""
-    baseline = BASELINE_ROW[experiment]
+def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[str, CellStats]],
+                 tasks: Sequence[TaskSpec], chance: Mapping[str, float], seeds: int, split: str = "val") -> str:
+    """The Markdown table: a caption, one column per task, one row per arm row, the chance level, Δm against the
+    ``baseline`` row."""
     seeds_text = "one seed" if seeds == 1 else f"mean ± std (n-1) over {seeds} seeds"
     caption = (f"**{experiment}**: {SPLIT_NAMES[split]} split, best epoch of each run (lowest val/total_loss, the epoch saved "
                f"as best_model.pt), {seeds_text}. Δm: mean over tasks of the relative difference to the "
@@ -344,12 +387,32 @@ def git_commit(repo: Path) -> str:
     return commit + ("+changes" if dirty else "")
 
 
-def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: Sequence[ShardSet]) -> None:
-    """One line per invocation in ``invocations.jsonl``: the exact command, the code's commit and the summary
-    of every shard folder, so that a table can be traced to what made it."""
+def describe_source(init_from: Path) -> dict[str, Any]:
+    """The pretrained network ``init_from`` names: its path, the file read and the config and epoch its weights
+    were trained with (a run folder records no commit; its experiment's invocations.jsonl does)."""
+    file = network_file_of(init_from)
+    payload = torch.load(file, map_location="cpu", weights_only=True)
+    epoch = payload.get("epoch", payload.get("run_state", {}).get("epoch"))
+    return {"path": str(init_from), "file": str(file), "epoch": epoch, "config": payload.get("config")}
+
+
+def check_transfer_source(source_config: Mapping[str, Any] | None, config: TrainConfig) -> None:
+    """A source of another backbone would hand over nothing of the trunk: that is no transfer, so refused."""
+    backbone = ((source_config or {}).get("model") or {}).get("backbone")
+    if backbone != config.model.backbone:
+        raise ExperimentError(f"--init-from holds a {backbone} network and the config trains {config.model.backbone}: "
+                              "model.init_from would load no trunk; fine-tune with the source's model.backbone")
+
+
+def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: Sequence[ShardSet],
+                      source: Mapping[str, Any] | None = None) -> None:
+    """One line per invocation in ``invocations.jsonl``: the exact command, the code's commit, the summary of
+    every shard folder and the pretrained ``source`` (:func:`describe_source`), so that a table can be traced
+    to what made it."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command),
              "commit": git_commit(Path(__file__).resolve().parents[1]),
-             "shards": {str(s.root): json.loads((s.root / "summary.json").read_text()) for s in shard_sets}}
+             "shards": {str(s.root): json.loads((s.root / "summary.json").read_text()) for s in shard_sets},
+             **({"init_from": dict(source)} if source is not None else {})}
     with (experiment_dir / INVOCATIONS_FILE).open("a") as handle:
         handle.write(json.dumps(entry) + "\n")
 
@@ -434,7 +497,8 @@ def write_results(records: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
                    out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = (),
-                   single_tasks: Sequence[str] = (), weightings: Sequence[str] = ()) -> Path:
+                   single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
+                   init_from: Path | None = None) -> Path:
     """Train every arm x seed (skipping finished runs), then write the results, table and plot of ``split``."""
     base = with_absolute_paths(load_config(config_path, overrides))
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
@@ -442,10 +506,17 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     task_names = resolve_tasks(shard_sets, base.data.tasks)
     datasets_by_task = {task: [path for path, s in zip(base.data.datasets, shard_sets) if s.labelled_fraction(task) > 0]
                         for task in task_names}
-    arms = experiment_arms(experiment, task_names, datasets_by_task, single_tasks, weightings)
+    init_from = init_from.resolve() if init_from else None  # absolute: a run's saved config must not depend on cwd
+    arms = experiment_arms(experiment, task_names, datasets_by_task, single_tasks, weightings, init_from,
+                           base.model.weights_path)
+    source = None
+    if init_from is not None:
+        check_init_from(init_from)
+        source = describe_source(init_from)
+        check_transfer_source(source["config"], base)
     experiment_dir = Path(base.runs_dir) / (out_name or experiment)
     experiment_dir.mkdir(parents=True, exist_ok=True)
-    record_invocation(experiment_dir, command, shard_sets)
+    record_invocation(experiment_dir, command, shard_sets, source)
     print(f"experiment {experiment}: {len(arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
     records, durations, total = [], [], len(arms) * seeds
     for number, (arm, seed) in enumerate(((arm, seed) for arm in arms for seed in range(seeds)), start=1):
@@ -460,7 +531,7 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     tasks = [get_task(name) for name in task_names]
     summary = summarize(records, list(dict.fromkeys(arm.row for arm in arms)), tasks, split)
     chance = chance_levels(shard_sets, tasks, split)
-    table = format_table(experiment, summary, tasks, chance, seeds, split)
+    table = format_table(experiment, baseline_row(arms), summary, tasks, chance, seeds, split)
     write_results(records, experiment_dir / split_file(RESULTS_FILE, split))
     (experiment_dir / split_file(TABLE_FILE, split)).write_text(table)
     plot_comparison(summary, tasks, chance, f"{experiment} ({SPLIT_NAMES[split]}, {seeds} seed{'s' if seeds > 1 else ''})",
@@ -489,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weightings", default="",
                         help="weighting: the methods compared, e.g. learned,pcgrad (default every registered one but "
                              "fixed; equal, the baseline, is always run)")
+    parser.add_argument("--init-from", type=Path,
+                        help="transfer (required there, refused elsewhere): the pretrained run folder or best_model.pt "
+                             "the fine-tuned arm starts from")
     args = parser.parse_intermixed_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
@@ -496,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         experiment_dir = run_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name, args.local,
                                         args.split, ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])],
-                                        comma_list(args.single_tasks), comma_list(args.weightings))
+                                        comma_list(args.single_tasks), comma_list(args.weightings), args.init_from)
     except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """Experiments: the arms of each comparison, Δm and mean ± std by hand, the ready configs, and
-``mtl-vs-single`` end to end on the synthetic shards (in-process training, a re-run skips finished runs)."""
+``mtl-vs-single`` and ``transfer`` end to end on the synthetic shards (in-process training, a re-run skips
+finished runs)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import config_differences, load_config
+from pipeline.config import config_differences, load_config, to_dict
 from pipeline.experiments import (
     CellStats,
     ExperimentError,
     arm_overrides,
+    baseline_row,
     best_epoch_row,
     delta_m,
     experiment_arms,
@@ -29,6 +31,7 @@ from pipeline.experiments import (
 )
 from pipeline.losses import WEIGHTINGS
 from pipeline.schema import get_task
+from pipeline.train import main as train_main
 from tests.test_train import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +90,51 @@ def test_weighting_freeze_and_lambda_arms_vary_one_key() -> None:
     assert lam[0].overrides == {"loss.weighting": "learned", "loss.lam": 0.001}
     for arm in [*weighting, *freeze, *lam]:
         load_config(None, arm_overrides(arm, 0, Path("/runs/x")))  # every arm is a valid config
+    assert [baseline_row(arms) for arms in (weighting, freeze, lam)] == ["equal", "early-stop", "λ=0.1"]
+    assert baseline_row(experiment_arms("mtl-vs-single", ["age", "gender"], DATASETS_BY_TASK)) == "single-task"
+
+
+def test_transfer_arms_differ_in_init_from_alone_and_the_own_start_is_the_baseline() -> None:
+    source = Path("/runs/fer-utkface-mtl/mtl-seed0")
+    arms = experiment_arms("transfer", ["age", "gender", "race"], {}, init_from=source,
+                           backbone_weights="weights/mobilenet_v2-b0353104.pth")
+    assert [(a.name, a.row) for a in arms] == [("imagenet", "ImageNet start"), ("pretrained", "from mtl-seed0")]
+    assert baseline_row(arms) == "ImageNet start"
+    utkface = REPO / "configs" / "utkface.yaml"
+    own, pretrained = (load_config(utkface, arm_overrides(arm, 0, Path("/runs/x"))) for arm in arms)
+    assert own.model.init_from is None and pretrained.model.init_from == str(source)
+    assert config_differences(to_dict(own), to_dict(pretrained)) == ["model.init_from"]  # name is a run's own
+    assert own.model.weights_path == pretrained.model.weights_path == "weights/mobilenet_v2-b0353104.pth"
+
+    from_file = experiment_arms("transfer", ["age"], {}, init_from=source / "best_model.pt", backbone_weights=None)
+    assert [(a.name, a.row) for a in from_file] == [("scratch", "random start"), ("pretrained", "from mtl-seed0")]
+
+
+def test_init_from_is_required_by_transfer_and_refused_by_the_other_experiments() -> None:
+    with pytest.raises(ExperimentError, match="transfer needs --init-from"):
+        experiment_arms("transfer", ["age"], {})
+    for experiment in ("mtl-vs-single", "weighting", "freeze", "lambda"):
+        with pytest.raises(ExperimentError, match=f"--init-from is for the transfer experiment; {experiment} does not"):
+            experiment_arms(experiment, ["age"], {"age": ["/s/utk"]}, init_from=Path("/runs/pre"))
+
+
+def test_transfer_refuses_a_source_without_a_facemtl_network_or_of_another_backbone_before_training(
+        synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = tiny_overrides({"utk": synthetic_shards["utk"]}, tmp_path, "unused")
+    command = ["--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--name", "tr", "--local"]
+    assert main(["transfer", *command]) == 1
+    assert "transfer needs --init-from" in capsys.readouterr().err
+    assert main(["weighting", *command, "--init-from", str(tmp_path)]) == 1
+    assert "--init-from is for the transfer experiment; weighting does not take it" in capsys.readouterr().err
+    assert main(["transfer", *command, "--init-from", str(tmp_path / "nothing")]) == 2
+    assert f"model.init_from {tmp_path / 'nothing'} holds no facemtl network" in capsys.readouterr().err
+    other = tmp_path / "resnet" / "best_model.pt"
+    other.parent.mkdir()
+    torch.save({"objective": {"net.backbone.conv.weight": torch.zeros(1)}, "config": {"model": {"backbone": "resnet50"}}},
+               other)
+    assert main(["transfer", *command, "--init-from", str(other)]) == 1
+    assert "--init-from holds a resnet50 network and the config trains shufflenet_v2_x0_5" in capsys.readouterr().err
+    assert not (tmp_path / "tr").exists()  # refused before the experiment folder, let alone a run
 
 
 def test_finished_runs_best_epoch_and_config_differences() -> None:
@@ -109,7 +157,7 @@ def test_single_tasks_subset_gets_single_arms_and_delta_m_over_those_tasks_only(
     tasks = [get_task("age"), get_task("gender"), get_task("landmarks")]
     records = [{"row": "single-task", "val/age/mae": 6.0}, {"row": "single-task", "val/landmarks/nme": 0.10},
                {"row": "MTL", "val/age/mae": 3.0, "val/gender/accuracy": 0.9, "val/landmarks/nme": 0.12}]
-    table = format_table("mtl-vs-single", summarize(records, ["single-task", "MTL"], tasks), tasks,
+    table = format_table("mtl-vs-single", "single-task", summarize(records, ["single-task", "MTL"], tasks), tasks,
                          {"age": 9.0, "gender": 0.5, "landmarks": 0.3}, seeds=1)
     lines = table.splitlines()
     assert lines[2] == ("| model | age MAE (years) ↓ | gender accuracy (%) ↑ | landmarks NME ↓ "
@@ -126,7 +174,7 @@ def test_table_has_a_column_per_task_rows_chance_and_delta_m() -> None:
                {"row": "MTL", "val/age/mae": 6.0, "val/gender/accuracy": 0.80}]
     summary = summarize(records, ["single-task", "MTL"], tasks)
     assert summary["MTL"]["age"] == CellStats(5.0, math.sqrt(2), 2)
-    table = format_table("mtl-vs-single", summary, tasks, {"age": 9.0, "gender": 0.5}, seeds=2)
+    table = format_table("mtl-vs-single", "single-task", summary, tasks, {"age": 9.0, "gender": 0.5}, seeds=2)
     lines = table.splitlines()
     assert lines[2] == "| model | age MAE (years) ↓ | gender accuracy (%) ↑ | Δm vs single-task (%) ↑ |"
     assert lines[4] == "| single-task | 6.00 | 75.00 | ref. |"
@@ -223,3 +271,56 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
 def test_unknown_experiment_is_refused() -> None:
     with pytest.raises(SystemExit):
         main(["mtl-vs-everything"])
+
+
+@pytest.mark.slow
+def test_transfer_end_to_end_starts_the_pretrained_arm_from_the_source_and_skips_finished_runs(
+        synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_torch_thread) -> None:
+    utk, fer = synthetic_shards["utk"], synthetic_shards["fer"]
+    source = tmp_path / "pretraining" / "mtl-seed0"
+    pretrain = tiny_overrides({"utk": utk, "fer": fer}, source.parent, source.name, "max_epochs=1", "freeze.mode=none",
+                              "data.loader_workers=0")
+    assert train_main(["--local", *pretrain]) == 0  # FER2013 + UTKFace: age, gender, race and emotion
+    # lr ~0: each arm's weights stay where its start put them, so the pretrained arm's can be compared with the source's
+    overrides = tiny_overrides({"utk": utk}, tmp_path, "unused", "data.tasks=[age,gender]", "max_epochs=1",
+                               "freeze.mode=none", "data.loader_workers=0", "optim.lr=1e-30", "optim.weighting_lr=1e-30")
+    argv = ["transfer", "--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--init-from", str(source),
+            "--name", "transfer", "--local"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"init_from {source}: loaded backbone, heads.age, heads.gender, shared; fresh nothing; " \
+           "not used heads.emotion, heads.race" in out
+    experiment = tmp_path / "transfer"
+    runs = ["scratch-seed0", "pretrained-seed0"]
+    assert load_config(experiment / "pretrained-seed0" / "config.yaml").model.init_from == str(source)
+    assert load_config(experiment / "scratch-seed0" / "config.yaml").model.init_from is None
+
+    source_weights = torch.load(source / "best_model.pt", weights_only=True)["objective"]
+    for run, starts_from_source in (("pretrained-seed0", True), ("scratch-seed0", False)):
+        tuned = torch.load(experiment / run / "best_model.pt", weights_only=True)["objective"]
+        trunk = [key for key, tensor in tuned.items() if key.startswith(("net.backbone.", "net.shared."))
+                 and tensor.is_floating_point() and "running_" not in key]  # BatchNorm statistics move in every pass
+        same = all(torch.allclose(tuned[key], source_weights[key], atol=1e-6) for key in trunk)
+        assert same == starts_from_source, run
+
+    table = (experiment / "table.md").read_text()
+    assert table.startswith("**transfer**: validation split")
+    assert "| model | age MAE (years) ↓ | gender accuracy (%) ↑ | Δm vs random start (%) ↑ |" in table
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["| random start"].endswith("| ref. |")
+    assert lines["| from mtl-seed0"].rstrip(" |").split("| ")[-1].startswith(("+", "-"))  # Δm against random start
+    (invocation,) = [json.loads(line) for line in (experiment / "invocations.jsonl").read_text().splitlines()]
+    assert invocation["init_from"]["path"] == str(source) and invocation["init_from"]["epoch"] == 0
+    assert invocation["init_from"]["file"] == str(source / "best_model.pt")
+    assert invocation["init_from"]["config"]["data"]["datasets"] == [str(utk), str(fer)]
+
+    mtimes = {run: (experiment / run / "metrics.parquet").stat().st_mtime_ns for run in runs}
+    assert main([*argv, "--split", "test"]) == 0  # trains nothing: each best_model.pt evaluated on the test split
+    out = capsys.readouterr().out
+    assert out.count("finished, skipped") == 2 and "init_from" not in out
+    assert {run: (experiment / run / "metrics.parquet").stat().st_mtime_ns for run in runs} == mtimes
+    test_table = (experiment / "table-test.md").read_text()
+    assert test_table.startswith("**transfer**: test split") and "| from mtl-seed0 | " in test_table
+    results = pq.read_table(experiment / "results-test.parquet").to_pylist()
+    assert [(r["arm"], r["row"]) for r in results] == [("scratch", "random start"), ("pretrained", "from mtl-seed0")]
