@@ -14,21 +14,10 @@ import torch
 from PIL import Image
 
 from pipeline.config import config_differences, load_config, to_dict
-from pipeline.experiments import (
-    CellStats,
-    ExperimentError,
-    arm_overrides,
-    baseline_row,
-    best_epoch_row,
-    delta_m,
-    experiment_arms,
-    format_estimate,
-    format_table,
-    main,
-    mean_and_std,
-    run_is_finished,
-    summarize,
-)
+from pipeline.experiment_arms import ExperimentError, arm_overrides, baseline_row, experiment_arms
+from pipeline.experiment_runs import best_epoch_row, run_is_finished
+from pipeline.experiment_tables import CellStats, delta_m, format_table, mean_and_std, summarize
+from pipeline.experiments import format_estimate, main
 from pipeline.losses import WEIGHTINGS
 from pipeline.schema import get_task
 from pipeline.train import main as train_main

@@ -1,0 +1,90 @@
+"""One run folder of an experiment's arm, as the experiment reads it: refused when it holds another config,
+finished or not, and the metrics of its best epoch on a split (validation: its records; another split:
+best_model.pt evaluated by :mod:`pipeline.evaluate`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline.config import TrainConfig, config_differences, describe_differences, to_dict
+from pipeline.evaluate import EvaluationError, evaluate_checkpoint
+from pipeline.experiment_arms import Arm, ExperimentError
+from pipeline.inference import CheckpointError
+from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE
+
+
+def best_epoch_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The epoch saved as best_model.pt: the last one marked best (lowest val/total_loss, not restored)."""
+    best = [row for row in rows if row.get("is_best")]
+    if not best:
+        raise ValueError("no epoch is marked is_best")
+    return best[-1]
+
+
+def run_is_finished(rows: Sequence[Mapping[str, Any]], max_epochs: int) -> bool:
+    """Whether a run with these metrics.parquet rows has nothing left to train: ``max_epochs`` epochs, or
+    every task frozen or stopped in the last one (``freeze/frozen_tasks`` is stored as a JSON list)."""
+    if not rows:
+        return False
+    last = rows[-1]
+    if int(last["epoch"]) + 1 >= max_epochs:
+        return True
+    tasks = {key.split("/")[1] for key in last if key.startswith("val/") and key.endswith("/loss")}
+    done = last.get("freeze/frozen_tasks") or "[]"
+    return bool(tasks) and tasks <= set(json.loads(done) if isinstance(done, str) else done)
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+def check_run_folder(config: TrainConfig) -> None:
+    """A run folder that already holds another config is not this arm's run: refused, not mixed in."""
+    saved_path = config.run_dir / CONFIG_FILE
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    differences = config_differences(saved, to_dict(config))
+    if differences:
+        raise ExperimentError(f"{config.run_dir} was trained with another config "
+                              f"({describe_differences(saved, to_dict(config), differences)}); "
+                              "use another --name for this experiment or delete that run folder")
+
+
+def split_metrics(report: Mapping[str, Any], split: str) -> dict[str, int | float]:
+    """``<split>/<task>/<metric>`` -> value of every numeric metric of a pipeline.evaluate report, named as
+    metrics.parquet names the validation ones; a task without labels has none."""
+    return {f"{split}/{task}/{name}": value for task, metrics in report["tasks"].items()
+            for name, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def evaluate_best_model(run_dir: Path, split: str) -> dict[str, int | float]:
+    """The run's best_model.pt on ``split`` of its own datasets (report in <run>/evaluation/<split>/)."""
+    try:
+        report, out_dir = evaluate_checkpoint(run_dir / BEST_MODEL_FILE, split, loader_workers=1, log=lambda line: None)
+    except (CheckpointError, EvaluationError) as error:
+        raise ExperimentError(f"cannot evaluate {run_dir} on {split}: {error}") from None
+    print(f"{run_dir.name}: {split} split evaluated in {report['seconds']:.0f} s ({out_dir})", flush=True)
+    return split_metrics(report, split)
+
+
+def result_record(experiment: str, arm: Arm, seed: int, run_dir: Path, split: str = "val") -> dict[str, Any]:
+    """One results row: the arm, the seed and every metric of the run's best epoch on ``split`` (validation:
+    from metrics.parquet; another split: best_model.pt evaluated on it)."""
+    rows = read_rows(run_dir)
+    if not rows:
+        raise ExperimentError(f"{run_dir / METRICS_FILE} is missing or empty after training")
+    best = best_epoch_row(rows)
+    if split == "val":
+        metrics = {key: value for key, value in best.items() if key.startswith("val/")}
+    else:
+        metrics = evaluate_best_model(run_dir, split)
+    return {"experiment": experiment, "arm": arm.name, "row": arm.row, "seed": seed, "run_dir": str(run_dir),
+            "best_epoch": int(best["epoch"]), "epochs_run": len(rows), **metrics}

@@ -1,0 +1,169 @@
+"""An experiment's results: mean ± std over seeds and Δm (pure), the Markdown table, the plot and
+results.parquet, on the validation split or another (``table-test.md``…).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.schema import TaskSpec
+
+LOWER_IS_BETTER = frozenset({"mae", "rmse", "nme"})
+PLOTTED_TASKS_MAX = 12  # one bar chart each; beyond this the plot shows the tasks with a baseline, first ones
+RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.parquet", "table.md", "plot.png"
+SPLIT_NAMES = {"val": "validation", "test": "test"}
+
+
+class CellStats(NamedTuple):
+    mean: float
+    std: float  # sample std (n-1) over seeds; NaN for one seed
+    count: int
+
+
+# ---------------------------------------------------------------- aggregation and Δm (pure)
+
+
+def mean_and_std(values: Sequence[float]) -> CellStats:
+    """Mean and sample standard deviation (n-1); the std is NaN below two values, the mean NaN for none."""
+    values = [float(v) for v in values]
+    if not values:
+        return CellStats(math.nan, math.nan, 0)
+    return CellStats(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
+
+
+def lower_is_better(task: TaskSpec) -> bool:
+    return task.metric in LOWER_IS_BETTER
+
+
+def relative_improvement(value: float, baseline: float, lower_better: bool) -> float:
+    """(-1)^l (value - baseline) / baseline x 100: positive when ``value`` is the better one; NaN (undefined)
+    for a baseline of 0, e.g. a single-task model that got no validation sample right."""
+    if baseline == 0:
+        return math.nan
+    sign = -1.0 if lower_better else 1.0
+    return sign * (value - baseline) / baseline * 100.0
+
+
+def delta_m(metric_by_task: Mapping[str, float], baseline_by_task: Mapping[str, float], lower_better_by_task: Mapping[str, bool]) -> float:
+    """Δm (Maninis et al. 2019): the mean over tasks of :func:`relative_improvement`, in percent; NaN when
+    it is undefined for a task."""
+    improvements = [relative_improvement(metric_by_task[task], baseline_by_task[task], lower_better)
+                    for task, lower_better in lower_better_by_task.items()]
+    return statistics.fmean(improvements)
+
+
+def summarize(records: Sequence[Mapping[str, Any]], rows: Sequence[str], tasks: Sequence[TaskSpec],
+              split: str = "val") -> dict[str, dict[str, CellStats]]:
+    """row -> task -> mean ± std of the task's main metric on ``split`` over the records (arm x seed) of
+    that row. A record without the metric (a single-task run of another task) does not count."""
+    summary = {}
+    for row in rows:
+        summary[row] = {}
+        for task in tasks:
+            key = f"{split}/{task.name}/{task.metric}"
+            values = [r[key] for r in records if r["row"] == row and r.get(key) is not None]
+            summary[row][task.name] = mean_and_std(values)
+    return summary
+
+
+# ---------------------------------------------------------------- table and plot
+
+
+def metric_label(task: TaskSpec) -> str:
+    if lower_is_better(task):
+        unit = " (years)" if task.kind == "regression" else ""
+        return f"{task.name} {task.metric.upper()}{unit} ↓"
+    return f"{task.name} {task.metric.replace('_', ' ')} (%) ↑"
+
+
+def display_scale(task: TaskSpec) -> float:
+    """Fractions are shown in percent (as the thesis' tables), errors as they are (years, NME)."""
+    return 1.0 if lower_is_better(task) else 100.0
+
+
+def format_cell(stats: CellStats, scale: float) -> str:
+    if stats.count == 0 or math.isnan(stats.mean):
+        return "–"
+    if math.isnan(stats.std):
+        return f"{stats.mean * scale:.2f}"
+    return f"{stats.mean * scale:.2f} ± {stats.std * scale:.2f}"
+
+
+def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[str, CellStats]],
+                 tasks: Sequence[TaskSpec], chance: Mapping[str, float], seeds: int, split: str = "val") -> str:
+    """The Markdown table: a caption, one column per task, one row per arm row, the chance level, Δm against the
+    ``baseline`` row."""
+    seeds_text = "one seed" if seeds == 1 else f"mean ± std (n-1) over {seeds} seeds"
+    caption = (f"**{experiment}**: {SPLIT_NAMES[split]} split, best epoch of each run (lowest val/total_loss, the epoch saved "
+               f"as best_model.pt), {seeds_text}. Δm: mean over tasks of the relative difference to the "
+               f"{baseline} row, sign-adjusted so that positive is better (Maninis et al. 2019).")
+    header = ["model", *(metric_label(task) for task in tasks), f"Δm vs {baseline} (%) ↑"]
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    baseline_means = {task: stats.mean for task, stats in summary[baseline].items()}
+    # Δm over the tasks the baseline row has (all, unless --single-tasks chose some)
+    lower_better = {task.name: lower_is_better(task) for task in tasks if not math.isnan(baseline_means[task.name])}
+    for row, by_task in summary.items():
+        cells = [format_cell(by_task[task.name], display_scale(task)) for task in tasks]
+        if row == baseline:
+            delta = "ref."
+        else:
+            value = delta_m({task: stats.mean for task, stats in by_task.items()}, baseline_means, lower_better)
+            delta = "–" if math.isnan(value) else f"{value:+.2f}"
+        lines.append("| " + " | ".join([row, *cells, delta]) + " |")
+    chance_cells = [format_cell(CellStats(chance[task.name], math.nan, 1), display_scale(task)) for task in tasks]
+    lines.append("| " + " | ".join(["chance", *chance_cells, ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(summary: Mapping[str, Mapping[str, CellStats]], tasks: Sequence[TaskSpec], chance: Mapping[str, float],
+                    title: str, path: Path) -> Path:
+    """One bar chart per task, one bar per row with the std over seeds as error bar, chance as a dashed line."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = list(summary)
+    if len(tasks) > PLOTTED_TASKS_MAX:
+        with_baseline = [task for task in tasks if any(summary[row][task.name].count for row in rows[:-1])]
+        tasks = (with_baseline or list(tasks))[:PLOTTED_TASKS_MAX]
+    figure = Figure(figsize=(0.6 + 3.0 * len(tasks), 3.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    colours = [colormaps["tab10"](index % 10) for index in range(len(rows))]
+    for index, task in enumerate(tasks):
+        axes = figure.add_subplot(1, len(tasks), index + 1)
+        scale = display_scale(task)
+        stats = [summary[row][task.name] for row in rows]
+        means = [s.mean * scale for s in stats]
+        errors = [0.0 if math.isnan(s.std) else s.std * scale for s in stats]
+        axes.bar(range(len(rows)), means, yerr=errors, capsize=4, color=colours)
+        if math.isfinite(chance[task.name]):
+            axes.axhline(chance[task.name] * scale, color="grey", linestyle="--", linewidth=1, label="chance")
+            axes.legend(loc="lower right", fontsize="small")
+        axes.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
+        axes.set_title(metric_label(task), fontsize="medium")
+    figure.suptitle(title)
+    figure.savefig(path, format="png")
+    return path
+
+
+# ---------------------------------------------------------------- the files, one set per split
+
+
+def split_file(name: str, split: str) -> str:
+    """table.md for the validation split, table-test.md for the test split (likewise for the others)."""
+    if split == "val":
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}-{split}{dot}{suffix}"
+
+
+def write_results(records: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """results.parquet: one row per record; a metric a run does not have (another task's) is null."""
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    pq.write_table(pa.Table.from_pylist([{key: record.get(key) for key in columns} for record in records]), path)
