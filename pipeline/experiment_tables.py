@@ -1,5 +1,5 @@
-"""An experiment's results: mean ± std over seeds and Δm (pure), the Markdown table, the plot and
-results.parquet, on the validation split or another (``table-test.md``…).
+"""An experiment's results: mean ± std over seeds (pure), Δm against the baseline row (pipeline.metrics), the
+Markdown table, the plot and results.parquet, on the validation split or another (``table-test.md``…).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.metrics import delta_m
 from pipeline.schema import TaskSpec
 
-LOWER_IS_BETTER = frozenset({"mae", "rmse", "nme"})
 PLOTTED_TASKS_MAX = 12  # one bar chart each; beyond this the plot shows the tasks with a baseline, first ones
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.parquet", "table.md", "plot.png"
 SPLIT_NAMES = {"val": "validation", "test": "test"}
@@ -26,7 +26,7 @@ class CellStats(NamedTuple):
     count: int
 
 
-# ---------------------------------------------------------------- aggregation and Δm (pure)
+# ---------------------------------------------------------------- aggregation over seeds (pure)
 
 
 def mean_and_std(values: Sequence[float]) -> CellStats:
@@ -35,27 +35,6 @@ def mean_and_std(values: Sequence[float]) -> CellStats:
     if not values:
         return CellStats(math.nan, math.nan, 0)
     return CellStats(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
-
-
-def lower_is_better(task: TaskSpec) -> bool:
-    return task.metric in LOWER_IS_BETTER
-
-
-def relative_improvement(value: float, baseline: float, lower_better: bool) -> float:
-    """(-1)^l (value - baseline) / baseline x 100: positive when ``value`` is the better one; NaN (undefined)
-    for a baseline of 0, e.g. a single-task model that got no validation sample right."""
-    if baseline == 0:
-        return math.nan
-    sign = -1.0 if lower_better else 1.0
-    return sign * (value - baseline) / baseline * 100.0
-
-
-def delta_m(metric_by_task: Mapping[str, float], baseline_by_task: Mapping[str, float], lower_better_by_task: Mapping[str, bool]) -> float:
-    """Δm (Maninis et al. 2019): the mean over tasks of :func:`relative_improvement`, in percent; NaN when
-    it is undefined for a task."""
-    improvements = [relative_improvement(metric_by_task[task], baseline_by_task[task], lower_better)
-                    for task, lower_better in lower_better_by_task.items()]
-    return statistics.fmean(improvements)
 
 
 def summarize(records: Sequence[Mapping[str, Any]], rows: Sequence[str], tasks: Sequence[TaskSpec],
@@ -76,7 +55,7 @@ def summarize(records: Sequence[Mapping[str, Any]], rows: Sequence[str], tasks: 
 
 
 def metric_label(task: TaskSpec) -> str:
-    if lower_is_better(task):
+    if task.lower_is_better:
         unit = " (years)" if task.kind == "regression" else ""
         return f"{task.name} {task.metric.upper()}{unit} ↓"
     return f"{task.name} {task.metric.replace('_', ' ')} (%) ↑"
@@ -84,7 +63,7 @@ def metric_label(task: TaskSpec) -> str:
 
 def display_scale(task: TaskSpec) -> float:
     """Fractions are shown in percent (as the thesis' tables), errors as they are (years, NME)."""
-    return 1.0 if lower_is_better(task) else 100.0
+    return 1.0 if task.lower_is_better else 100.0
 
 
 def format_cell(stats: CellStats, scale: float) -> str:
@@ -107,13 +86,13 @@ def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[s
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     baseline_means = {task: stats.mean for task, stats in summary[baseline].items()}
     # Δm over the tasks the baseline row has (all, unless --single-tasks chose some)
-    lower_better = {task.name: lower_is_better(task) for task in tasks if not math.isnan(baseline_means[task.name])}
+    compared = {task: mean for task, mean in baseline_means.items() if not math.isnan(mean)}
     for row, by_task in summary.items():
         cells = [format_cell(by_task[task.name], display_scale(task)) for task in tasks]
         if row == baseline:
             delta = "ref."
         else:
-            value = delta_m({task: stats.mean for task, stats in by_task.items()}, baseline_means, lower_better)
+            value = delta_m({task: stats.mean for task, stats in by_task.items()}, compared) if compared else math.nan
             delta = "–" if math.isnan(value) else f"{value:+.2f}"
         lines.append("| " + " | ".join([row, *cells, delta]) + " |")
     chance_cells = [format_cell(CellStats(chance[task.name], math.nan, 1), display_scale(task)) for task in tasks]

@@ -8,6 +8,8 @@ coordinate errors (MAE in units of the crop side) and summed per-face NME (:func
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -197,21 +199,27 @@ def normalized_score(task: TaskSpec, metrics: Mapping[str, float], age_scale: fl
     return metrics["accuracy"]
 
 
+def relative_improvement(value: float, baseline: float, lower_is_better: bool) -> float:
+    """(-1)^l (value - baseline) / baseline x 100: positive when ``value`` is the better one; NaN (undefined)
+    for a baseline of 0, e.g. a single-task model that got no validation sample right."""
+    if baseline == 0:
+        return math.nan
+    sign = -1.0 if lower_is_better else 1.0
+    return sign * (value - baseline) / baseline * 100.0
+
+
 def delta_m(model: Mapping[str, float], baseline: Mapping[str, float]) -> float:
     """Δm in percent: the mean over tasks of the model's relative improvement over a baseline on each task's
-    main metric (Maninis et al. 2019), signed so that a lower MAE counts as an improvement.
+    main metric (Maninis et al. 2019), signed so that a lower MAE counts as an improvement; NaN when it is
+    undefined for a task.
 
     ``model`` and ``baseline`` map task names to that metric (MAE for age, NME for landmarks, accuracy
-    otherwise); the tasks of
-    ``baseline`` are compared.
+    otherwise); the tasks of ``baseline`` are compared.
     """
     if not baseline:
         raise ValueError("Δm needs at least one baseline task")
-    improvements = []
-    for task, reference in baseline.items():
-        sign = -1.0 if get_task(task).lower_is_better else 1.0
-        improvements.append(sign * (model[task] - reference) / reference)
-    return 100.0 * sum(improvements) / len(improvements)
+    return statistics.fmean(relative_improvement(model[task], reference, get_task(task).lower_is_better)
+                            for task, reference in baseline.items())
 
 
 def chance_level(task: TaskSpec, train_labels: Sequence, eval_labels: Sequence) -> float:
