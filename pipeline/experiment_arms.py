@@ -69,8 +69,10 @@ def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Map
     ``model.weights_path``) by ``transfer``."""
     if experiment == "transfer" and init_from is None:
         raise ExperimentError("transfer needs --init-from: the pretrained run folder (or its best_model.pt)")
-    if experiment != "transfer" and init_from is not None:
-        raise ExperimentError(f"--init-from is for the transfer experiment; {experiment} does not take it")
+    for option, value, owner in (("--init-from", init_from, "transfer"), ("--single-tasks", single_tasks, "mtl-vs-single"),
+                                 ("--weightings", weightings, "weighting")):
+        if value and experiment != owner:
+            raise ExperimentError(f"{option} is for the {owner} experiment; {experiment} does not take it")
     if experiment == "mtl-vs-single":
         unknown = [task for task in single_tasks if task not in tasks]
         if unknown:

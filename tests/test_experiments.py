@@ -97,6 +97,13 @@ def test_init_from_is_required_by_transfer_and_refused_by_the_other_experiments(
             experiment_arms(experiment, ["age"], {"age": ["/s/utk"]}, init_from=Path("/runs/pre"))
 
 
+def test_an_option_of_another_experiment_is_refused_not_ignored() -> None:
+    with pytest.raises(ExperimentError, match="--single-tasks is for the mtl-vs-single experiment; freeze does not"):
+        experiment_arms("freeze", ["age"], DATASETS_BY_TASK, single_tasks=["age"])
+    with pytest.raises(ExperimentError, match="--weightings is for the weighting experiment; mtl-vs-single does not"):
+        experiment_arms("mtl-vs-single", ["age"], DATASETS_BY_TASK, weightings=["pcgrad"])
+
+
 def test_transfer_refuses_a_source_without_a_facemtl_network_or_of_another_backbone_before_training(
         synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     overrides = tiny_overrides({"utk": synthetic_shards["utk"]}, tmp_path, "unused")
