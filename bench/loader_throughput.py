@@ -5,8 +5,8 @@ For each image size, three readers of the same synthetic JPEGs (2 dataloader wor
     and ``augment_batch`` on each batch in the consuming process, as training does;
   * ImageFolder: the images extracted to ``class/`` folders, ``ImageFolder`` + ``DataLoader`` with the
     equivalent torchvision transforms (RandomResizedCrop, flip, ColorJitter, PILToTensor);
-  * floor: a loop in one process that only decodes JPEG bytes already in memory, through the same decode
-    function as the stream (no labels, no batching), scaled by the number of workers.
+  * floor: a loop in one process that only decodes JPEG bytes already in memory, with the stream's decoder
+    (``decode_jpeg``: no labels, no batching), scaled by the number of workers.
 Per worker, the stream in one process (one thread) is then compared with the floor by the CPU time each
 takes per sample, in alternating rounds, the best round of each kept: CPU time, unlike wall time, does not
 count the slices other processes of a busy machine take. The last line is the lower ratio over the sizes.
@@ -31,7 +31,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from pipeline.config import AugmentConfig
-from pipeline.data import TaskBalancedStream, augment_batch, decode_image, open_shard_set, train_loader
+from pipeline.data import TaskBalancedStream, augment_batch, decode_jpeg, open_shard_set, train_loader
 from pipeline.shard import main as shard_main
 from pipeline.tar_format import tar_end, tar_members
 
@@ -63,11 +63,11 @@ def cpu_rate(batches, count: int, batch_size: int) -> float:
     return count * batch_size / (time.process_time() - started)
 
 
-def decode_cpu_rate(jpegs: list[torch.Tensor], size: int) -> float:
+def decode_cpu_rate(jpegs: list[bytes]) -> float:
     """JPEGs decoded per CPU second of this process."""
     started = time.process_time()
     for jpeg in jpegs:
-        decode_image(jpeg, size)
+        decode_jpeg(jpeg)
     return len(jpegs) / (time.process_time() - started)
 
 
@@ -118,18 +118,18 @@ def measure_size(args: argparse.Namespace, size: int, work: Path) -> float:
     baseline = timed_batches(baseline_batches, args.batches, args.batch)
     del baseline_batches, baseline_loader
 
-    in_memory = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs[:FLOOR_IMAGES]]
+    in_memory = jpegs[:FLOOR_IMAGES]
     in_process = iter(stream(1))
     for _ in range(5):
         next(in_process)
     stream_rounds, floor_rounds = [], []
     for _ in range(args.rounds):
         stream_rounds.append(cpu_rate(in_process, args.batches, args.batch))
-        floor_rounds.append(decode_cpu_rate(in_memory, size))
+        floor_rounds.append(decode_cpu_rate(in_memory))
     one_process, floor = max(stream_rounds), max(floor_rounds)
     started = time.perf_counter()
     for jpeg in in_memory:
-        decode_image(jpeg, size)
+        decode_jpeg(jpeg)
     floor_wall = len(in_memory) / (time.perf_counter() - started)
     started = time.perf_counter()
     for jpeg in jpegs[:FLOOR_IMAGES]:
@@ -140,12 +140,13 @@ def measure_size(args: argparse.Namespace, size: int, work: Path) -> float:
     print(f"{'reader':<44}{'samples/s':>10}{'ours / it':>11}")
     for name, rate in (("ours: stream + batch augment", ours),
                        ("torchvision ImageFolder + DataLoader", baseline),
-                       ("floor: decode only (torchvision), x workers", WORKERS * floor_wall),
+                       ("floor: decode only (simplejpeg), x workers", WORKERS * floor_wall),
                        ("floor: decode only (Pillow), x workers", WORKERS * pil_floor)):
         print(f"{name:<44}{rate:>10.0f}{ours / rate:>11.2f}")
     share = one_process / floor
     print(f"one process, no workers, best of {args.rounds} rounds, per CPU second: stream (tar + decode + labels + "
-          f"batching) {one_process:.0f} samples, decode-only {floor:.0f}: {share:.2f}")
+          f"batching) {one_process:.0f} samples ({1e6 / one_process:.1f} us each), decode-only {floor:.0f} "
+          f"({1e6 / floor:.1f} us): {share:.2f}")
     return share
 
 

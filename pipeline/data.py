@@ -31,11 +31,11 @@ from typing import Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import simplejpeg
 import torch
 import webdataset as wds
 from scipy.optimize import linprog
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode
 from torchvision.transforms.v2 import functional as transforms_functional
 
 from pipeline.config import AugmentConfig
@@ -50,7 +50,7 @@ from pipeline.schema import (
     label_slices,
     parse_task_declarations,
 )
-from pipeline.tar_format import TarBytes, TarFormatError, member_at, members_at, tar_members
+from pipeline.tar_format import TarBytes, TarFormatError, member_at, members_at
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -433,20 +433,52 @@ def move_landmarks(labels: torch.Tensor, tasks: Sequence[TaskSpec], theta: torch
     return moved
 
 
-# torchvision 0.29 deprecates its JPEG decoder in favour of torchcodec; it is still ~2x faster than Pillow for our
-# small crops (bench/loader_throughput.py), so we keep it until torchcodec is a dependency. Its op is called
-# directly: the Python wrapper's checks and deprecation warning cost ~10 % of decoding a 64 px crop.
-_DECODE_JPEG = torch.ops.image.decode_jpeg.default
+JpegBytes = bytes | bytearray | memoryview  # a memoryview: of a mapped tar, no copy
 
 
-def decode_image(jpeg: bytes | torch.Tensor, image_size: int) -> torch.Tensor:
-    """uint8 CHW RGB from JPEG bytes (or a 1-D uint8 tensor of them), resized to ``image_size`` when the shard
-    stores another size."""
-    data = jpeg if isinstance(jpeg, torch.Tensor) else torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
-    image = _DECODE_JPEG(data, ImageReadMode.RGB.value, False)
-    if image.shape[-1] != image_size or image.shape[-2] != image_size:
-        image = transforms_functional.resize(image, [image_size, image_size], antialias=True)
-    return image
+def decode_jpeg(jpeg: JpegBytes) -> np.ndarray:
+    """uint8 HWC RGB pixels of JPEG bytes.
+
+    simplejpeg is libjpeg-turbo with the accurate DCT and upsampling that Pillow and torchvision use (the same
+    pixels, tested); it reads a view of a mapped tar, can decode into a batch, and takes ~2/3 of the time of
+    torchvision's decoder (deprecated since 0.29) on a 64 px crop (bench/loader_throughput.py)."""
+    return simplejpeg.decode_jpeg(jpeg, "RGB")
+
+
+def _fit(pixels: np.ndarray, image_size: int) -> np.ndarray:
+    """HWC pixels as they are when ``image_size`` x ``image_size``, else resized by torchvision (antialiased)."""
+    if pixels.shape[0] == image_size and pixels.shape[1] == image_size:
+        return pixels
+    chw = torch.from_numpy(pixels).permute(2, 0, 1)
+    return transforms_functional.resize(chw, [image_size, image_size], antialias=True).permute(1, 2, 0).numpy()
+
+
+def decode_image(jpeg: JpegBytes, image_size: int) -> torch.Tensor:
+    """uint8 CHW RGB from JPEG bytes, resized to ``image_size`` when the shard stores another size; HWC in memory
+    (a CHW view of it)."""
+    return torch.from_numpy(_fit(decode_jpeg(jpeg), image_size)).permute(2, 0, 1)
+
+
+def decode_images(jpegs: Sequence[JpegBytes], image_size: int) -> torch.Tensor:
+    """A uint8 NHWC batch of the JPEGs' RGB pixels, each resized to ``image_size`` where the shard stores another size.
+
+    Each JPEG is decoded straight into its place in the batch: decoding a batch's images first and copying them
+    after costs page faults as their memory is freed and taken again, at 128 px more than decoding itself
+    (bench/loader_throughput.py). NHWC, because transposing uint8 to NCHW would cost a third of the decoding; the
+    batch's ``permute(0, 3, 1, 2)`` is NCHW with channels_last strides."""
+    batch = np.empty((len(jpegs), image_size, image_size, 3), dtype=np.uint8)
+    for place, jpeg in zip(batch, jpegs):
+        if not _decode_into(jpeg, place):
+            place[...] = _fit(decode_jpeg(jpeg), image_size)
+    return torch.from_numpy(batch)
+
+
+def _decode_into(jpeg: JpegBytes, place: np.ndarray) -> bool:
+    """Decode into ``place`` (HWC); False, and ``place`` not that image, where the image has another size."""
+    try:
+        return simplejpeg.decode_jpeg(jpeg, "RGB", buffer=place).shape == place.shape
+    except ValueError:
+        return False  # larger than the place, or not a JPEG: decoding it on its own says which
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -476,13 +508,12 @@ def read_shard(shard: Mapping[str, object]) -> TarBytes:
     """A tar's bytes, checked against the byte size its index entry records when ``shard`` is one.
 
     Mapped, not read: reading a tar costs up to 5 us per sample (a zeroed buffer, then a copy from the page
-    cache), 5-10 % of decoding its image. The private mapping is writable, so tensors can view it. Shards are
-    published by rename and never rewritten in place; a tar truncated while mapped would stop the reader
-    (SIGBUS)."""
+    cache), 5-10 % of decoding its image. Shards are published by rename and never rewritten in place; a tar
+    truncated while mapped would stop the reader (SIGBUS)."""
     url = str(shard["url"])
     with open(url, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
-        data = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+        data = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ) if size else b""
     if "filesize" in shard:
         check_shard_size(shard, len(data))
     return data
@@ -495,57 +526,52 @@ def member_key(name: str) -> tuple[str, str]:
     return (f"{directory}/{key}" if directory else key), suffix
 
 
-def tar_samples(shards: Iterable[Mapping[str, object]]) -> Iterator[dict]:
-    """webdataset pipeline stage: shards -> samples ``{"__key__", "__url__", "jpg", "json"}``.
+def tar_sample_spans(data: TarBytes, shard: Mapping[str, object]) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """(key, suffix -> (payload start, payload size)) of every sample in a tar's bytes, its members grouped by key as
+    webdataset groups them.
 
-    A shard is ``{"url"}``, or an entry of :attr:`ShardSet.shard_index`, whose recorded byte size and sample
-    count the tar must then have. Members are grouped by key, as webdataset does. A tar that is truncated,
-    damaged or disagrees with its index raises :class:`DataConfigError` naming the file.
-    """
+    ``shard`` is ``{"url"}``, or an entry of :attr:`ShardSet.shard_index`, whose sample count the tar must then have.
+    A tar that is truncated, damaged or disagrees with its index, or a sample without a ``.jpg`` or ``.json`` member,
+    raises :class:`DataConfigError` naming the file."""
+    url = str(shard["url"])
+    count, key, spans, offset = 0, "", {}, 0
+    try:
+        while (member := member_at(data, offset, url)) is not None:
+            name, start, size, offset = member
+            member_of, suffix = member_key(name)
+            if spans and member_of != key:
+                yield _complete_sample(url, key, spans)
+                count += 1
+                spans = {}
+            key = member_of
+            spans[suffix] = start, size
+    except TarFormatError as error:
+        raise DataConfigError(f"{error}; delete it and {SHARD_HINT}") from None
+    if spans:
+        yield _complete_sample(url, key, spans)
+        count += 1
+    if "nsamples" in shard and count != shard["nsamples"]:
+        raise DataConfigError(f"{url} holds {count} samples, {shard['index']} records {shard['nsamples']}; "
+                              f"delete it and {SHARD_HINT}")
+
+
+def _complete_sample(url: str, key: str, spans: dict[str, tuple[int, int]]) -> tuple[str, dict[str, tuple[int, int]]]:
+    missing = [suffix for suffix in SAMPLE_MEMBERS if suffix not in spans]
+    if missing:
+        raise DataConfigError(f"{url}: sample {key!r} has no {' or '.join('.' + suffix for suffix in missing)} member; "
+                              f"delete it and {SHARD_HINT}")
+    return key, spans
+
+
+def tar_samples(shards: Iterable[Mapping[str, object]]) -> Iterator[dict]:
+    """webdataset pipeline stage: shards -> samples ``{"__key__", "__url__", "jpg", "json"}`` (payloads as bytes),
+    read and checked as :func:`tar_sample_spans` reads them."""
     for shard in shards:
         url = str(shard["url"])
         data = read_shard(shard)
-        count = 0
-        sample: dict = {}
-        try:
-            for name, payload in tar_members(data, url):
-                key, suffix = member_key(name)
-                if sample and sample["__key__"] != key:
-                    yield _complete_sample(sample)
-                    count += 1
-                    sample = {}
-                if not sample:
-                    sample = {"__key__": key, "__url__": url}
-                sample[suffix] = payload
-        except TarFormatError as error:
-            raise DataConfigError(f"{error}; delete it and {SHARD_HINT}") from None
-        if sample:
-            yield _complete_sample(sample)
-            count += 1
-        if "nsamples" in shard and count != shard["nsamples"]:
-            raise DataConfigError(f"{url} holds {count} samples, {shard['index']} records {shard['nsamples']}; "
-                                  f"delete it and {SHARD_HINT}")
-
-
-def _complete_sample(sample: dict) -> dict:
-    missing = [suffix for suffix in SAMPLE_MEMBERS if suffix not in sample]
-    if missing:
-        raise DataConfigError(f"{sample['__url__']}: sample {sample['__key__']!r} has no "
-                              f"{' or '.join('.' + suffix for suffix in missing)} member; delete it and {SHARD_HINT}")
-    return sample
-
-
-@dataclass(frozen=True)
-class ShardSamples:
-    """One tar's samples in tar order: keys, JPEG bytes (1-D uint8 tensors, views of the tar's bytes where the
-    manifest locates them) and the row of the first one's labels in its :class:`SplitReader`'s arrays."""
-
-    keys: list[str]
-    jpegs: list[torch.Tensor]
-    first_row: int
-
-    def rows(self) -> range:
-        return range(self.first_row, self.first_row + len(self.jpegs))
+        for key, spans in tar_sample_spans(data, shard):
+            yield {"__key__": key, "__url__": url,
+                   **{suffix: bytes(data[start : start + size]) for suffix, (start, size) in spans.items()}}
 
 
 @dataclass(frozen=True)
@@ -559,49 +585,73 @@ class ManifestShard:
 
 
 class SplitReader:
-    """One split of a shard folder, read a tar at a time; every sample's labels are a row of :attr:`targets`
-    (the columns of :func:`pipeline.schema.label_slices`, 0.0 where unlabelled) and :attr:`mask` (tasks).
+    """One split of a shard folder, its tars located one at a time as they are first read. A sample is a row: its
+    labels are that row of :attr:`targets` (the columns of :func:`pipeline.schema.label_slices`, 0.0 where
+    unlabelled) and :attr:`mask` (tasks), its JPEG that row's span of its tar (:meth:`jpegs`).
 
-    A folder's manifest locates each sample's JPEG in its tar and holds the labels, read column-wise once
+    A folder's manifest locates each sample in its tar and holds the labels, read column-wise once
     (:func:`manifest_shards`); a folder whose manifest predates offsets is read member by member, its label rows
-    filled from each ``.json`` as its tar is read. Streams gather a batch's labels by row, so no sample needs
-    label objects of its own."""
+    filled from each ``.json``, once per tar. The JPEGs' spans cost 16 bytes a sample; a located tar stays mapped:
+    mapping it again on every read costs page faults and header reads of about 3 us a sample."""
 
     def __init__(self, root: Path, split: str, shards: Sequence[Mapping[str, object]],
                  tasks: Sequence[TaskSpec]) -> None:
         self.tasks = list(tasks)
         located = manifest_shards(root, split, shards, self.tasks)
+        urls = [str(shard["url"]) for shard in shards]
         if located is None:
             self.described: dict[str, ManifestShard] | None = None
             counts = [int(shard["nsamples"]) for shard in shards]
-            self.first_rows = dict(zip((str(shard["url"]) for shard in shards), np.cumsum([0, *counts[:-1]]).tolist()))
+            first_rows = dict(zip(urls, np.cumsum([0, *counts[:-1]]).tolist()))
             self.targets = np.zeros((sum(counts), sum(task.label_width for task in self.tasks)), dtype=np.float32)
             self.mask = np.zeros((sum(counts), len(self.tasks)), dtype=bool)
         else:
             self.described, self.targets, self.mask = located
-        self.located: dict[str, tuple[TarBytes, list[int]]] = {}  # url -> its bytes and :func:`jpeg_pieces`
+            first_rows = {url: self.described[url].first_row for url in urls}
+        self.shard_rows = {url: range(first_rows[url], first_rows[url] + int(shard["nsamples"]))
+                     for url, shard in zip(urls, shards)}
+        by_first_row = sorted(urls, key=first_rows.__getitem__)  # a row's tar is then found by one search
+        self.tar_positions = {url: position for position, url in enumerate(by_first_row)}
+        self.tar_first_rows = np.array([first_rows[url] for url in by_first_row], dtype=np.int64)
+        self.tar_bytes: list[memoryview | None] = [None] * len(urls)
+        self.jpeg_starts = np.zeros(len(self.targets), dtype=np.int64)
+        self.jpeg_sizes = np.zeros(len(self.targets), dtype=np.int64)
+        self.older_keys: dict[str, list[str]] = {}  # url -> keys, of a folder without offsets
 
-    def read(self, shard: Mapping[str, object]) -> ShardSamples:
-        """The samples of ``shard`` (an index entry of this split). A tar located by the manifest is mapped and
-        its JPEGs found once per reader: mapping it again on every read costs page faults and header reads of
-        about 3 us a sample, a tenth of decoding a 64 px face (bench/loader_throughput.py)."""
+    def locate(self, shard: Mapping[str, object]) -> range:
+        """The rows of ``shard``'s samples (an index entry of this split), in tar order; the tar is mapped and its
+        JPEGs found the first time."""
         url = str(shard["url"])
-        if self.described is not None:
-            described = self.described[url]
-            if url not in self.located:
-                data = read_shard(shard)
-                self.located[url] = data, jpeg_pieces(data, described, url)
-            data, pieces = self.located[url]
-            return ShardSamples(described.keys, list(torch.frombuffer(data, dtype=torch.uint8).split(pieces)[1::2]),
-                                described.first_row)
-        samples = list(tar_samples([shard]))
-        first_row = self.first_rows[url]
-        for row, sample in enumerate(samples, first_row):
-            targets, mask = label_values(json.loads(sample["json"])["labels"], self.tasks)
-            self.targets[row], self.mask[row] = targets, mask
-        return ShardSamples([sample["__key__"] for sample in samples],
-                            [torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8) for sample in samples],
-                            first_row)
+        position = self.tar_positions[url]
+        if self.tar_bytes[position] is None:
+            data = read_shard(shard)
+            rows = self.shard_rows[url]
+            if self.described is not None:
+                starts, sizes = jpeg_spans(data, self.described[url], url)
+            else:
+                samples = list(tar_sample_spans(data, shard))  # all checked before any row is written
+                starts, sizes = np.array([spans["jpg"] for _, spans in samples], dtype=np.int64).reshape(-1, 2).T
+                for row, (_, spans) in zip(rows, samples):
+                    start, size = spans["json"]
+                    labels = json.loads(bytes(data[start : start + size]))["labels"]
+                    self.targets[row], self.mask[row] = label_values(labels, self.tasks)
+                self.older_keys[url] = [key for key, _ in samples]
+            self.jpeg_starts[rows.start : rows.stop], self.jpeg_sizes[rows.start : rows.stop] = starts, sizes
+            self.tar_bytes[position] = memoryview(data)
+        return self.shard_rows[url]
+
+    def keys(self, shard: Mapping[str, object]) -> list[str]:
+        """The keys of a located ``shard``'s samples, in tar order."""
+        url = str(shard["url"])
+        return self.described[url].keys if self.described is not None else self.older_keys[url]
+
+    def jpegs(self, rows: np.ndarray) -> list[memoryview]:
+        """The JPEG bytes of located rows: views of their tars, no copy."""
+        tars = np.searchsorted(self.tar_first_rows, rows, side="right") - 1
+        starts = self.jpeg_starts[rows]
+        ends = starts + self.jpeg_sizes[rows]
+        tar_bytes = self.tar_bytes
+        return [tar_bytes[tar][start:end] for tar, start, end in zip(tars.tolist(), starts.tolist(), ends.tolist())]
 
 
 def manifest_shards(root: Path, split: str, shards: Sequence[Mapping[str, object]], tasks: Sequence[TaskSpec],
@@ -659,20 +709,16 @@ def label_arrays(table: pa.Table, tasks: Sequence[TaskSpec], manifest_path: Path
     return targets, mask
 
 
-def jpeg_pieces(data: TarBytes, described: ManifestShard, url: str) -> list[int]:
-    """Lengths that cut a tar's bytes into gap, JPEG, gap, JPEG, ..., gap, so that ``split(pieces)[1::2]`` views its
-    JPEGs in one call. They are found by reading the headers at the offsets the manifest records: all at once, and
-    member by member only where a header is not the plain ``<key>.jpg`` one (long names)."""
+def jpeg_spans(data: TarBytes, described: ManifestShard, url: str) -> tuple[np.ndarray, np.ndarray]:
+    """(start, size) in a tar's bytes of each JPEG its manifest rows describe, found by reading the headers at the
+    offsets the manifest records: all at once, and member by member only where a header is not the plain
+    ``<key>.jpg`` one (long names)."""
     starts, sizes, found = members_at(data, described.offsets, described.jpg_names)
     for row in np.flatnonzero(~found):
         starts[row], sizes[row] = _jpeg_span(data, int(described.offsets[row]), described.keys[row], url)
-    if not len(starts):
-        return [len(data)]
-    ends = starts + sizes
-    gaps = starts - np.r_[0, ends[:-1]]
-    if (gaps < 0).any():
+    if (starts[1:] < starts[:-1] + sizes[:-1]).any():
         raise DataConfigError(f"{url}: its manifest places samples inside one another; {SHARD_HINT}")
-    return np.column_stack([gaps, sizes]).ravel().tolist() + [len(data) - int(ends[-1])]
+    return starts, sizes
 
 
 def _jpeg_span(data: TarBytes, offset: int, key: str, url: str) -> tuple[int, int]:
@@ -730,34 +776,32 @@ class TaskBalancedStream(IterableDataset):
                                 for _ in range(self.quotas[name])])
         size = self.image_size
         while True:
-            # The batch's samples first, then all its decoding in one tight loop (as fast as decoding alone: the
-            # decoder's tables stay in cache). A decoded image is HWC in memory (a CHW view of it), so the
-            # batch is stacked NHWC, plain copies, where transposing uint8 to NCHW would cost a third of the
-            # decoding; its NCHW view goes out (channels_last strides) and the first float op on the device
-            # lays it out. Labels are gathered by row, a dataset at a time.
-            jpegs: list[torch.Tensor] = []
+            # The batch's rows first (labels gathered by row, a dataset at a time), then all its decoding in one
+            # tight loop (as fast as decoding alone: the decoder's tables stay in cache). The batch's NCHW view
+            # goes out (channels_last strides, see decode_images); the first float op on the device lays it out.
+            jpegs: list[memoryview] = []
             targets, mask = [], []
             for samples, reader, quota in streams:
-                taken = samples.take(quota)
-                rows = [row for _, row in taken]
-                jpegs += [jpeg for jpeg, _ in taken]
+                rows = np.array(samples.take(quota))
+                jpegs += reader.jpegs(rows)
                 targets.append(reader.targets[rows])
                 mask.append(reader.mask[rows])
-            pixels = torch.stack([decode_image(jpeg, size).permute(1, 2, 0) for jpeg in jpegs])
-            yield {"images": pixels.permute(0, 3, 1, 2), "labels": torch.from_numpy(np.concatenate(targets)),
+            yield {"images": decode_images(jpegs, size).permute(0, 3, 1, 2),
+                   "labels": torch.from_numpy(np.concatenate(targets)),
                    "mask": torch.from_numpy(np.concatenate(mask)), "source": sources.clone()}
 
-    def _samples(self, name: str, root: Path, shards: list[dict], worker: int) -> tuple[ShuffledSamples, SplitReader]:
-        """One dataset's endless (JPEG, label row) pairs, resampled shards each read whole, mixed through the
-        shuffle buffer; and the reader whose arrays hold the rows."""
+    def _samples(self, name: str, root: Path, shards: list[dict], worker: int,
+                 ) -> tuple[ShuffledSamples[int], SplitReader]:
+        """One dataset's endless rows, resampled shards each read whole, mixed through the shuffle buffer; and the
+        reader whose arrays and tars the rows index. Rows, not JPEG views, wait in the buffer: a view is made for
+        the samples a batch takes only."""
         seed = stream_seed(self.seed, self.rank, worker, self.epoch, name)
         by_url = {shard["url"]: shard for shard in shards}
         reader = SplitReader(root, "train", shards, self.task_specs)
         picked = wds.ResampledShards(list(by_url), seed=seed, worker_seed=lambda: 0, deterministic=True)
-        reads = (reader.read(by_url[pick["url"]]) for pick in picked)
         # chained, not delegated to: a generator between the tars and the buffer would cost a step per sample
-        samples = itertools.chain.from_iterable(zip(read.jpegs, read.rows()) for read in reads)
-        return ShuffledSamples(samples, self.shuffle_buffer, seed), reader
+        rows = itertools.chain.from_iterable(reader.locate(by_url[pick["url"]]) for pick in picked)
+        return ShuffledSamples(rows, self.shuffle_buffer, seed), reader
 
 
 T = TypeVar("T")
@@ -834,18 +878,21 @@ class EvalStream(IterableDataset):
         readers, reader = self.world_size * workers, self.rank * workers + worker
         for source_index, (root, shards) in enumerate(self.sources):
             split = SplitReader(root, self.split, shards, self.task_specs)
-            reads = (split.read(shard) for shard in shards)
-            samples = itertools.chain.from_iterable(zip(read.keys, read.jpegs, read.rows()) for read in reads)
-            for position, (key, jpeg, row) in enumerate(samples):
-                if position % readers != reader:
-                    continue  # skipped before decoding: a reader pays only for its own samples
-                yield {
-                    "images": decode_image(jpeg, self.image_size),
-                    "labels": torch.from_numpy(split.targets[row]),
-                    "mask": torch.from_numpy(split.mask[row]),
-                    "source": source_index,
-                    "key": key,
-                }
+            position = 0  # of a sample among its dataset's
+            for shard in shards:
+                rows = split.locate(shard)
+                # a reader's own samples only get a JPEG view and are decoded
+                own = [index for index in range(len(rows)) if (position + index) % readers == reader]
+                position += len(rows)
+                keys, own_rows = split.keys(shard), np.asarray(rows)[own]
+                for index, row, jpeg in zip(own, own_rows.tolist(), split.jpegs(own_rows)):
+                    yield {
+                        "images": decode_image(jpeg, self.image_size),
+                        "labels": torch.from_numpy(split.targets[row]),
+                        "mask": torch.from_numpy(split.mask[row]),
+                        "source": source_index,
+                        "key": keys[index],
+                    }
 
 
 def eval_loader(stream: EvalStream, batch_size: int, loader_workers: int, pin_memory: bool = False) -> DataLoader:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import shutil
 from pathlib import Path
 
-import json
-
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from pipeline.config import AugmentConfig
 from pipeline.data import (
@@ -22,6 +24,8 @@ from pipeline.data import (
     compute_quotas,
     data_error_line,
     decode_image,
+    decode_images,
+    decode_jpeg,
     eval_loader,
     expected_labelled_per_batch,
     label_values,
@@ -164,6 +168,34 @@ def test_validation_stream_stops_at_a_damaged_shard_naming_it(synthetic_shards: 
     with pytest.raises(DataConfigError) as raised:  # from a loader worker: torch adds the worker's traceback
         list(eval_loader(EvalStream([shard_set], "val", ["emotion"], 32), batch_size=8, loader_workers=1))
     assert data_error_line(raised.value).startswith(f"{tar} is damaged: the bytes at 0 are not a tar header")
+
+
+def encoded(pixels: np.ndarray, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", **options)
+    return buffer.getvalue()
+
+
+def test_decoded_pixels_are_those_pillow_decodes() -> None:
+    rng = np.random.default_rng(0)
+    jpegs = [encoded(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8), quality=quality, subsampling=subsampling)
+             for quality, subsampling in ((95, 0), (75, 2), (30, 1))]
+    jpegs.append(encoded(rng.integers(0, 256, (40, 40), dtype=np.uint8)))  # grey: the same value in R, G and B
+    for jpeg in jpegs:
+        expected = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        assert np.array_equal(decode_jpeg(jpeg), expected)
+        assert np.array_equal(decode_jpeg(memoryview(b"\0" + jpeg)[1:]), expected)  # a view, as of a mapped tar
+
+
+def test_a_batch_holds_each_image_as_decode_image_gives_it_whatever_size_the_shard_stores() -> None:
+    rng = np.random.default_rng(1)
+    jpegs = [encoded(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for side in (32, 48, 96, 32, 31)]
+    batch = decode_images(jpegs, 32)
+    assert batch.shape == (5, 32, 32, 3) and batch.dtype == torch.uint8
+    for image, jpeg in zip(batch, jpegs):
+        assert torch.equal(image.permute(2, 0, 1), decode_image(jpeg, 32))
+    with pytest.raises(ValueError):
+        decode_images([jpegs[0], b"not a JPEG"], 32)
 
 
 def test_augment_batch_is_seeded_keeps_shape_and_is_the_identity_when_off() -> None:
