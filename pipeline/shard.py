@@ -14,8 +14,9 @@ K-th shard of the same plan, and whichever part finishes last merges.
 ``--align`` (any source; the ``align`` extra) treats every input as a photo: each worker finds its faces and
 writes each kept face warped onto the 5-point template (docs/align.md); a photo without a face is a rejection.
 
-The summary also holds per-split image statistics of the written crops (grey mean, std, sharpness) and
-warns when a held-out split's sharpness differs from train's by more than ``SHARPNESS_RATIO_LIMIT``.
+The summary also holds per-split image statistics of the written crops (grey mean, std, sharpness; measured on
+every ``GREY_STATS_EVERY``-th crop of a shard) and warns when a held-out split's sharpness differs from train's by
+more than ``SHARPNESS_RATIO_LIMIT``.
 """
 
 from __future__ import annotations

@@ -48,6 +48,11 @@ MANIFEST_FORMAT = 2
 MANIFEST_COMPRESSION = "zstd"
 _GREY_LEVELS = range(256)
 _GREY_SQUARES = [level * level for level in _GREY_LEVELS]
+# The grey statistics measure every 4th crop of a shard (its first included; the same on any worker or resume):
+# measuring each cost ~9 % of sharding it. Tolerance, against every crop's: on the real UTKFace (23,705 crops)
+# split means and stds within 0.6 grey levels, sharpness within 0.06; a small split of very varied images less
+# close (176 synthetic faces: mean 6.7 levels, std 2.2, sharpness 0.15 off).
+GREY_STATS_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,8 @@ class ShardPlan:
 
 @dataclass(frozen=True)
 class ImageStats:
-    """Integer sums over the grey levels of written crops: exact, so any merge order gives the same totals."""
+    """Integer sums over the grey levels of measured crops (every :data:`GREY_STATS_EVERY`-th of a shard): exact, so
+    any merge order gives the same totals."""
 
     num_images: int = 0
     num_pixels: int = 0
@@ -405,7 +411,8 @@ def write_shard(plan: ShardPlan, out_dir: Path, dataset: str, settings: EncodeSe
             json_member = tar_member_bytes(f"{record.key}.json", sample_metadata(record, dataset))
             tar_parts += [jpg_member, json_member]
             sample_size = len(jpg_member) + len(json_member)
-            image_stats += ImageStats.of(image)
+            if len(manifest_rows) % GREY_STATS_EVERY == 0:
+                image_stats += ImageStats.of(image)
             manifest_rows.append(manifest_row(record, dataset, plan, offset, sample_size, jpeg))
             offset += sample_size
     tar_parts.append(tar_end())

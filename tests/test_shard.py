@@ -7,6 +7,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from PIL import Image, ImageFilter
 from pipeline.data import EvalStream, open_shard_set
 from pipeline.schema import TASKS
 from pipeline.shard import plan_shards, select_records, shards_for_task, sharpness_warnings
-from pipeline.shard_writer import ImageStats
+from pipeline.shard_writer import GREY_STATS_EVERY, ImageStats
 from pipeline.sources.base import FileImage, SourceListing
 from tests.conftest import write_face_jpeg
 from tests.shard_helpers import (
@@ -353,7 +354,9 @@ def test_summary_warns_when_train_and_test_images_differ_in_sharpness(
     assert shard("fer2013", source, "--size", "48", "--val-fraction", "0.3", "--out", out) == 0
     summary = json.loads((out / "summary.json").read_text())
     stats = summary["image_stats"]
-    assert set(stats) == {"train", "val", "test"} and sum(s["num_images"] for s in stats.values()) == 27
+    measured = {split: math.ceil(count / GREY_STATS_EVERY) for split, count in summary["samples_per_split"].items()}
+    assert sum(summary["samples_per_split"].values()) == 27  # in one shard a split, its first crop and every 4th
+    assert {split: s["num_images"] for split, s in stats.items()} == measured
     assert all(0 < s["mean"] < 255 and s["std"] > 0 for s in stats.values())
     warnings = [note for note in summary["notes"] if note.startswith("WARNING")]
     printed = capsys.readouterr().out

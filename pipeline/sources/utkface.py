@@ -71,7 +71,8 @@ def list_utkface(
     listing = SourceListing(dataset)
     coral = _read_coral_split(split_csv_dir) if split_csv_dir else None
     outside_protocol = 0
-    for path in sorted(p for p in input_dir.rglob("*") if p.is_file()):
+    # sorted by parts, pathlib's own order, without its __lt__ (~5 us a file)
+    for path in sorted((p for p in input_dir.rglob("*") if p.is_file()), key=lambda p: p.parts):
         name = path.name
         if not is_image_name(name):
             listing.reject(str(path), "not an image file name")
