@@ -459,6 +459,19 @@ def decode_image(jpeg: JpegBytes, image_size: int) -> torch.Tensor:
     return torch.from_numpy(_fit(decode_jpeg(jpeg), image_size)).permute(2, 0, 1)
 
 
+class ImageDecodeError(ValueError):
+    """The ``index``-th JPEG of a batch does not decode; the stream that knows its tar and key says which."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"JPEG {index} of the batch does not decode: {reason}")
+        self.index, self.reason = index, reason
+
+
+def damaged_jpeg_error(url: str, key: str, reason: str) -> DataConfigError:
+    return DataConfigError(f"{url} is damaged: the JPEG of sample {key} does not decode ({reason}); "
+                           f"delete it and {SHARD_HINT}")
+
+
 def decode_images(jpegs: Sequence[JpegBytes], image_size: int) -> torch.Tensor:
     """A uint8 NHWC batch of the JPEGs' RGB pixels, each resized to ``image_size`` where the shard stores another size.
 
@@ -467,9 +480,12 @@ def decode_images(jpegs: Sequence[JpegBytes], image_size: int) -> torch.Tensor:
     (bench/loader_throughput.py). NHWC, because transposing uint8 to NCHW would cost a third of the decoding; the
     batch's ``permute(0, 3, 1, 2)`` is NCHW with channels_last strides."""
     batch = np.empty((len(jpegs), image_size, image_size, 3), dtype=np.uint8)
-    for place, jpeg in zip(batch, jpegs):
+    for index, (place, jpeg) in enumerate(zip(batch, jpegs)):
         if not _decode_into(jpeg, place):
-            place[...] = _fit(decode_jpeg(jpeg), image_size)
+            try:
+                place[...] = _fit(decode_jpeg(jpeg), image_size)
+            except ValueError as error:
+                raise ImageDecodeError(index, str(error)) from None
     return torch.from_numpy(batch)
 
 
@@ -611,6 +627,7 @@ class SplitReader:
         self.shard_rows = {url: range(first_rows[url], first_rows[url] + int(shard["nsamples"]))
                      for url, shard in zip(urls, shards)}
         by_first_row = sorted(urls, key=first_rows.__getitem__)  # a row's tar is then found by one search
+        self.tar_urls = by_first_row
         self.tar_positions = {url: position for position, url in enumerate(by_first_row)}
         self.tar_first_rows = np.array([first_rows[url] for url in by_first_row], dtype=np.int64)
         self.tar_bytes: list[memoryview | None] = [None] * len(urls)
@@ -645,6 +662,12 @@ class SplitReader:
         url = str(shard["url"])
         return self.described[url].keys if self.described is not None else self.older_keys[url]
 
+    def where(self, row: int) -> tuple[str, str]:
+        """The tar and key of a located row, for messages."""
+        position = int(np.searchsorted(self.tar_first_rows, row, side="right")) - 1
+        url = self.tar_urls[position]
+        return url, self.keys({"url": url})[row - int(self.tar_first_rows[position])]
+
     def jpegs(self, rows: np.ndarray) -> list[memoryview]:
         """The JPEG bytes of located rows: views of their tars, no copy."""
         tars = np.searchsorted(self.tar_first_rows, rows, side="right") - 1
@@ -652,6 +675,15 @@ class SplitReader:
         ends = starts + self.jpeg_sizes[rows]
         tar_bytes = self.tar_bytes
         return [tar_bytes[tar][start:end] for tar, start, end in zip(tars.tolist(), starts.tolist(), ends.tolist())]
+
+
+def batch_sample(parts: Sequence[tuple[SplitReader, np.ndarray]], index: int) -> tuple[SplitReader, int]:
+    """The reader and row of a batch's ``index``-th sample, the batch made of each reader's ``rows`` in turn."""
+    for reader, rows in parts:
+        if index < len(rows):
+            return reader, int(rows[index])
+        index -= len(rows)
+    raise IndexError(index)
 
 
 def manifest_shards(root: Path, split: str, shards: Sequence[Mapping[str, object]], tasks: Sequence[TaskSpec],
@@ -780,13 +812,19 @@ class TaskBalancedStream(IterableDataset):
             # tight loop (as fast as decoding alone: the decoder's tables stay in cache). The batch's NCHW view
             # goes out (channels_last strides, see decode_images); the first float op on the device lays it out.
             jpegs: list[memoryview] = []
-            targets, mask = [], []
+            targets, mask, taken = [], [], []
             for samples, reader, quota in streams:
                 rows = np.array(samples.take(quota))
                 jpegs += reader.jpegs(rows)
                 targets.append(reader.targets[rows])
                 mask.append(reader.mask[rows])
-            yield {"images": decode_images(jpegs, size).permute(0, 3, 1, 2),
+                taken.append((reader, rows))
+            try:
+                images = decode_images(jpegs, size)
+            except ImageDecodeError as error:
+                reader, row = batch_sample(taken, error.index)
+                raise damaged_jpeg_error(*reader.where(row), error.reason) from None
+            yield {"images": images.permute(0, 3, 1, 2),
                    "labels": torch.from_numpy(np.concatenate(targets)),
                    "mask": torch.from_numpy(np.concatenate(mask)), "source": sources.clone()}
 
@@ -886,8 +924,12 @@ class EvalStream(IterableDataset):
                 position += len(rows)
                 keys, own_rows = split.keys(shard), np.asarray(rows)[own]
                 for index, row, jpeg in zip(own, own_rows.tolist(), split.jpegs(own_rows)):
+                    try:
+                        image = decode_image(jpeg, self.image_size)
+                    except ValueError as error:
+                        raise damaged_jpeg_error(str(shard["url"]), keys[index], str(error)) from None
                     yield {
-                        "images": decode_image(jpeg, self.image_size),
+                        "images": image,
                         "labels": torch.from_numpy(split.targets[row]),
                         "mask": torch.from_numpy(split.mask[row]),
                         "source": source_index,

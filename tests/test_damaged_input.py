@@ -3,12 +3,14 @@ and before anything is written; each test damages a copy of a small synthetic sh
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from pipeline.data import DataConfigError, TaskBalancedStream, open_shard_set
 from pipeline.evaluate import main as evaluate_main
 from pipeline.tar_format import TAR_BLOCK
 from pipeline.train import main as train_main
@@ -152,4 +154,42 @@ def test_evaluate_names_a_shard_damaged_where_its_size_does_not_show(checkpoint,
                           "--loader-workers", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {tar} is damaged: the bytes at 0 are not a tar header (no ustar magic); delete it and {HINT_SHARD}"]
+    assert not out.exists()
+
+
+def spoil_jpeg(tar: Path, sample: int) -> str:
+    """Overwrite the JPEG bytes of the tar's ``sample``-th sample (same size, so no size check sees it); its key."""
+    header = member_offsets(tar)[2 * sample]
+    data = bytearray(tar.read_bytes())
+    name = bytes(data[header : header + 100]).split(b"\0")[0].decode()
+    size = int(data[header + 124 : header + 136].split(b"\0")[0], 8)
+    data[header + TAR_BLOCK : header + TAR_BLOCK + size] = b"\x5a" * size
+    tar.write_bytes(bytes(data))
+    return name.removesuffix(".jpg")
+
+
+def test_the_training_stream_names_the_tar_and_sample_of_a_jpeg_that_does_not_decode(shards: Path) -> None:
+    tars = sorted(shards.glob("train-*.tar"))
+    # a sample of every tar, so that the first batches meet one (the last tar may hold a single sample)
+    keys = {tar: spoil_jpeg(tar, min(3, len(member_offsets(tar)) // 2 - 1)) for tar in tars}
+    stream = TaskBalancedStream([open_shard_set(shards)], {"utk": 16}, ["age"], 32, shuffle_buffer=10, seed=0)
+    with pytest.raises(DataConfigError) as raised:
+        for _ in itertools.islice(stream, 40):
+            pass
+    message = str(raised.value)
+    tar = next(tar for tar in tars if message.startswith(f"{tar} is damaged"))
+    assert f"the JPEG of sample {keys[tar]} does not decode (" in message
+    assert message.endswith(f"; delete it and {HINT_SHARD}")
+
+
+def test_evaluate_names_the_tar_and_sample_of_a_jpeg_that_does_not_decode(checkpoint: Path, shards: Path,
+                                                                          tmp_path: Path, capsys) -> None:
+    tar = shards / "val-000000.tar"
+    key = spoil_jpeg(tar, 7)
+    out = tmp_path / "evaluation"
+    assert evaluate_main([str(checkpoint), "--split", "val", "--data", str(shards), "--out", str(out),
+                          "--loader-workers", "1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {tar} is damaged: the JPEG of sample {key} does not decode (")
+    assert line.endswith(f"; delete it and {HINT_SHARD}")
     assert not out.exists()
