@@ -44,7 +44,8 @@ REPO = BENCH.parent
 STEPS = ("1", "2", "3", "4", "5", "6")
 TASKS = ("age", "gender", "race", "smile", "young", "emotion")
 # Wheels that a bare GPU machine may lack, by the module name an ImportError reports.
-WHEEL_OF_MODULE = {"yaml": "pyyaml", "PIL": "pillow", "webdataset": "webdataset", "braceexpand": "braceexpand"}
+WHEEL_OF_MODULE = {"yaml": "pyyaml", "PIL": "pillow", "webdataset": "webdataset", "braceexpand": "braceexpand",
+                   "simplejpeg": "simplejpeg"}
 # The table's figures against published ones (NVIDIA Deep Learning Examples, ResNet-50 v1.5, PyTorch, AMP).
 ANCHOR = "NVIDIA ResNet-50 v1.5, 1x A100-80GB AMP: 2,470 img/s (8x: 16,621)"
 GOAL_SYNTHETIC = 3000.0  # (1) on an H100/H200-class GPU

@@ -6,10 +6,11 @@
 #   bench/gpu_check.sh --cpu --tiny       # every step that can run without a GPU, tiny inputs (tests/test_gpu_check.py)
 #   bench/gpu_check.sh --steps 1,2 ...    # more options: bench/gpu_check.sh --help
 #
-# pipeline.data imports webdataset, which GPU images lack. Fill .whl/ in the repository root once, where pip reaches
-# PyPI (both are pure-Python wheels; webdataset's other needs, numpy and pyyaml, are on such images):
+# pipeline.data imports webdataset and simplejpeg, which GPU images lack. Fill .whl/ in the repository root once,
+# where pip reaches PyPI (webdataset's other needs, numpy and pyyaml, are on such images; simplejpeg's wheel is for
+# the GPU image's Python, 3.12 here, and x86_64):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#       webdataset==1.0.2 braceexpand==0.1.7
+#       webdataset==1.0.2 braceexpand==0.1.7 simplejpeg==1.9.0
 # and keep it out of git (echo /.whl/ >> .git/info/exclude). This script installs .whl/*.whl into /tmp/site.
 # Ray (about 70 MB) does not travel that way: without it step 5 runs under torchrun and step 6 uses
 # pipeline.train --local, and the table says so.
