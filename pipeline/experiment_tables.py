@@ -51,6 +51,29 @@ def summarize(records: Sequence[Mapping[str, Any]], rows: Sequence[str], tasks: 
     return summary
 
 
+def delta_m_by_row(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, CellStats]], baseline: str,
+                   tasks: Sequence[TaskSpec], split: str = "val") -> dict[str, CellStats]:
+    """row -> mean ± std over seeds of Δm against the ``baseline`` row's means, one Δm per seed of the row (its
+    records of that seed, over the tasks the baseline row has). The mean equals the Δm of the row's means; the
+    std is the seed spread the issue asks for. NaN where Δm is undefined (no baseline task)."""
+    compared = {task: stats.mean for task, stats in summary[baseline].items() if not math.isnan(stats.mean)}
+    deltas = {}
+    for row in summary:
+        if row == baseline:
+            continue
+        by_seed: dict[Any, dict[str, float]] = {}
+        for record in (r for r in records if r["row"] == row):
+            metrics = by_seed.setdefault(record.get("seed"), {})
+            for task in tasks:
+                value = record.get(f"{split}/{task.name}/{task.metric}")
+                if value is not None:
+                    metrics[task.name] = value
+        values = [delta_m(metrics, compared) for metrics in by_seed.values()
+                  if compared and all(task in metrics for task in compared)]
+        deltas[row] = mean_and_std(values)
+    return deltas
+
+
 # ---------------------------------------------------------------- table and plot
 
 
@@ -75,25 +98,25 @@ def format_cell(stats: CellStats, scale: float) -> str:
 
 
 def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[str, CellStats]],
-                 tasks: Sequence[TaskSpec], chance: Mapping[str, float], seeds: int, split: str = "val") -> str:
+                 deltas: Mapping[str, CellStats], tasks: Sequence[TaskSpec], chance: Mapping[str, float], seeds: int,
+                 split: str = "val") -> str:
     """The Markdown table: a caption, one column per task, one row per arm row, the chance level, Δm against the
-    ``baseline`` row."""
+    ``baseline`` row (``deltas``: :func:`delta_m_by_row`)."""
     seeds_text = "one seed" if seeds == 1 else f"mean ± std (n-1) over {seeds} seeds"
     caption = (f"**{experiment}**: {SPLIT_NAMES[split]} split, best epoch of each run (lowest val/total_loss, the epoch saved "
                f"as best_model.pt), {seeds_text}. Δm: mean over tasks of the relative difference to the "
-               f"{baseline} row, sign-adjusted so that positive is better (Maninis et al. 2019).")
+               f"{baseline} row's means, sign-adjusted so that positive is better (Maninis et al. 2019), one per seed.")
     header = ["model", *(metric_label(task) for task in tasks), f"Δm vs {baseline} (%) ↑"]
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    baseline_means = {task: stats.mean for task, stats in summary[baseline].items()}
-    # Δm over the tasks the baseline row has (all, unless --single-tasks chose some)
-    compared = {task: mean for task, mean in baseline_means.items() if not math.isnan(mean)}
     for row, by_task in summary.items():
         cells = [format_cell(by_task[task.name], display_scale(task)) for task in tasks]
         if row == baseline:
             delta = "ref."
+        elif math.isnan(deltas[row].mean):
+            delta = "–"
         else:
-            value = delta_m({task: stats.mean for task, stats in by_task.items()}, compared) if compared else math.nan
-            delta = "–" if math.isnan(value) else f"{value:+.2f}"
+            spread = "" if math.isnan(deltas[row].std) else f" ± {deltas[row].std:.2f}"
+            delta = f"{deltas[row].mean:+.2f}{spread}"
         lines.append("| " + " | ".join([row, *cells, delta]) + " |")
     chance_cells = [format_cell(CellStats(chance[task.name], math.nan, 1), display_scale(task)) for task in tasks]
     lines.append("| " + " | ".join(["chance", *chance_cells, ""]) + " |")

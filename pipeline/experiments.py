@@ -73,7 +73,7 @@ from pipeline.experiment_arms import (
 from pipeline.experiment_invocations import describe_source, record_invocation
 from pipeline.experiment_runs import check_run_folder, read_rows, result_record, run_is_finished
 from pipeline.experiment_tables import (
-    PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, format_table, plot_comparison, split_file, summarize,
+    PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, delta_m_by_row, format_table, plot_comparison, split_file, summarize,
     write_results,
 )
 from pipeline.run_summary import chance_levels
@@ -153,7 +153,9 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     tasks = [get_task(name) for name in task_names]
     summary = summarize(records, list(dict.fromkeys(arm.row for arm in arms)), tasks, split)
     chance = chance_levels(shard_sets, tasks, split)
-    table = format_table(experiment, baseline_row(arms), summary, tasks, chance, seeds, split)
+    baseline = baseline_row(arms)
+    deltas = delta_m_by_row(records, summary, baseline, tasks, split)
+    table = format_table(experiment, baseline, summary, deltas, tasks, chance, seeds, split)
     write_results(records, experiment_dir / split_file(RESULTS_FILE, split))
     (experiment_dir / split_file(TABLE_FILE, split)).write_text(table)
     plot_comparison(summary, tasks, chance, f"{experiment} ({SPLIT_NAMES[split]}, {seeds} seed{'s' if seeds > 1 else ''})",

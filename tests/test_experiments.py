@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.config import config_differences, load_config, to_dict
 from pipeline.experiment_arms import ExperimentError, arm_overrides, baseline_row, experiment_arms
 from pipeline.experiment_runs import best_epoch_row, run_is_finished
-from pipeline.experiment_tables import CellStats, format_table, mean_and_std, summarize
+from pipeline.experiment_tables import CellStats, delta_m_by_row, format_table, mean_and_std, summarize
 from pipeline.experiments import format_estimate, main
 from pipeline.losses import WEIGHTINGS
 from pipeline.schema import get_task
@@ -143,8 +143,9 @@ def test_single_tasks_subset_gets_single_arms_and_delta_m_over_those_tasks_only(
     tasks = [get_task("age"), get_task("gender"), get_task("landmarks")]
     records = [{"row": "single-task", "val/age/mae": 6.0}, {"row": "single-task", "val/landmarks/nme": 0.10},
                {"row": "MTL", "val/age/mae": 3.0, "val/gender/accuracy": 0.9, "val/landmarks/nme": 0.12}]
-    table = format_table("mtl-vs-single", "single-task", summarize(records, ["single-task", "MTL"], tasks), tasks,
-                         {"age": 9.0, "gender": 0.5, "landmarks": 0.3}, seeds=1)
+    summary = summarize(records, ["single-task", "MTL"], tasks)
+    table = format_table("mtl-vs-single", "single-task", summary, delta_m_by_row(records, summary, "single-task", tasks),
+                         tasks, {"age": 9.0, "gender": 0.5, "landmarks": 0.3}, seeds=1)
     lines = table.splitlines()
     assert lines[2] == ("| model | age MAE (years) ↓ | gender accuracy (%) ↑ | landmarks NME ↓ "
                         "| Δm vs single-task (%) ↑ |")
@@ -153,18 +154,23 @@ def test_single_tasks_subset_gets_single_arms_and_delta_m_over_those_tasks_only(
     assert lines[5] == "| MTL | 3.00 | 90.00 | 0.12 | +15.00 |"
 
 
-def test_table_has_a_column_per_task_rows_chance_and_delta_m() -> None:
+def test_table_has_a_column_per_task_rows_chance_and_delta_m_with_its_spread_over_seeds() -> None:
     tasks = [get_task("age"), get_task("gender")]
-    records = [{"row": "single-task", "val/age/mae": 6.0}, {"row": "single-task", "val/gender/accuracy": 0.75},
-               {"row": "MTL", "val/age/mae": 4.0, "val/gender/accuracy": 0.80},
-               {"row": "MTL", "val/age/mae": 6.0, "val/gender/accuracy": 0.80}]
+    records = [{"row": "single-task", "seed": 0, "val/age/mae": 6.0},
+               {"row": "single-task", "seed": 0, "val/gender/accuracy": 0.75},
+               {"row": "MTL", "seed": 0, "val/age/mae": 4.0, "val/gender/accuracy": 0.80},
+               {"row": "MTL", "seed": 1, "val/age/mae": 6.0, "val/gender/accuracy": 0.80}]
     summary = summarize(records, ["single-task", "MTL"], tasks)
     assert summary["MTL"]["age"] == CellStats(5.0, math.sqrt(2), 2)
-    table = format_table("mtl-vs-single", "single-task", summary, tasks, {"age": 9.0, "gender": 0.5}, seeds=2)
+    # seed 0: age +33.33 % (6 -> 4), gender +6.67 % -> +20.00; seed 1: age 0, gender +6.67 % -> +3.33
+    deltas = delta_m_by_row(records, summary, "single-task", tasks)
+    assert deltas["MTL"].mean == pytest.approx((20.0 + 10 / 3) / 2)
+    assert deltas["MTL"].std == pytest.approx(math.sqrt(2) * (20.0 - 10 / 3) / 2)
+    table = format_table("mtl-vs-single", "single-task", summary, deltas, tasks, {"age": 9.0, "gender": 0.5}, seeds=2)
     lines = table.splitlines()
     assert lines[2] == "| model | age MAE (years) ↓ | gender accuracy (%) ↑ | Δm vs single-task (%) ↑ |"
     assert lines[4] == "| single-task | 6.00 | 75.00 | ref. |"
-    assert lines[5] == "| MTL | 5.00 ± 1.41 | 80.00 ± 0.00 | +11.67 |"
+    assert lines[5] == "| MTL | 5.00 ± 1.41 | 80.00 ± 0.00 | +11.67 ± 11.79 |"
     assert lines[6] == "| chance | 9.00 | 50.00 |  |"
 
 
