@@ -53,8 +53,9 @@ paper reports, since the validation split chose the epoch. The table's caption n
 
 Δm (Maninis et al. 2019) summarises a row against the experiment's baseline row in one number:
 Δm = (1/T) Σ_t (-1)^{l_t} (M_t - M_base,t) / M_base,t x 100 %, l_t = 1 where lower is better (MAE), so a
-positive Δm is an improvement. It is computed from the means over seeds; undefined (shown –) where a baseline
-metric is 0.
+positive Δm is an improvement. M_base is the baseline row's mean over seeds; each seed of a row gets its own
+Δm, and the table shows their mean ± std (the mean equals the Δm of the row's means). Undefined (shown –) where
+a baseline metric is 0.
 """
 
 from __future__ import annotations
