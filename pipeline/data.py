@@ -625,7 +625,7 @@ class SplitReader:
             self.described, self.targets, self.mask = located
             first_rows = {url: self.described[url].first_row for url in urls}
         self.shard_rows = {url: range(first_rows[url], first_rows[url] + int(shard["nsamples"]))
-                     for url, shard in zip(urls, shards)}
+                           for url, shard in zip(urls, shards)}
         by_first_row = sorted(urls, key=first_rows.__getitem__)  # a row's tar is then found by one search
         self.tar_urls = by_first_row
         self.tar_positions = {url: position for position, url in enumerate(by_first_row)}
@@ -657,16 +657,15 @@ class SplitReader:
             self.tar_bytes[position] = memoryview(data)
         return self.shard_rows[url]
 
-    def keys(self, shard: Mapping[str, object]) -> list[str]:
-        """The keys of a located ``shard``'s samples, in tar order."""
-        url = str(shard["url"])
+    def keys(self, url: str) -> list[str]:
+        """The keys of a located tar's samples, in tar order."""
         return self.described[url].keys if self.described is not None else self.older_keys[url]
 
     def where(self, row: int) -> tuple[str, str]:
         """The tar and key of a located row, for messages."""
         position = int(np.searchsorted(self.tar_first_rows, row, side="right")) - 1
         url = self.tar_urls[position]
-        return url, self.keys({"url": url})[row - int(self.tar_first_rows[position])]
+        return url, self.keys(url)[row - int(self.tar_first_rows[position])]
 
     def jpegs(self, rows: np.ndarray) -> list[memoryview]:
         """The JPEG bytes of located rows: views of their tars, no copy."""
@@ -922,7 +921,7 @@ class EvalStream(IterableDataset):
                 # a reader's own samples only get a JPEG view and are decoded
                 own = [index for index in range(len(rows)) if (position + index) % readers == reader]
                 position += len(rows)
-                keys, own_rows = split.keys(shard), np.asarray(rows)[own]
+                keys, own_rows = split.keys(str(shard["url"])), np.asarray(rows)[own]
                 for index, row, jpeg in zip(own, own_rows.tolist(), split.jpegs(own_rows)):
                     try:
                         image = decode_image(jpeg, self.image_size)
