@@ -7,6 +7,7 @@ keys that exist; the resolved config is printed at start and saved into the run 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -329,7 +330,14 @@ def config_differences(saved: dict[str, Any], wanted: dict[str, Any], ignore: fr
 def flatten_with_defaults(document: dict[str, Any]) -> dict[str, Any]:
     """:func:`flatten`, a key the document lacks (saved before the key existed) holding its default, which
     keeps the behaviour from before the key was added."""
-    return flatten(to_dict(TrainConfig())) | flatten(document)
+    return flattened_defaults() | flatten(document)
+
+
+@functools.cache
+def flattened_defaults() -> dict[str, Any]:
+    """The defaults, flattened once: to_dict takes milliseconds and a reuse search compares dozens of configs.
+    Callers copy it (``|``), never change it."""
+    return flatten(to_dict(TrainConfig()))
 
 
 def describe_differences(saved: dict[str, Any], wanted: dict[str, Any], keys: typing.Iterable[str]) -> str:

@@ -1,5 +1,6 @@
 """``invocations.jsonl`` of an experiment folder: every command that ran the experiment, with the code's
-commit, its shards' summaries and the pretrained network it started from, so that a table can be traced.
+commit, its shards' summaries, the other experiments' runs it reused and the pretrained network it started from,
+so that a table can be traced.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ def describe_source(init_from: Path) -> dict[str, Any]:
 
 
 def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: Sequence[ShardSet],
-                      source: Mapping[str, Any] | None = None) -> None:
+                      source: Mapping[str, Any] | None = None, reused_runs: Mapping[str, str] | None = None) -> None:
     """One line per invocation in ``invocations.jsonl``: the exact command, the code's commit, the summary of
-    every shard folder and the pretrained ``source`` (:func:`describe_source`), so that a table can be traced
+    every shard folder, the runs of other experiments it reuses (``reused_runs``: run name -> link, relative to
+    the experiment folder) and the pretrained ``source`` (:func:`describe_source`), so that a table can be traced
     to what made it."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command),
              "commit": git_commit(Path(__file__).resolve().parents[1]),
              "shards": {str(s.root): json.loads((s.root / "summary.json").read_text()) for s in shard_sets},
+             "reused_runs": dict(reused_runs or {}),
              **({"init_from": dict(source)} if source is not None else {})}
     with (experiment_dir / INVOCATIONS_FILE).open("a") as handle:
         handle.write(json.dumps(entry) + "\n")

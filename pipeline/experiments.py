@@ -22,6 +22,17 @@ Running the same command again skips finished runs (metrics.parquet reached ``ma
 froze/stopped), resumes unfinished ones and refuses a run folder whose saved config differs from the
 arm's (other than ``max_epochs``): choose another ``--name`` for another config.
 
+Experiments share runs: with configs/utkface.yaml, ``mtl-vs-single``'s MTL, ``weighting``'s learned, ``freeze``'s
+early-freeze, ``lambda``'s λ=0.1 and ``transfer``'s ImageNet start are one run per seed. So an arm x seed without
+a run folder yet first looks for a finished run of the same config in the other experiment folders under the same
+``runs_dir`` (``runs_dir/*/*/config.yaml``; the same config: equal in every key but ``name`` and ``runs_dir``,
+``max_epochs`` included). If there is one, ``<arm>-seed<k>`` becomes a relative link to it, a line says which
+(``learned-seed0: same config as ../mtl-vs-single/mtl-seed0 (finished): reused, not trained``; the first by path
+where several match) and the experiment uses it as its own finished run (results, table, ``--split test``, whose
+report then lands in the linked folder). ``invocations.jsonl`` records the links (``reused_runs``). Later
+invocations keep a link while it points to a finished run of the arm's config, and remove it otherwise. Unfinished
+runs are not reused; ``--no-reuse`` removes the links and trains every arm in this experiment's folder.
+
 The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipeline.config):
 
 - ``mtl-vs-single``: the config as it is (row "MTL") and one single-task model per task (row
@@ -33,8 +44,9 @@ The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipe
   kept, the untrained tasks' losses would still choose the best epoch (lowest total validation loss),
   drive the lr plateau and Early Freeze, and take batch share from the sampler. With the default
   ``data.steps_per_epoch: 0`` a single-task epoch covers its own datasets' training samples once.
-- ``weighting``: ``equal`` (the thesis' "average loss"), ``learned`` (eq. 3.5), ``uncertainty``, ``dwa``,
-  ``rlw``, ``famo`` (every registered strategy but ``fixed``).
+- ``weighting``: every registered strategy but ``fixed``: ``equal`` (the thesis' "average loss", the baseline),
+  ``learned`` (eq. 3.5), ``uncertainty``, ``dwa``, ``rlw``, ``famo``, ``gradnorm``, ``dbmtl``, ``pcgrad``,
+  ``alignedmtl``; ``--weightings`` chooses some (``equal`` always runs).
 - ``freeze``: ``early-freeze`` (Algorithm 1), ``early-stop`` (converged tasks stop; the thesis' Table 5.4
   baseline), ``none``, and ``early-freeze`` with Algorithm 1's cumulative counter.
 - ``lambda``: λ of the learned weighting over the thesis' grid {0.001, 0.01, 0.1, 1} (Table 5.5).
@@ -66,12 +78,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import ConfigError, load_config, with_absolute_paths
+from pipeline.config import ConfigError, TrainConfig, load_config, with_absolute_paths
 from pipeline.data import DataConfigError, open_shard_set, resolve_tasks
 from pipeline.experiment_arms import (
-    EXPERIMENTS, Arm, ExperimentError, arm_overrides, baseline_row, check_transfer_source, experiment_arms,
+    EXPERIMENTS, ExperimentError, arm_overrides, baseline_row, check_transfer_source, experiment_arms,
 )
 from pipeline.experiment_invocations import describe_source, record_invocation
+from pipeline.experiment_reuse import link_reused_runs
 from pipeline.experiment_runs import check_run_folder, read_rows, result_record, run_is_finished
 from pipeline.experiment_tables import (
     PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, delta_m_by_row, format_table, plot_comparison, split_file, summarize,
@@ -98,13 +111,11 @@ def format_estimate(trained: Sequence[tuple[float, int]], remaining_runs: int, e
             f"epochs ({per_epoch / 60:.1f} min per epoch here)")
 
 
-def train_arm(config_path: Path | None, overrides: Sequence[str], arm: Arm, seed: int, experiment_dir: Path,
+def train_arm(config_path: Path | None, run_overrides: Sequence[str], config: TrainConfig,
               local: bool) -> tuple[Path, tuple[float, int] | None]:
-    """Train one arm with one seed through ``pipeline.train`` unless its run folder is finished; returns the run
-    folder and the seconds and epochs it trained now (None when skipped)."""
-    run_overrides = [*overrides, *arm_overrides(arm, seed, experiment_dir)]
-    config = with_absolute_paths(load_config(config_path, run_overrides))
-    check_run_folder(config)
+    """Train one arm x seed (``config``, the config file with ``run_overrides``) through ``pipeline.train`` unless
+    its run folder is finished; returns the run folder and the seconds and epochs it trained now (None when
+    skipped)."""
     rows_before = read_rows(config.run_dir)
     if run_is_finished(rows_before, config.max_epochs):
         print(f"{config.run_dir.name}: finished, skipped", flush=True)
@@ -121,8 +132,9 @@ def train_arm(config_path: Path | None, overrides: Sequence[str], arm: Arm, seed
 def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
                    out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = (),
                    single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
-                   init_from: Path | None = None) -> Path:
-    """Train every arm x seed (skipping finished runs), then write the results, table and plot of ``split``."""
+                   init_from: Path | None = None, reuse: bool = True) -> Path:
+    """Train every arm x seed (skipping finished runs and, when ``reuse``, linking to finished runs of the same
+    config in sibling experiment folders), then write the results, table and plot of ``split``."""
     base = with_absolute_paths(load_config(config_path, overrides))
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
     declare_config_tasks(base)
@@ -139,15 +151,22 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
         check_transfer_source(source["config"], base)
     experiment_dir = Path(base.runs_dir) / (out_name or experiment)
     experiment_dir.mkdir(parents=True, exist_ok=True)
-    record_invocation(experiment_dir, command, shard_sets, source)
+    runs = [(arm, seed) for arm in arms for seed in range(seeds)]
+    overrides_by_run = [[*overrides, *arm_overrides(arm, seed, experiment_dir)] for arm, seed in runs]
+    configs = [with_absolute_paths(load_config(config_path, run_overrides)) for run_overrides in overrides_by_run]
+    for config in configs:  # before anything trains: a folder of another config refuses the experiment
+        check_run_folder(config)
     print(f"experiment {experiment}: {len(arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
-    records, durations, total = [], [], len(arms) * seeds
-    for number, (arm, seed) in enumerate(((arm, seed) for arm in arms for seed in range(seeds)), start=1):
+    reused = link_reused_runs(configs, experiment_dir, reuse)
+    record_invocation(experiment_dir, command, shard_sets, source, reused)
+    records, durations, total = [], [], len(runs)
+    for number, ((arm, seed), run_overrides, config) in enumerate(zip(runs, overrides_by_run, configs), start=1):
         print(f"\n[{number}/{total}] {arm.name}, seed {seed}", flush=True)
-        run_dir, trained = train_arm(config_path, overrides, arm, seed, experiment_dir, local)
+        run_dir, trained = train_arm(config_path, run_overrides, config, local)
         if trained is not None:
             durations.append(trained)
-            estimate = format_estimate(durations, total - number, base.max_epochs)
+            remaining = sum(later.run_dir.name not in reused for later in configs[number:])
+            estimate = format_estimate(durations, remaining, base.max_epochs)
             print(f"{run_dir.name}: trained {trained[1]} epoch(s) in {trained[0] / 60:.1f} min{estimate}", flush=True)
         records.append(result_record(experiment, arm, seed, run_dir, split))
 
@@ -185,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weightings", default="",
                         help="weighting: the methods compared, e.g. learned,pcgrad (default every registered one but "
                              "fixed; equal, the baseline, is always run)")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="train every arm in this experiment's folder, even one whose config equals a finished "
+                             "run of another experiment under runs_dir (default: link to that run)")
     parser.add_argument("--init-from", type=Path,
                         help="transfer (required there, refused elsewhere): the pretrained run folder or best_model.pt "
                              "the fine-tuned arm starts from")
@@ -195,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         experiment_dir = run_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name, args.local,
                                         args.split, ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])],
-                                        comma_list(args.single_tasks), comma_list(args.weightings), args.init_from)
+                                        comma_list(args.single_tasks), comma_list(args.weightings), args.init_from,
+                                        not args.no_reuse)
     except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -206,6 +206,18 @@ def synthetic_shards(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
+@pytest.fixture
+def one_torch_thread():
+    """In-process training on one intra-op thread, as Ray gives its workers: on the shared 2-core test
+    machine two threads contending with other processes make each step about ten times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def finished_search(synthetic_shards, tmp_path_factory) -> Path:
     """A real, finished ``python -m tune.search`` on the synthetic shards: 4 trials of up to 3 epochs, ASHA

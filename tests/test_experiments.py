@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from pipeline.config import config_differences, load_config, to_dict
-from pipeline.experiment_arms import ExperimentError, arm_overrides, baseline_row, experiment_arms
+from pipeline.experiment_arms import COMPARED_WEIGHTINGS, ExperimentError, arm_overrides, baseline_row, experiment_arms
 from pipeline.experiment_runs import best_epoch_row, run_is_finished
 from pipeline.experiment_tables import CellStats, delta_m_by_row, format_table, mean_and_std, summarize
+from pipeline.experiments import __doc__ as experiments_help
 from pipeline.experiments import format_estimate, main
 from pipeline.losses import WEIGHTINGS
 from pipeline.schema import get_task
@@ -185,16 +186,6 @@ def test_ready_configs_load(name: str, tasks: list[str]) -> None:
         load_config(REPO / "configs" / f"{name}.yaml", arm_overrides(arm, 0, Path("/runs/x")))
 
 
-@pytest.fixture
-def one_torch_thread():
-    """In-process training on one intra-op thread, as Ray gives its workers: on the shared 2-core test
-    machine two threads contending with other processes make each step about ten times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_the_estimate_of_the_runs_left_is_per_epoch_so_a_resumed_run_does_not_shrink_it() -> None:
     # a run resumed for its last epoch (60 s), then a whole one (10 epochs in 540 s): 600 s / 11 epochs
     assert format_estimate([(60.0, 1)], 2, 10) == \
@@ -258,6 +249,11 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
 
     assert main([*argv[:-1], "optim.lr=0.01", "--local"]) == 1  # another config in the same folder: refused
     assert "trained with another config (optim.lr 0.001 -> 0.01)" in capsys.readouterr().err
+
+
+def test_the_help_names_every_weighting_the_weighting_experiment_compares() -> None:
+    (item,) = [item for item in experiments_help.split("\n- ") if item.startswith("``weighting``")]
+    assert [name for name in COMPARED_WEIGHTINGS if f"``{name}``" not in item] == []
 
 
 def test_unknown_experiment_is_refused() -> None:

@@ -1,0 +1,102 @@
+"""Runs an experiment shares with another: an arm x seed whose config equals a finished run in a sibling experiment
+folder (``runs_dir/<other experiment>/<run>/``) links its run folder to that run instead of training it again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import TrainConfig, config_differences, to_dict
+from pipeline.experiment_runs import read_rows, run_is_finished
+from pipeline.run_records import CONFIG_FILE
+
+# Where a run lives, not what it computed. Unlike resuming, max_epochs counts: a 10-epoch run is not a 12-epoch run.
+REUSE_IGNORED_KEYS = frozenset({"name", "runs_dir"})
+
+
+def is_same_run(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Whether the run saved with config ``saved`` is the run config ``wanted`` would train: equal in every key
+    but ``name`` and ``runs_dir``."""
+    return not config_differences(dict(saved), dict(wanted), ignore=REUSE_IGNORED_KEYS)
+
+
+def read_saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config.yaml of a run folder, or None where there is none to judge (absent, unreadable, not a mapping)."""
+    try:
+        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def same_runs(wanted: Mapping[str, Any], saved_by_run: Mapping[Path, Mapping[str, Any]]) -> list[Path]:
+    """The run folders of ``saved_by_run`` (run folder -> saved config) that are config ``wanted``'s run, by path."""
+    return sorted(run_dir for run_dir, saved in saved_by_run.items() if is_same_run(saved, wanted))
+
+
+def finished_same_runs(config: TrainConfig, saved_by_run: Mapping[Path, Mapping[str, Any]]) -> list[Path]:
+    """:func:`same_runs` of ``config`` that have nothing left to train."""
+    return [run_dir for run_dir in same_runs(to_dict(config), saved_by_run)
+            if run_is_finished(read_rows(run_dir), config.max_epochs)]
+
+
+def sibling_run_configs(experiment_dir: Path) -> dict[Path, dict[str, Any]]:
+    """Real run folder -> saved config of every ``runs_dir/*/*/config.yaml`` outside ``experiment_dir``; a run
+    another experiment links to counts once, as the folder it links to."""
+    own = experiment_dir.resolve()
+    configs: dict[Path, dict[str, Any]] = {}
+    for config_path in sorted(experiment_dir.parent.glob(f"*/*/{CONFIG_FILE}")):
+        run_dir = config_path.parent.resolve()
+        if config_path.parent.parent.resolve() == own or run_dir.parent == own or run_dir in configs:
+            continue
+        saved = read_saved_config(run_dir)
+        if saved is not None:
+            configs[run_dir] = saved
+    return configs
+
+
+def reuse_line(run_name: str, links: Sequence[str]) -> str:
+    """The line saying which finished run ``run_name`` reuses: the first of ``links``, sorted by path."""
+    others = f"; also {', '.join(links[1:])}, the first by path is taken" if len(links) > 1 else ""
+    return f"{run_name}: same config as {links[0]} (finished{others}): reused, not trained"
+
+
+def link_reused_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse: bool = True) -> dict[str, str]:
+    """Link the run folder of each arm x seed (``configs``) that has none yet to a finished run of the same config
+    in a sibling experiment folder, when ``reuse``. A link of an earlier invocation stays while it points to a
+    finished run of the arm's config; otherwise (or without ``reuse``) it is removed, so that the arm trains in
+    its own folder. Returns run name -> link (relative to ``experiment_dir``) of every arm x seed that reuses a
+    run now."""
+    linked: dict[str, str] = {}
+    unlinked: list[TrainConfig] = []
+    for config in configs:
+        run_dir = config.run_dir
+        if run_dir.is_symlink():
+            link = os.readlink(run_dir)
+            saved = read_saved_config(run_dir)
+            if reuse and saved is not None and finished_same_runs(config, {run_dir: saved}):
+                linked[run_dir.name] = link
+                print(f"{run_dir.name}: reuses {link} (finished), as linked before", flush=True)
+                continue
+            run_dir.unlink()  # only the link: the run it pointed to stays with its experiment
+            why = "--no-reuse" if not reuse else "not a finished run of this config any more"
+            print(f"{run_dir.name}: link to {link} removed ({why})", flush=True)
+        if reuse and not run_dir.exists():
+            unlinked.append(config)
+    if not unlinked:
+        return linked
+    saved_by_run = sibling_run_configs(experiment_dir)
+    for config in unlinked:
+        matches = finished_same_runs(config, saved_by_run)
+        if not matches:
+            continue
+        links = [os.path.relpath(run_dir, experiment_dir.resolve()) for run_dir in matches]
+        config.run_dir.symlink_to(links[0], target_is_directory=True)
+        linked[config.run_dir.name] = links[0]
+        print(reuse_line(config.run_dir.name, links), flush=True)
+    return linked

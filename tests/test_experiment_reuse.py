@@ -1,0 +1,146 @@
+"""An experiment's arm whose config equals a finished run of another experiment links to that run instead of
+training it again: the comparison by hand, the links on hand-made run folders, and ``mtl-vs-single`` then
+``weighting`` end to end on the synthetic shards."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import TrainConfig, load_config, save_config, to_dict
+from pipeline.experiment_reuse import is_same_run, link_reused_runs
+from pipeline.experiments import main
+from pipeline.run_records import CONFIG_FILE, METRICS_FILE
+from tests.test_train import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+UTKFACE_LIKE = ["max_epochs=12", "loss.weighting=learned", "data.datasets=[/s/utk]"]
+
+
+def run_config(runs_dir: Path, experiment: str, run: str, *overrides: str) -> TrainConfig:
+    return load_config(None, ["max_epochs=2", *overrides, f"runs_dir={runs_dir / experiment}", f"name={run}"])
+
+
+def saved_run(runs_dir: Path, experiment: str, run: str, *overrides: str, epochs_run: int = 2) -> Path:
+    """A run folder as pipeline.train leaves it, as far as reuse reads it: config.yaml and metrics rows."""
+    config = run_config(runs_dir, experiment, run, *overrides)
+    save_config(config, config.run_dir / CONFIG_FILE)
+    rows = [{"epoch": epoch, "is_best": True, "val/age/loss": 1.0, "freeze/frozen_tasks": "[]"}
+            for epoch in range(epochs_run)]
+    pq.write_table(pa.Table.from_pylist(rows), config.run_dir / METRICS_FILE)
+    return config.run_dir
+
+
+def test_same_run_means_the_same_config_wherever_the_run_lives() -> None:
+    wanted = to_dict(load_config(None, UTKFACE_LIKE))
+    assert is_same_run(to_dict(load_config(None, UTKFACE_LIKE)), wanted)
+    assert is_same_run(to_dict(load_config(None, [*UTKFACE_LIKE, "name=mtl-seed0", "runs_dir=/runs/mtl-vs-single"])),
+                       wanted)
+    for other in ("seed=1", "loss.weighting=equal", "max_epochs=10", "data.datasets=[/s/celeba]"):
+        assert not is_same_run(to_dict(load_config(None, [*UTKFACE_LIKE, other])), wanted), other
+
+
+def test_an_arm_links_to_the_first_finished_run_of_its_config_in_another_experiment(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    saved_run(runs, "mtl-vs-single", "mtl-seed0")
+    saved_run(runs, "lambda", "lambda-0.1-seed0")
+    saved_run(runs, "freeze", "early-freeze-seed0", epochs_run=1)  # the same config, not finished
+    saved_run(runs, "long", "mtl-seed0", "max_epochs=3", epochs_run=3)  # finished, but a 3-epoch run
+    saved_run(runs, "weighting", "old-seed0")  # this experiment's own folder is not searched
+    (runs / "transfer").mkdir()
+    (runs / "transfer" / "imagenet-seed0").symlink_to("../mtl-vs-single/mtl-seed0")  # counts once, as its target
+    learned = [run_config(runs, "weighting", f"learned-seed{seed}", f"seed={seed}") for seed in (0, 1)]
+
+    assert link_reused_runs(learned, runs / "weighting") == {"learned-seed0": "../lambda/lambda-0.1-seed0"}
+    link = runs / "weighting" / "learned-seed0"
+    assert os.readlink(link) == "../lambda/lambda-0.1-seed0" and link.resolve() == runs / "lambda" / "lambda-0.1-seed0"
+    assert not (runs / "weighting" / "learned-seed1").exists()  # no run of seed 1 anywhere: it trains
+    assert capsys.readouterr().out == (
+        "learned-seed0: same config as ../lambda/lambda-0.1-seed0 (finished; also ../mtl-vs-single/mtl-seed0, "
+        "the first by path is taken): reused, not trained\n")
+
+
+def test_a_link_stays_while_it_is_a_finished_run_of_the_arm_and_goes_otherwise_or_without_reuse(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    mtl = saved_run(runs, "mtl-vs-single", "mtl-seed0")
+    experiment, link = runs / "weighting", runs / "weighting" / "learned-seed0"
+    experiment.mkdir()
+    learned = run_config(runs, "weighting", "learned-seed0")
+    assert link_reused_runs([learned], experiment) == {"learned-seed0": "../mtl-vs-single/mtl-seed0"}
+    capsys.readouterr()
+
+    assert link_reused_runs([learned], experiment) == {"learned-seed0": "../mtl-vs-single/mtl-seed0"}
+    assert link.is_symlink()
+    assert capsys.readouterr().out == "learned-seed0: reuses ../mtl-vs-single/mtl-seed0 (finished), as linked before\n"
+
+    longer = run_config(runs, "weighting", "learned-seed0", "max_epochs=3")  # would extend the other experiment's run
+    assert link_reused_runs([longer], experiment) == {}
+    assert not link.exists() and not link.is_symlink() and (mtl / METRICS_FILE).exists()
+    assert "link to ../mtl-vs-single/mtl-seed0 removed (not a finished run of this config any more)" in \
+        capsys.readouterr().out
+
+    link_reused_runs([learned], experiment)
+    assert link_reused_runs([learned], experiment, reuse=False) == {}
+    assert not link.is_symlink() and not link.exists()
+    assert "learned-seed0: link to ../mtl-vs-single/mtl-seed0 removed (--no-reuse)\n" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_weighting_reuses_the_finished_mtl_run_of_mtl_vs_single_and_no_reuse_trains_it_in_its_own_folder(
+        synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_torch_thread) -> None:
+    overrides = tiny_overrides({"utk": synthetic_shards["utk"]}, tmp_path, "unused", "data.tasks=[age,gender]",
+                               "max_epochs=1", "data.loader_workers=0")
+    common = ["--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--local"]
+    assert main(["mtl-vs-single", *common, "--single-tasks", "age"]) == 0
+    mtl = tmp_path / "mtl-vs-single" / "mtl-seed0"
+    mtl_metrics_mtime = (mtl / METRICS_FILE).stat().st_mtime_ns
+    capsys.readouterr()
+
+    weighting = ["weighting", *common, "--weightings", "learned"]  # equal, the baseline, and learned
+    assert main(weighting) == 0
+    out = capsys.readouterr().out
+    experiment = tmp_path / "weighting"
+    learned, equal = experiment / "learned-seed0", experiment / "equal-seed0"
+    assert "learned-seed0: same config as ../mtl-vs-single/mtl-seed0 (finished): reused, not trained" in out
+    assert learned.is_symlink() and learned.resolve() == mtl.resolve()
+    assert not equal.is_symlink() and (equal / METRICS_FILE).exists()
+    assert "equal-seed0: trained 1 epoch(s)" in out and "learned-seed0: trained" not in out
+    assert (mtl / METRICS_FILE).stat().st_mtime_ns == mtl_metrics_mtime
+
+    def validation_metrics(results: Path, arm: str) -> dict:
+        (record,) = [r for r in pq.read_table(results).to_pylist() if r["arm"] == arm]
+        return {key: value for key, value in record.items() if key.startswith("val/")}
+
+    reused = validation_metrics(experiment / "results.parquet", "learned")
+    assert reused and reused == validation_metrics(tmp_path / "mtl-vs-single" / "results.parquet", "mtl")
+
+    def task_cells(table: Path, row: str) -> list[str]:  # the per-task cells, without Δm (another baseline)
+        line = next(line for line in table.read_text().splitlines() if line.startswith(f"| {row} |"))
+        return line.split(" | ")[1:3]
+
+    assert task_cells(experiment / "table.md", "learned") == task_cells(tmp_path / "mtl-vs-single" / "table.md", "MTL")
+    invocation = json.loads((experiment / "invocations.jsonl").read_text().splitlines()[-1])
+    assert invocation["reused_runs"] == {"learned-seed0": "../mtl-vs-single/mtl-seed0"}
+
+    assert main([*weighting, "--split", "test"]) == 0  # the link is this arm's finished run: skipped, evaluated
+    out = capsys.readouterr().out
+    assert "learned-seed0: reuses ../mtl-vs-single/mtl-seed0 (finished), as linked before" in out
+    assert out.count("finished, skipped") == 2 and "trained 1 epoch(s)" not in out
+    assert (mtl / "evaluation" / "test" / "metrics.json").exists()
+    assert "| learned | " in (experiment / "table-test.md").read_text()
+
+    assert main([*weighting, "--no-reuse"]) == 0
+    out = capsys.readouterr().out
+    assert "learned-seed0: link to ../mtl-vs-single/mtl-seed0 removed (--no-reuse)" in out
+    assert "equal-seed0: finished, skipped" in out and "learned-seed0: trained 1 epoch(s)" in out
+    assert not learned.is_symlink() and (learned / METRICS_FILE).exists()
+    assert load_config(learned / CONFIG_FILE).name == "learned-seed0"
+    assert load_config(mtl / CONFIG_FILE).name == "mtl-seed0" and (mtl / METRICS_FILE).stat().st_mtime_ns == mtl_metrics_mtime
+    assert json.loads((experiment / "invocations.jsonl").read_text().splitlines()[-1])["reused_runs"] == {}
