@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -15,25 +14,15 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pipeline.data import ShardSet
+from pipeline.provenance import git_commit
 from pipeline.run_records import network_file_of
 
 INVOCATIONS_FILE = "invocations.jsonl"  # every command that ran this experiment, with commit and shard summaries
 
 
-def git_commit(repo: Path) -> str:
-    """The checked-out commit of ``repo`` ("+changes" when the tree differs from it), or "unknown"."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+changes" if dirty else "")
-
-
 def describe_source(init_from: Path) -> dict[str, Any]:
     """The pretrained network ``init_from`` names: its path, the file read and the config and epoch its weights
-    were trained with (a run folder records no commit; its experiment's invocations.jsonl does)."""
+    were trained with (the commit that trained them is in the run folder's starts.jsonl)."""
     file = network_file_of(init_from)
     payload = torch.load(file, map_location="cpu", weights_only=True)
     epoch = payload.get("epoch", payload.get("run_state", {}).get("epoch"))
@@ -47,7 +36,7 @@ def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: 
     the experiment folder) and the pretrained ``source`` (:func:`describe_source`), so that a table can be traced
     to what made it."""
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command),
-             "commit": git_commit(Path(__file__).resolve().parents[1]),
+             "commit": git_commit(),
              "shards": {str(s.root): json.loads((s.root / "summary.json").read_text()) for s in shard_sets},
              "reused_runs": dict(reused_runs or {}),
              **({"init_from": dict(source)} if source is not None else {})}

@@ -31,6 +31,7 @@ from pipeline.config import (
 )
 from pipeline.data import DataConfigError, check_validation_labels, data_error_line, open_shard_set, resolve_tasks
 from pipeline.loop import ResumeError, TrainingDiverged
+from pipeline.provenance import record_start
 from pipeline.run_summary import at_chance_warning, format_summary_table, summarize_run, write_run_summary
 from pipeline.run_records import (
     BEST_MODEL_FILE,
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     save_config(config, config.run_dir / CONFIG_FILE)
+    record_start(config.run_dir, ["python", "-m", "pipeline.train", *(sys.argv[1:] if argv is None else argv)])
     (config.run_dir / STOPPED_FILE).unlink(missing_ok=True)
     print(f"run folder: {config.run_dir.resolve()}\nconfig:\n{Path(config.run_dir / CONFIG_FILE).read_text()}", flush=True)
     started = time.perf_counter()

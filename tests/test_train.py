@@ -78,6 +78,11 @@ def test_local_run_writes_checkpoint_metrics_tensorboard_and_resumes(synthetic_s
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert newest_checkpoint(run)["run_state"]["epoch"] == 3
     assert [folder.name for folder in checkpoint_folders(run)] == ["checkpoint_000003", "checkpoint_000002"]  # keep 2
+    starts = [json.loads(line) for line in (run / "starts.jsonl").read_text().splitlines()]  # one line per start
+    assert [start["command"].endswith("max_epochs=2 freeze.mode=none") for start in starts] == [True, False]
+    assert "max_epochs=3" in starts[1]["command"]
+    assert starts[1]["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert all(len(start["commit"].removesuffix("+changes")) == 40 or start["commit"] == "unknown" for start in starts)
 
 
 def test_early_freeze_in_the_loop_freezes_the_trunk_then_every_head_and_ends_early(synthetic_shards, tmp_path: Path) -> None:

@@ -1,0 +1,51 @@
+"""What made a result: the code's commit and the software it ran on, for the records a run or an experiment keeps."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import socket
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+STARTS_FILE = "starts.jsonl"  # one line per start of a run: a resumed run may have run on other code
+PACKAGES = ("torch", "torchvision", "ray", "webdataset", "numpy", "simplejpeg")
+
+
+def git_commit(repo: Path = REPOSITORY) -> str:
+    """The checked-out commit of ``repo`` ("+changes" when the tree differs from it), or "unknown"."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
+
+
+def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    """Installed version of each package (None where it is not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def start_record(command: Sequence[str]) -> dict[str, Any]:
+    """One start of a run: when, the exact command, the commit, the host, Python and the packages."""
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command), "commit": git_commit(),
+            "host": socket.gethostname(), "python": platform.python_version(), "packages": package_versions()}
+
+
+def record_start(run_dir: Path, command: Sequence[str]) -> None:
+    """Append this start to ``run_dir/starts.jsonl``; a line is whole or absent (one small append)."""
+    with (run_dir / STARTS_FILE).open("a") as handle:
+        handle.write(json.dumps(start_record(command)) + "\n")
