@@ -1,5 +1,6 @@
-"""An experiment's results: mean ± std over seeds (pure), Δm against the baseline row (pipeline.metrics), the
-Markdown table, the plot and results.parquet, on the validation split or another (``table-test.md``…).
+"""An experiment's results: mean ± std over seeds (pure), Δm against the baseline row (pipeline.metrics), which
+differences exceed the seed spread (Welch's t-test), the Markdown table, the plot and results.parquet, on the
+validation split or another (``table-test.md``…).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from scipy import stats as scipy_stats
 
 from pipeline.metrics import delta_m
 from pipeline.schema import TaskSpec
@@ -18,6 +20,8 @@ from pipeline.schema import TaskSpec
 PLOTTED_TASKS_MAX = 12  # one bar chart each; beyond this the plot shows the tasks with a baseline, first ones
 RESULTS_FILE, TABLE_FILE, PLOT_FILE = "results.parquet", "table.md", "plot.png"
 SPLIT_NAMES = {"val": "validation", "test": "test"}
+SIGNIFICANCE = 0.05  # two-sided level of the test marking a cell that differs from its baseline beyond seed noise
+BEYOND_SPREAD_MARK = "†"
 
 
 class CellStats(NamedTuple):
@@ -74,6 +78,19 @@ def delta_m_by_row(records: Sequence[Mapping[str, Any]], summary: Mapping[str, M
     return deltas
 
 
+def beyond_seed_spread(cell: CellStats, baseline: CellStats, level: float = SIGNIFICANCE) -> bool:
+    """Whether ``cell``'s mean differs from ``baseline``'s by more than their seed spread explains: Welch's t-test
+    (unequal variances) on the two rows' seeds, two-sided p < ``level``. False below two seeds in either row (no
+    spread to compare with) and where the test is undefined (both spreads 0 and equal means)."""
+    if cell.count < 2 or baseline.count < 2 or math.isnan(cell.mean) or math.isnan(baseline.mean):
+        return False
+    if cell.std == 0 and baseline.std == 0:
+        return cell.mean != baseline.mean
+    result = scipy_stats.ttest_ind_from_stats(cell.mean, cell.std, cell.count, baseline.mean, baseline.std,
+                                              baseline.count, equal_var=False)
+    return bool(result.pvalue < level)
+
+
 # ---------------------------------------------------------------- table and plot
 
 
@@ -103,13 +120,20 @@ def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[s
     """The Markdown table: a caption, one column per task, one row per arm row, the chance level, Δm against the
     ``baseline`` row (``deltas``: :func:`delta_m_by_row`)."""
     seeds_text = "one seed" if seeds == 1 else f"mean ± std (n-1) over {seeds} seeds"
+    marks = "" if seeds == 1 else (f" {BEYOND_SPREAD_MARK}: differs from the {baseline} row beyond the seed spread "
+                                   f"(Welch's t-test over seeds, two-sided p < {SIGNIFICANCE:g}); unmarked differences "
+                                   "are within seed noise.")
     caption = (f"**{experiment}**: {SPLIT_NAMES[split]} split, best epoch of each run (lowest val/total_loss, the epoch saved "
                f"as best_model.pt), {seeds_text}. Δm: mean over tasks of the relative difference to the "
-               f"{baseline} row's means, sign-adjusted so that positive is better (Maninis et al. 2019), one per seed.")
+               f"{baseline} row's means, sign-adjusted so that positive is better (Maninis et al. 2019), one per seed."
+               f"{marks}")
     header = ["model", *(metric_label(task) for task in tasks), f"Δm vs {baseline} (%) ↑"]
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, by_task in summary.items():
-        cells = [format_cell(by_task[task.name], display_scale(task)) for task in tasks]
+        marked = {task.name for task in tasks
+                  if row != baseline and beyond_seed_spread(by_task[task.name], summary[baseline][task.name])}
+        cells = [format_cell(by_task[task.name], display_scale(task))
+                 + (f" {BEYOND_SPREAD_MARK}" if task.name in marked else "") for task in tasks]
         if row == baseline:
             delta = "ref."
         elif math.isnan(deltas[row].mean):

@@ -67,7 +67,9 @@ paper reports, since the validation split chose the epoch. The table's caption n
 Δm = (1/T) Σ_t (-1)^{l_t} (M_t - M_base,t) / M_base,t x 100 %, l_t = 1 where lower is better (MAE), so a
 positive Δm is an improvement. M_base is the baseline row's mean over seeds; each seed of a row gets its own
 Δm, and the table shows their mean ± std (the mean equals the Δm of the row's means). Undefined (shown –) where
-a baseline metric is 0.
+a baseline metric is 0. With two seeds or more, a task's cell marked † differs from the baseline row's beyond the
+seed spread (Welch's t-test over the two rows' seeds, two-sided p < 0.05); unmarked differences are seed noise.
+With 3 seeds such a test only passes large, consistent differences: an unmarked cell is "not shown to differ".
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ from PIL import Image
 from pipeline.config import config_differences, load_config, to_dict
 from pipeline.experiment_arms import COMPARED_WEIGHTINGS, ExperimentError, arm_overrides, baseline_row, experiment_arms
 from pipeline.experiment_runs import best_epoch_row, run_is_finished
-from pipeline.experiment_tables import CellStats, delta_m_by_row, format_table, mean_and_std, summarize
+from pipeline.experiment_tables import (
+    CellStats, beyond_seed_spread, delta_m_by_row, format_table, mean_and_std, summarize,
+)
 from pipeline.experiments import __doc__ as experiments_help
 from pipeline.experiments import format_estimate, main
 from pipeline.losses import WEIGHTINGS
@@ -171,8 +173,31 @@ def test_table_has_a_column_per_task_rows_chance_and_delta_m_with_its_spread_ove
     lines = table.splitlines()
     assert lines[2] == "| model | age MAE (years) ↓ | gender accuracy (%) ↑ | Δm vs single-task (%) ↑ |"
     assert lines[4] == "| single-task | 6.00 | 75.00 | ref. |"
-    assert lines[5] == "| MTL | 5.00 ± 1.41 | 80.00 ± 0.00 | +11.67 ± 11.79 |"
+    assert lines[5] == "| MTL | 5.00 ± 1.41 | 80.00 ± 0.00 | +11.67 ± 11.79 |"  # one baseline seed: no † possible
     assert lines[6] == "| chance | 9.00 | 50.00 |  |"
+
+
+def test_a_difference_is_marked_beyond_the_seed_spread_by_welchs_t_test() -> None:
+    # By hand: seeds 1, 2, 3 (mean 2, std 1) against 4, 5, 6 (mean 5, std 1): standard error sqrt(1/3 + 1/3) = 0.816,
+    # t = 3 / 0.816 = 3.67 with Welch's df = (2/3)^2 / (2 (1/3)^2 / 2) = 4, beyond t(0.975, 4) = 2.78: marked.
+    # Against 2.5, 3.5, 4.5 (mean 3.5): t = 1.84 < 2.78: within seed noise.
+    low, high, near = mean_and_std([1, 2, 3]), mean_and_std([4, 5, 6]), mean_and_std([2.5, 3.5, 4.5])
+    assert beyond_seed_spread(high, low) and beyond_seed_spread(low, high)
+    assert not beyond_seed_spread(near, low)
+    assert not beyond_seed_spread(mean_and_std([9.0]), low)  # one seed: no spread to judge by
+    assert beyond_seed_spread(mean_and_std([2, 2]), mean_and_std([3, 3]))  # no spread at all, different means
+    assert not beyond_seed_spread(mean_and_std([2, 2]), mean_and_std([2, 2]))
+    tasks = [get_task("age"), get_task("gender")]
+    records = [{"row": row, "seed": seed, "val/age/mae": age, "val/gender/accuracy": gender}
+               for row, ages, genders in (("equal", [1, 2, 3], [0.90, 0.91, 0.92]), ("learned", [4, 5, 6], [0.905, 0.915, 0.925]))
+               for seed, (age, gender) in enumerate(zip(ages, genders))]
+    summary = summarize(records, ["equal", "learned"], tasks)
+    table = format_table("weighting", "equal", summary, delta_m_by_row(records, summary, "equal", tasks), tasks,
+                         {"age": 9.0, "gender": 0.5}, seeds=3)
+    lines = table.splitlines()
+    assert "†: differs from the equal row beyond the seed spread (Welch's t-test" in lines[0]
+    assert lines[4] == "| equal | 2.00 ± 1.00 | 91.00 ± 1.00 | ref. |"
+    assert lines[5].startswith("| learned | 5.00 ± 1.00 † | 91.50 ± 1.00 | ")  # age beyond, gender within noise
 
 
 @pytest.mark.parametrize("name, tasks", [("utkface", ["age", "gender", "race"]), ("celeba", ["gender", "young"]),
