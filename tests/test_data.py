@@ -198,6 +198,19 @@ def test_a_batch_holds_each_image_as_decode_image_gives_it_whatever_size_the_sha
         decode_images([jpegs[0], b"not a JPEG"], 32)
 
 
+@pytest.mark.parametrize("image_size", [64, 128])
+def test_a_batch_is_decoded_into_rows_that_start_off_16_byte_boundaries(image_size: int) -> None:
+    rng = np.random.default_rng(2)
+    jpegs = [encoded(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)) for _ in range(3)]
+    for _ in range(4):  # wherever malloc puts the batch
+        batch = decode_images(jpegs, image_size)
+        row_starts = batch.data_ptr() + np.arange(0, batch.numel(), image_size * 3)
+        assert batch.is_contiguous() and (row_starts % 16 != 0).all()
+        assert batch.untyped_storage().nbytes() == batch.numel()  # the spare bytes do not go to shared memory
+        for image, jpeg in zip(batch, jpegs):
+            assert np.array_equal(image.numpy(), decode_jpeg(jpeg))
+
+
 def test_augment_batch_is_seeded_keeps_shape_and_is_the_identity_when_off() -> None:
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     config = AugmentConfig()
