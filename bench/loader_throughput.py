@@ -5,8 +5,10 @@ For each image size, three readers of the same synthetic JPEGs (2 dataloader wor
     and ``augment_batch`` on each batch in the consuming process, as training does;
   * ImageFolder: the images extracted to ``class/`` folders, ``ImageFolder`` + ``DataLoader`` with the
     equivalent torchvision transforms (RandomResizedCrop, flip, ColorJitter, PILToTensor);
-  * floor: a loop in one process that only decodes JPEG bytes already in memory, with the stream's decoder
-    (``decode_jpeg``: no labels, no batching), scaled by the number of workers.
+  * floor: a loop in one process that only decodes JPEG bytes already in memory, with the stream's decoder, each
+    into one place allocated as the stream allocates its batches (``empty_image_batch``: no labels, no batching),
+    scaled by the number of workers. Not into a fresh array each: libjpeg-turbo stores rows that start 32-byte
+    aligned past the cache, 12-16 % slower, so such a floor took one of two speeds by where malloc put the arrays.
 Per worker, the stream in one process (one thread) is then compared with the floor by the CPU time each
 takes per sample, in alternating rounds, the best round of each kept: CPU time, unlike wall time, does not
 count the slices other processes of a busy machine take. The last line is the lower ratio over the sizes.
@@ -23,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
+import simplejpeg
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -31,7 +35,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from pipeline.config import AugmentConfig
-from pipeline.data import TaskBalancedStream, augment_batch, decode_jpeg, open_shard_set, train_loader
+from pipeline.data import TaskBalancedStream, augment_batch, empty_image_batch, open_shard_set, train_loader
 from pipeline.shard import main as shard_main
 from pipeline.tar_format import tar_end, tar_members
 
@@ -63,11 +67,16 @@ def cpu_rate(batches, count: int, batch_size: int) -> float:
     return count * batch_size / (time.process_time() - started)
 
 
-def decode_cpu_rate(jpegs: list[bytes]) -> float:
-    """JPEGs decoded per CPU second of this process."""
-    started = time.process_time()
+def decode_only(jpegs: list[bytes], place: np.ndarray) -> None:
+    """Decode each JPEG into ``place`` (HWC), as the stream decodes into its batch."""
     for jpeg in jpegs:
-        decode_jpeg(jpeg)
+        simplejpeg.decode_jpeg(jpeg, "RGB", buffer=place)
+
+
+def decode_cpu_rate(jpegs: list[bytes], place: np.ndarray) -> float:
+    """JPEGs decoded into ``place`` per CPU second of this process."""
+    started = time.process_time()
+    decode_only(jpegs, place)
     return len(jpegs) / (time.process_time() - started)
 
 
@@ -118,18 +127,17 @@ def measure_size(args: argparse.Namespace, size: int, work: Path) -> float:
     baseline = timed_batches(baseline_batches, args.batches, args.batch)
     del baseline_batches, baseline_loader
 
-    in_memory = jpegs[:FLOOR_IMAGES]
+    in_memory, place = jpegs[:FLOOR_IMAGES], empty_image_batch(1, size)[0]
     in_process = iter(stream(1))
     for _ in range(5):
         next(in_process)
     stream_rounds, floor_rounds = [], []
     for _ in range(args.rounds):
         stream_rounds.append(cpu_rate(in_process, args.batches, args.batch))
-        floor_rounds.append(decode_cpu_rate(in_memory))
+        floor_rounds.append(decode_cpu_rate(in_memory, place))
     one_process, floor = max(stream_rounds), max(floor_rounds)
     started = time.perf_counter()
-    for jpeg in in_memory:
-        decode_jpeg(jpeg)
+    decode_only(in_memory, place)
     floor_wall = len(in_memory) / (time.perf_counter() - started)
     started = time.perf_counter()
     for jpeg in jpegs[:FLOOR_IMAGES]:
