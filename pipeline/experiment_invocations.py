@@ -6,6 +6,7 @@ so that a table can be traced.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -14,19 +15,35 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pipeline.data import ShardSet
-from pipeline.provenance import git_commit
-from pipeline.run_records import network_file_of
+from pipeline.provenance import git_commit, read_starts
+from pipeline.run_records import BEST_MODEL_FILE, network_file_of
 
 INVOCATIONS_FILE = "invocations.jsonl"  # every command that ran this experiment, with commit and shard summaries
 
 
+def recorded_links(experiment_dir: Path) -> dict[str, str]:
+    """Run name -> link of every reused run an earlier invocation recorded (the later one where a name repeats)."""
+    path = experiment_dir / INVOCATIONS_FILE
+    links: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                links.update(json.loads(line).get("reused_runs") or {})
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line cut short by a crash records nothing
+    return links
+
+
 def describe_source(init_from: Path) -> dict[str, Any]:
-    """The pretrained network ``init_from`` names: its path, the file read and the config and epoch its weights
-    were trained with (the commit that trained them is in the run folder's starts.jsonl)."""
+    """The pretrained network ``init_from`` names: its path, the file read, the config and epoch its weights
+    were trained with, and its run's start records (command, commit; pipeline.provenance), copied so that the
+    record outlives that folder; empty for a run older than those records."""
     file = network_file_of(init_from)
     payload = torch.load(file, map_location="cpu", weights_only=True)
     epoch = payload.get("epoch", payload.get("run_state", {}).get("epoch"))
-    return {"path": str(init_from), "file": str(file), "epoch": epoch, "config": payload.get("config")}
+    run_dir = file.parent if file.name == BEST_MODEL_FILE else file.parent.parent  # best_model.pt or a checkpoint's
+    return {"path": str(init_from), "file": str(file), "epoch": epoch, "config": payload.get("config"),
+            "starts": read_starts(run_dir)}
 
 
 def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: Sequence[ShardSet],
@@ -35,7 +52,7 @@ def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: 
     every shard folder, the runs of other experiments it reuses (``reused_runs``: run name -> link, relative to
     the experiment folder) and the pretrained ``source`` (:func:`describe_source`), so that a table can be traced
     to what made it."""
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command),
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command), "cwd": os.getcwd(),
              "commit": git_commit(),
              "shards": {str(s.root): json.loads((s.root / "summary.json").read_text()) for s in shard_sets},
              "reused_runs": dict(reused_runs or {}),

@@ -11,17 +11,18 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import TrainConfig, config_differences, to_dict
+from pipeline.config import RESUMABLE_KEYS, TrainConfig, config_differences, to_dict
+from pipeline.experiment_invocations import recorded_links
 from pipeline.experiment_runs import read_rows, run_is_finished
 from pipeline.run_records import CONFIG_FILE
 
-# Where a run lives, not what it computed. Unlike resuming, max_epochs counts: a 10-epoch run is not a 12-epoch run.
-REUSE_IGNORED_KEYS = frozenset({"name", "runs_dir"})
+# What a resume may change but the results do not; unlike resuming, max_epochs counts: 10 epochs are not 12.
+REUSE_IGNORED_KEYS = RESUMABLE_KEYS - {"max_epochs"}
 
 
 def is_same_run(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     """Whether the run saved with config ``saved`` is the run config ``wanted`` would train: equal in every key
-    but ``name`` and ``runs_dir``."""
+    but ``name``, ``runs_dir`` and ``keep_checkpoints``."""
     return not config_differences(dict(saved), dict(wanted), ignore=REUSE_IGNORED_KEYS)
 
 
@@ -70,13 +71,15 @@ def link_reused_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse
     """Link the run folder of each arm x seed (``configs``) that has none yet to a finished run of the same config
     in a sibling experiment folder, when ``reuse``. A link of an earlier invocation stays while it points to a
     finished run of the arm's config; otherwise (or without ``reuse``) it is removed, so that the arm trains in
-    its own folder. Returns run name -> link (relative to ``experiment_dir``) of every arm x seed that reuses a
+    its own folder. Only links recorded in ``invocations.jsonl`` are this function's: other symlinks are left as
+    they are. Returns run name -> link (relative to ``experiment_dir``) of every arm x seed that reuses a
     run now."""
     linked: dict[str, str] = {}
     unlinked: list[TrainConfig] = []
+    ours = recorded_links(experiment_dir)  # a link the user made (e.g. to a scratch disk) is a run folder like any
     for config in configs:
         run_dir = config.run_dir
-        if run_dir.is_symlink():
+        if run_dir.is_symlink() and ours.get(run_dir.name) == os.readlink(run_dir):
             link = os.readlink(run_dir)
             saved = read_saved_config(run_dir)
             if reuse and saved is not None and finished_same_runs(config, {run_dir: saved}):

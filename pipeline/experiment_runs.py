@@ -53,9 +53,12 @@ def check_run_folder(config: TrainConfig) -> None:
     saved = yaml.safe_load(saved_path.read_text()) or {}
     differences = config_differences(saved, to_dict(config))
     if differences:
+        where = (f"{config.run_dir} (a link to {config.run_dir.resolve()}: remove the link itself, `rm "
+                 f"{config.run_dir}` without a trailing slash, not what it points to)" if config.run_dir.is_symlink()
+                 else f"{config.run_dir}")
         raise ExperimentError(f"{config.run_dir} was trained with another config "
                               f"({describe_differences(saved, to_dict(config), differences)}); "
-                              "use another --name for this experiment or delete that run folder")
+                              f"use another --name for this experiment or delete that run folder: {where}")
 
 
 def split_metrics(report: Mapping[str, Any], split: str) -> dict[str, int | float]:

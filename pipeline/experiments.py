@@ -25,13 +25,15 @@ arm's (other than ``max_epochs``): choose another ``--name`` for another config.
 Experiments share runs: with configs/utkface.yaml, ``mtl-vs-single``'s MTL, ``weighting``'s learned, ``freeze``'s
 early-freeze, ``lambda``'s λ=0.1 and ``transfer``'s ImageNet start are one run per seed. So an arm x seed without
 a run folder yet first looks for a finished run of the same config in the other experiment folders under the same
-``runs_dir`` (``runs_dir/*/*/config.yaml``; the same config: equal in every key but ``name`` and ``runs_dir``,
-``max_epochs`` included). If there is one, ``<arm>-seed<k>`` becomes a relative link to it, a line says which
+``runs_dir`` (``runs_dir/*/*/config.yaml``; the same config: equal in every key but ``name``, ``runs_dir`` and
+``keep_checkpoints``, ``max_epochs`` included). If there is one, ``<arm>-seed<k>`` becomes a relative link to it, a line says which
 (``learned-seed0: same config as ../mtl-vs-single/mtl-seed0 (finished): reused, not trained``; the first by path
 where several match) and the experiment uses it as its own finished run (results, table, ``--split test``, whose
 report then lands in the linked folder). ``invocations.jsonl`` records the links (``reused_runs``). Later
-invocations keep a link while it points to a finished run of the arm's config, and remove it otherwise. Unfinished
-runs are not reused; ``--no-reuse`` removes the links and trains every arm in this experiment's folder.
+invocations keep a link while it points to a finished run of the arm's config, and remove it (never its target)
+otherwise. Unfinished runs are not reused; ``--no-reuse`` removes the links and trains every arm in this
+experiment's folder. Only links recorded in ``invocations.jsonl`` are reuse's: a run folder the user linked (to a
+scratch disk, say) is resumed like any other.
 
 The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipeline.config):
 
@@ -156,11 +158,11 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     runs = [(arm, seed) for arm in arms for seed in range(seeds)]
     overrides_by_run = [[*overrides, *arm_overrides(arm, seed, experiment_dir)] for arm, seed in runs]
     configs = [with_absolute_paths(load_config(config_path, run_overrides)) for run_overrides in overrides_by_run]
+    print(f"experiment {experiment}: {len(arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
+    reused = link_reused_runs(configs, experiment_dir, reuse)  # first: a stale link is removed, not refused below
+    record_invocation(experiment_dir, command, shard_sets, source, reused)  # the links made are recorded as ours
     for config in configs:  # before anything trains: a folder of another config refuses the experiment
         check_run_folder(config)
-    print(f"experiment {experiment}: {len(arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
-    reused = link_reused_runs(configs, experiment_dir, reuse)
-    record_invocation(experiment_dir, command, shard_sets, source, reused)
     records, durations, total = [], [], len(runs)
     for number, ((arm, seed), run_overrides, config) in enumerate(zip(runs, overrides_by_run, configs), start=1):
         print(f"\n[{number}/{total}] {arm.name}, seed {seed}", flush=True)

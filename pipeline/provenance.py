@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import socket
@@ -20,7 +21,8 @@ PACKAGES = ("torch", "torchvision", "ray", "webdataset", "numpy", "simplejpeg")
 def git_commit(repo: Path = REPOSITORY) -> str:
     """The checked-out commit of ``repo`` ("+changes" when the tree differs from it), or "unknown"."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
                                text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -40,12 +42,28 @@ def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
 
 
 def start_record(command: Sequence[str]) -> dict[str, Any]:
-    """One start of a run: when, the exact command, the commit, the host, Python and the packages."""
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command), "commit": git_commit(),
-            "host": socket.gethostname(), "python": platform.python_version(), "packages": package_versions()}
+    """One start of a run: when, the exact command and the folder it ran in (its paths may be relative), the
+    commit, the host, Python and the packages."""
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command), "cwd": os.getcwd(),
+            "commit": git_commit(), "host": socket.gethostname(), "python": platform.python_version(),
+            "packages": package_versions()}
 
 
 def record_start(run_dir: Path, command: Sequence[str]) -> None:
     """Append this start to ``run_dir/starts.jsonl``; a line is whole or absent (one small append)."""
     with (run_dir / STARTS_FILE).open("a") as handle:
         handle.write(json.dumps(start_record(command)) + "\n")
+
+
+def read_starts(run_dir: Path) -> list[dict[str, Any]]:
+    """The start records of ``run_dir`` (none for a run older than them, or a Tune trial)."""
+    path = run_dir / STARTS_FILE
+    if not path.exists():
+        return []
+    starts = []
+    for line in path.read_text().splitlines():
+        try:
+            starts.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return starts

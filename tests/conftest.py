@@ -210,12 +210,10 @@ def synthetic_shards(tmp_path_factory) -> dict[str, Path]:
 def one_torch_thread():
     """In-process training on one intra-op thread, as Ray gives its workers: on the shared 2-core test
     machine two threads contending with other processes make each step about ten times slower."""
-    import torch
+    from pipeline.align import one_torch_thread as single_thread
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,12 @@ def saved_run(runs_dir: Path, experiment: str, run: str, *overrides: str, epochs
     return config.run_dir
 
 
+def record_links(experiment: Path, links: dict[str, str]) -> None:
+    """What pipeline.experiments records after linking: only recorded links are reuse's to keep or remove."""
+    with (experiment / "invocations.jsonl").open("a") as handle:
+        handle.write(json.dumps({"reused_runs": links}) + "\n")
+
+
 def test_same_run_means_the_same_config_wherever_the_run_lives() -> None:
     wanted = to_dict(load_config(None, UTKFACE_LIKE))
     assert is_same_run(to_dict(load_config(None, UTKFACE_LIKE)), wanted)
@@ -73,7 +79,7 @@ def test_a_link_stays_while_it_is_a_finished_run_of_the_arm_and_goes_otherwise_o
     experiment, link = runs / "weighting", runs / "weighting" / "learned-seed0"
     experiment.mkdir()
     learned = run_config(runs, "weighting", "learned-seed0")
-    assert link_reused_runs([learned], experiment) == {"learned-seed0": "../mtl-vs-single/mtl-seed0"}
+    record_links(experiment, link_reused_runs([learned], experiment))
     capsys.readouterr()
 
     assert link_reused_runs([learned], experiment) == {"learned-seed0": "../mtl-vs-single/mtl-seed0"}
@@ -86,10 +92,22 @@ def test_a_link_stays_while_it_is_a_finished_run_of_the_arm_and_goes_otherwise_o
     assert "link to ../mtl-vs-single/mtl-seed0 removed (not a finished run of this config any more)" in \
         capsys.readouterr().out
 
-    link_reused_runs([learned], experiment)
+    record_links(experiment, link_reused_runs([learned], experiment))
     assert link_reused_runs([learned], experiment, reuse=False) == {}
     assert not link.is_symlink() and not link.exists()
     assert "learned-seed0: link to ../mtl-vs-single/mtl-seed0 removed (--no-reuse)\n" in capsys.readouterr().out
+
+
+def test_a_link_the_user_made_is_a_run_folder_like_any_other_not_reuses_to_remove(tmp_path: Path) -> None:
+    scratch = saved_run(tmp_path / "scratch", "big-disk", "learned-seed0", epochs_run=1)  # unfinished: it resumes
+    experiment = tmp_path / "runs" / "weighting"
+    experiment.mkdir(parents=True)
+    (experiment / "learned-seed0").symlink_to(scratch)
+    saved_run(tmp_path / "runs", "mtl-vs-single", "mtl-seed0")  # a finished run of the same config
+    learned = run_config(tmp_path / "runs", "weighting", "learned-seed0")
+    for reuse in (True, False):
+        assert link_reused_runs([learned], experiment, reuse) == {}
+        assert os.readlink(experiment / "learned-seed0") == str(scratch)
 
 
 @pytest.mark.slow
@@ -136,11 +154,21 @@ def test_weighting_reuses_the_finished_mtl_run_of_mtl_vs_single_and_no_reuse_tra
     assert (mtl / "evaluation" / "test" / "metrics.json").exists()
     assert "| learned | " in (experiment / "table-test.md").read_text()
 
+    # Another lr for the whole experiment: the link to the MTL run is removed, not refused; the arm's own
+    # folder of the old config is what refuses the experiment, before anything trains.
+    assert main([*weighting, "optim.lr=0.5"]) == 1
+    assert "learned-seed0: link to ../mtl-vs-single/mtl-seed0 removed" in capsys.readouterr().out
+    assert not learned.is_symlink() and not learned.exists()
+    assert main(weighting) == 0  # the old config again: linked again
+    assert learned.is_symlink()
+    capsys.readouterr()
+
     assert main([*weighting, "--no-reuse"]) == 0
     out = capsys.readouterr().out
     assert "learned-seed0: link to ../mtl-vs-single/mtl-seed0 removed (--no-reuse)" in out
     assert "equal-seed0: finished, skipped" in out and "learned-seed0: trained 1 epoch(s)" in out
     assert not learned.is_symlink() and (learned / METRICS_FILE).exists()
     assert load_config(learned / CONFIG_FILE).name == "learned-seed0"
-    assert load_config(mtl / CONFIG_FILE).name == "mtl-seed0" and (mtl / METRICS_FILE).stat().st_mtime_ns == mtl_metrics_mtime
+    assert load_config(mtl / CONFIG_FILE).name == "mtl-seed0"
+    assert (mtl / METRICS_FILE).stat().st_mtime_ns == mtl_metrics_mtime
     assert json.loads((experiment / "invocations.jsonl").read_text().splitlines()[-1])["reused_runs"] == {}

@@ -5,6 +5,7 @@ finished runs)."""
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -189,7 +190,8 @@ def test_a_difference_is_marked_beyond_the_seed_spread_by_welchs_t_test() -> Non
     assert not beyond_seed_spread(mean_and_std([2, 2]), mean_and_std([2, 2]))
     tasks = [get_task("age"), get_task("gender")]
     records = [{"row": row, "seed": seed, "val/age/mae": age, "val/gender/accuracy": gender}
-               for row, ages, genders in (("equal", [1, 2, 3], [0.90, 0.91, 0.92]), ("learned", [4, 5, 6], [0.905, 0.915, 0.925]))
+               for row, ages, genders in (("equal", [1, 2, 3], [0.90, 0.91, 0.92]),
+                                          ("learned", [4, 5, 6], [0.905, 0.915, 0.925]))
                for seed, (age, gender) in enumerate(zip(ages, genders))]
     summary = summarize(records, ["equal", "learned"], tasks)
     table = format_table("weighting", "equal", summary, delta_m_by_row(records, summary, "equal", tasks), tasks,
@@ -241,6 +243,7 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
     assert "single-age-seed0: trained 1 epoch(s) in " in out and "min left for 2 more run(s) of up to 1 epochs" in out
     (invocation,) = [json.loads(line) for line in (experiment / "invocations.jsonl").read_text().splitlines()]
     assert invocation["command"].startswith("python -m pipeline.experiments mtl-vs-single --config ")
+    assert invocation["cwd"] == os.getcwd()
     assert len(invocation["commit"]) >= 40
     assert {Path(path).name for path in invocation["shards"]} == {shards["utk"].name, shards["celeba"].name}
     assert all(summary["samples_per_split"]["train"] > 0 for summary in invocation["shards"].values())
@@ -327,6 +330,8 @@ def test_transfer_end_to_end_starts_the_pretrained_arm_from_the_source_and_skips
     assert invocation["init_from"]["path"] == str(source) and invocation["init_from"]["epoch"] == 0
     assert invocation["init_from"]["file"] == str(source / "best_model.pt")
     assert invocation["init_from"]["config"]["data"]["datasets"] == [str(utk), str(fer)]
+    (source_start,) = invocation["init_from"]["starts"]  # the source run's own record, copied
+    assert source_start["command"].startswith("python -m pipeline.train") and source_start["cwd"] == os.getcwd()
 
     mtimes = {run: (experiment / run / "metrics.parquet").stat().st_mtime_ns for run in runs}
     assert main([*argv, "--split", "test"]) == 0  # trains nothing: each best_model.pt evaluated on the test split
