@@ -120,9 +120,10 @@ def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[s
     """The Markdown table: a caption, one column per task, one row per arm row, the chance level, Δm against the
     ``baseline`` row (``deltas``: :func:`delta_m_by_row`)."""
     seeds_text = "one seed" if seeds == 1 else f"mean ± std (n-1) over {seeds} seeds"
-    marks = "" if seeds == 1 else (f" {BEYOND_SPREAD_MARK}: differs from the {baseline} row beyond the seed spread "
-                                   f"(Welch's t-test over seeds, two-sided p < {SIGNIFICANCE:g}); unmarked differences "
-                                   "are within seed noise.")
+    marks = "" if seeds == 1 else (
+        f" {BEYOND_SPREAD_MARK}: differs from the {baseline} row beyond the seed spread (Welch's t-test over seeds, "
+        f"two-sided p < {SIGNIFICANCE:g}, one test per cell, not corrected for their number); an unmarked difference "
+        "is not shown to differ.")
     caption = (f"**{experiment}**: {SPLIT_NAMES[split]} split, best epoch of each run (lowest val/total_loss, the epoch saved "
                f"as best_model.pt), {seeds_text}. Δm: mean over tasks of the relative difference to the "
                f"{baseline} row's means, sign-adjusted so that positive is better (Maninis et al. 2019), one per seed."
