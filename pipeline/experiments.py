@@ -70,8 +70,9 @@ paper reports, since the validation split chose the epoch. The table's caption n
 positive Δm is an improvement. M_base is the baseline row's mean over seeds; each seed of a row gets its own
 Δm, and the table shows their mean ± std (the mean equals the Δm of the row's means). Undefined (shown –) where
 a baseline metric is 0. With two seeds or more, a task's cell marked † differs from the baseline row's beyond the
-seed spread (Welch's t-test over the two rows' seeds, two-sided p < 0.05); unmarked differences are seed noise.
-With 3 seeds such a test only passes large, consistent differences: an unmarked cell is "not shown to differ".
+seed spread (Welch's t-test over the two rows' seeds, two-sided p < 0.05, one uncorrected test per cell: a table
+of 27 cells expects about one mark by chance). With 3 seeds such a test only passes large, consistent differences:
+an unmarked cell is "not shown to differ", not "equal".
 """
 
 from __future__ import annotations
