@@ -8,8 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, load_config
+from pipeline.provenance import read_starts
 from pipeline.train import main as train_main
 from tune.objective import load_baselines, search_objective, tune_result
+from tune.results import trial_run_dir
 from tune.search import main as search_main
 from tune.tuner import tune_param_space
 from tune.space import THESIS_LAM_GRID, check_against_config, load_space
@@ -119,6 +121,12 @@ def test_an_asha_search_stops_trailing_trials_and_its_best_config_trains(finishe
     assert best.name == "finished-best" and best.data.image_size == 32
     assert train_main(["--local", "--config", str(finished_search / "best_config.yaml"), "max_epochs=1"]) == 0
     assert (Path(best.runs_dir) / "finished-best" / "best_model.pt").exists()
+
+    (search_start,) = read_starts(finished_search)  # the search and each trial record what ran them
+    assert search_start["command"].startswith("python -m tune.search ") and "--num-samples 4" in search_start["command"]
+    for trial_id in epochs_by_trial:
+        (trial_start,) = read_starts(trial_run_dir(finished_search, trial_id))
+        assert trial_start["command"] == f"tune.search trial {trial_id}" and trial_start["commit"]
 
 
 def test_with_single_task_baselines_the_objective_is_delta_m(tmp_path: Path) -> None:

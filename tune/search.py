@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         from tune.tuner import SearchFailed, run_search  # Ray only from here on
 
         try:
-            search_dir = run_search(args, base_document, space)
+            search_dir = run_search(args, base_document, space, ["python", "-m", "tune.search", *argv])
         except SearchFailed as error:
             print(f"search failed: {error}", file=sys.stderr)
             return 1

@@ -24,6 +24,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipeline.config import TrainConfig, load_config_dict, save_config, to_dict
+from pipeline.provenance import record_start
 from pipeline.run_records import (
     CONFIG_FILE, METRICS_FILE, PROGRESS_FILE, TENSORBOARD_DIR, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
@@ -53,6 +54,7 @@ def train_trial(sample: dict[str, Any], base_document: dict[str, Any], search_di
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(base_document, sample, Path(search_dir), trial_id)
     save_config(config, config.run_dir / CONFIG_FILE)
+    record_start(config.run_dir, ["tune.search", "trial", trial_id])  # each start: a resumed search may run newer code
     known_epochs = 0  # epochs Tune has heard of already
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pyarrow.parquet as pq
 import yaml
@@ -22,6 +22,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from pipeline.cluster import ClusterTooSmall, alive_nodes, describe_fit, fixes, runs_that_fit
 from pipeline.config import ConfigError, TrainConfig, load_config_dict, save_config, to_dict, with_absolute_paths
 from pipeline.data import check_validation_labels, open_shard_set, resolve_tasks
+from pipeline.provenance import record_start
 from pipeline.training_setup import declare_config_tasks
 from pipeline.run_records import CONFIG_FILE, TENSORBOARD_DIR
 from pipeline.train import connect_ray, worker_resources
@@ -147,8 +148,10 @@ def without_tune_tensorboard_logger() -> Iterator[None]:
             os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = saved
 
 
-def run_search(args: argparse.Namespace, base_document: dict[str, Any], space: SearchSpace) -> Path:
-    """Run the search ``runs_dir/name`` (checked by the command) or resume it; returns its folder."""
+def run_search(args: argparse.Namespace, base_document: dict[str, Any], space: SearchSpace,
+               command: Sequence[str] = ()) -> Path:
+    """Run the search ``runs_dir/name`` (checked by the command) or resume it; returns its folder. Each start
+    (``command``, commit, packages) is appended to the folder's starts.jsonl."""
     base = load_config_dict(base_document)
     baselines = load_baselines(args.baselines) if args.baselines else None
     search_dir = Path(base.runs_dir).resolve() / args.name
@@ -173,10 +176,11 @@ def run_search(args: argparse.Namespace, base_document: dict[str, Any], space: S
     trainable = tune.with_parameters(
         train_trial, base_document=to_dict(with_absolute_paths(base)), search_dir=str(search_dir), baselines=baselines,
         max_failures=args.max_failures, segment_epochs=args.perturbation_interval if args.scheduler == "pbt" else 0)
+    search_dir.mkdir(parents=True, exist_ok=True)
+    record_start(search_dir, command)
     if resuming:
         tuner = tune.Tuner.restore(str(search_dir), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        search_dir.mkdir(parents=True, exist_ok=True)
         save_config(base, search_dir / CONFIG_FILE)
         (search_dir / SPACE_FILE).write_text(yaml.safe_dump(to_dict(space), sort_keys=False))
         if baselines:
