@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pipeline.data import ShardSet
-from pipeline.provenance import git_commit, read_starts
+from pipeline.provenance import git_commit, read_records, read_starts
 from pipeline.run_records import BEST_MODEL_FILE, network_file_of
 
 INVOCATIONS_FILE = "invocations.jsonl"  # every command that ran this experiment, with commit and shard summaries
@@ -23,14 +23,9 @@ INVOCATIONS_FILE = "invocations.jsonl"  # every command that ran this experiment
 
 def recorded_links(experiment_dir: Path) -> dict[str, str]:
     """Run name -> link of every reused run an earlier invocation recorded (the later one where a name repeats)."""
-    path = experiment_dir / INVOCATIONS_FILE
     links: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                links.update(json.loads(line).get("reused_runs") or {})
-            except (json.JSONDecodeError, AttributeError):
-                continue  # a line cut short by a crash records nothing
+    for invocation in read_records(experiment_dir / INVOCATIONS_FILE):
+        links.update(invocation.get("reused_runs") or {})
     return links
 
 

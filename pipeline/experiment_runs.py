@@ -53,12 +53,13 @@ def check_run_folder(config: TrainConfig) -> None:
     saved = yaml.safe_load(saved_path.read_text()) or {}
     differences = config_differences(saved, to_dict(config))
     if differences:
-        where = (f"{config.run_dir} (a link to {config.run_dir.resolve()}: remove the link itself, `rm "
-                 f"{config.run_dir}` without a trailing slash, not what it points to)" if config.run_dir.is_symlink()
-                 else f"{config.run_dir}")
+        link = ""
+        if config.run_dir.is_symlink():
+            link = (f" ({config.run_dir} is a link to {config.run_dir.resolve()}: remove the link itself, "
+                    f"`rm {config.run_dir}` without a trailing slash, not what it points to)")
         raise ExperimentError(f"{config.run_dir} was trained with another config "
                               f"({describe_differences(saved, to_dict(config), differences)}); "
-                              f"use another --name for this experiment or delete that run folder: {where}")
+                              f"use another --name for this experiment or delete that run folder{link}")
 
 
 def split_metrics(report: Mapping[str, Any], split: str) -> dict[str, int | float]:

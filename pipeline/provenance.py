@@ -55,15 +55,22 @@ def record_start(run_dir: Path, command: Sequence[str]) -> None:
         handle.write(json.dumps(start_record(command)) + "\n")
 
 
-def read_starts(run_dir: Path) -> list[dict[str, Any]]:
-    """The start records of ``run_dir`` (none for a run older than them, or a Tune trial)."""
-    path = run_dir / STARTS_FILE
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of an appended record file (starts.jsonl, invocations.jsonl); none where it is absent. A
+    line cut short by a crash is skipped, not fatal: these files trace results, they are not results."""
     if not path.exists():
         return []
-    starts = []
+    records = []
     for line in path.read_text().splitlines():
         try:
-            starts.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return starts
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_starts(run_dir: Path) -> list[dict[str, Any]]:
+    """The start records of ``run_dir`` (none for a run made before they were kept)."""
+    return read_records(run_dir / STARTS_FILE)
