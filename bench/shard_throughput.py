@@ -1,17 +1,19 @@
 """Images/s of ``pipeline.shard`` against the physical floor of the work, measured in the same run.
 
 The floor is a plain loop in one process that only decodes, resizes and re-encodes the same JPEG files
-with Pillow (same size, filter and quality). ``pipeline.shard`` additionally lists the source, writes
+with Pillow (same size, filter and quality). ``pipeline.shard`` decodes a colour or grey JPEG through simplejpeg
+instead (Pillow's pixels, ~35 % less time), so a second plain loop with the writer's own decoder is printed too:
+the writer against it is the cost of everything but the image work. ``pipeline.shard`` additionally lists the source, writes
 tars and manifest parts atomically (fsync), hashes every image, sums its grey statistics and merges the
 manifest. Each is warmed on 100 images before it is timed, so that neither pays a process's one-time costs
 (the page cache; pyarrow importing pandas for its first table, ~0.3 s, which only the first run would pay).
 Wall time says what a user waits on an idle machine; CPU time (this process and its worker processes) says
 what each image costs, and stays meaningful on a busy one.
 
-Both decode through Pillow, whose libjpeg-turbo (AVX2) writes each row past the cache when the row buffer Pillow
-mallocs happens to be 32-byte aligned: a whole run decodes at one of two speeds (~10 % apart) by heap luck, the
-floor and the writer independently. So the floor and the writer alternate over ``--rounds`` and the ratio is
-of their total CPU over all rounds; the range of single rounds' ratios is printed beside it.
+libjpeg-turbo (AVX2) writes each row past the cache when the row buffer happens to be 32-byte aligned, so a
+whole run can decode at one of two speeds (~10 % apart) by heap luck. So the loops and the writer alternate over
+``--rounds`` and each ratio is of their total CPU over all rounds; the range of single rounds' ratios is printed
+beside it.
 
     python bench/shard_throughput.py [--images 2000] [--size 128] [--rounds 5]
 """
@@ -31,6 +33,7 @@ from PIL import Image
 
 from pipeline.shard import main as shard_main
 from pipeline.shard_writer import encode_jpeg, fit_image
+from pipeline.sources.base import decode_image_bytes
 from pipeline.sources.synthetic import draw_face_attributes, render_face
 
 
@@ -61,12 +64,16 @@ def timed(run, *args) -> tuple[float, float]:
     return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
-def floor_loop(paths: list[Path], size: int, quality: int) -> None:
+def pillow_decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def floor_loop(paths: list[Path], size: int, quality: int, decode=pillow_decode) -> None:
     """Decode + resize + encode of every file, one process, nothing else."""
     for path in paths:
-        image = Image.open(io.BytesIO(path.read_bytes()))
-        image.load()
-        encode_jpeg(fit_image(image, size), quality)
+        encode_jpeg(fit_image(decode(path.read_bytes()), size), quality)
 
 
 def shard_run(input_dir: Path, out_dir: Path, size: int, quality: int, workers: int, *options: str) -> None:
@@ -87,11 +94,12 @@ def main() -> None:
         paths = make_inputs(work / "UTKFace", args.images)
         floor_loop(paths[:100], args.size, args.quality)  # warm the page cache and Pillow
         shard_run(work / "UTKFace", work / "warm", args.size, args.quality, 1, "--limit", "100")
-        floor_name = "Pillow loop (floor), 1 process"
-        processes = {floor_name: 1, "pipeline.shard --workers 1": 1, "pipeline.shard --workers 2": 2}
+        floor_name, decoder_name = "Pillow loop (floor), 1 process", "loop, writer's decoder, 1 process"
+        processes = {floor_name: 1, decoder_name: 1, "pipeline.shard --workers 1": 1, "pipeline.shard --workers 2": 2}
         seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}  # (wall, CPU) per round
         for _ in range(args.rounds):
             seconds[floor_name].append(timed(floor_loop, paths, args.size, args.quality))
+            seconds[decoder_name].append(timed(floor_loop, paths, args.size, args.quality, decode_image_bytes))
             for workers in (1, 2):
                 out_dir = work / f"out{workers}"
                 seconds[f"pipeline.shard --workers {workers}"].append(
@@ -109,10 +117,11 @@ def main() -> None:
                   f"{cpu[name] / images * 1e6:>14.0f}")
         writer_name = "pipeline.shard --workers 1"
         print(f"scaling 1 -> 2 workers: {wall[writer_name] / wall['pipeline.shard --workers 2']:.2f}x")
-        round_ratios = [floor_cpu / writer_cpu for (_, floor_cpu), (_, writer_cpu)
-                        in zip(seconds[floor_name], seconds[writer_name])]
-        print(f"shard writer / Pillow floor, CPU per image: {cpu[floor_name] / cpu[writer_name]:.2f} "
-              f"(single rounds {min(round_ratios):.2f}-{max(round_ratios):.2f})")
+        for name, label in ((decoder_name, "the same decoder in a plain loop"), (floor_name, "Pillow floor")):
+            round_ratios = [loop_cpu / writer_cpu for (_, loop_cpu), (_, writer_cpu)
+                            in zip(seconds[name], seconds[writer_name])]
+            print(f"shard writer / {label}, CPU per image: {cpu[name] / cpu[writer_name]:.2f} "
+                  f"(single rounds {min(round_ratios):.2f}-{max(round_ratios):.2f})")
     finally:
         shutil.rmtree(work)
 
