@@ -21,6 +21,7 @@ EXPERIMENTS = ("mtl-vs-single", "weighting", "freeze", "lambda", "transfer")
 COMPARED_WEIGHTINGS = ("equal", *(name for name in WEIGHTINGS if name not in ("equal", "fixed")))
 LAMBDA_GRID = (0.001, 0.01, 0.1, 1.0)  # thesis Table 5.5
 BASELINE_LAMBDA = 0.1  # the config default and the thesis' best λ
+TRUNK_QUORUM = 2  # the freeze experiment's quorum arm, for configs of at least that many tasks
 
 
 class ExperimentError(Exception):
@@ -90,9 +91,14 @@ def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Map
         return [Arm(weighting, weighting, {"loss.weighting": weighting}, baseline=weighting == "equal")
                 for weighting in chosen]
     if experiment == "freeze":
+        # Algorithm 1 resets the whole trunk to the first stalled task's best epoch; the quorum arm (ours, not the
+        # thesis') asks whether waiting for a second task keeps what the trunk learned for the others.
+        quorum = [Arm(f"early-freeze-quorum{TRUNK_QUORUM}", f"early-freeze (trunk quorum {TRUNK_QUORUM})",
+                      {"freeze.mode": "early-freeze", "freeze.trunk_quorum": TRUNK_QUORUM})]
         return [*(Arm(mode, mode, {"freeze.mode": mode}, baseline=mode == "early-stop") for mode in FREEZE_MODES),
                 Arm("early-freeze-cumulative", "early-freeze (cumulative counter)",
-                    {"freeze.mode": "early-freeze", "freeze.counter": "cumulative"})]
+                    {"freeze.mode": "early-freeze", "freeze.counter": "cumulative"}),
+                *(quorum if len(tasks) >= TRUNK_QUORUM else [])]
     if experiment == "lambda":
         return [Arm(f"lambda-{lam:g}", f"λ={lam:g}", {"loss.weighting": "learned", "loss.lam": lam},
                     baseline=lam == BASELINE_LAMBDA) for lam in LAMBDA_GRID]

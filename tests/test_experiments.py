@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import config_differences, load_config, to_dict
-from pipeline.experiment_arms import COMPARED_WEIGHTINGS, ExperimentError, arm_overrides, baseline_row, experiment_arms
+from pipeline.experiment_arms import (COMPARED_WEIGHTINGS, Arm, ExperimentError, arm_overrides, baseline_row,
+                                      experiment_arms)
 from pipeline.experiment_runs import best_epoch_row, run_is_finished
 from pipeline.experiment_tables import (
     CellStats, beyond_seed_spread, delta_m_by_row, format_table, mean_and_std, summarize,
@@ -67,11 +68,14 @@ def test_weighting_freeze_and_lambda_arms_vary_one_key() -> None:
         ("early-freeze", {"freeze.mode": "early-freeze"}), ("early-stop", {"freeze.mode": "early-stop"}),
         ("none", {"freeze.mode": "none"}),
         ("early-freeze (cumulative counter)", {"freeze.mode": "early-freeze", "freeze.counter": "cumulative"})]
+    assert experiment_arms("freeze", ["age", "gender"], {})[4:] == [  # a quorum needs as many tasks
+        Arm("early-freeze-quorum2", "early-freeze (trunk quorum 2)",
+            {"freeze.mode": "early-freeze", "freeze.trunk_quorum": 2})]
     lam = experiment_arms("lambda", ["age"], {})
     assert [a.name for a in lam] == ["lambda-0.001", "lambda-0.01", "lambda-0.1", "lambda-1"]
     assert [a.row for a in lam] == ["λ=0.001", "λ=0.01", "λ=0.1", "λ=1"]
     assert lam[0].overrides == {"loss.weighting": "learned", "loss.lam": 0.001}
-    for arm in [*weighting, *freeze, *lam]:
+    for arm in [*weighting, *experiment_arms("freeze", ["age", "gender"], {}), *lam]:
         load_config(None, arm_overrides(arm, 0, Path("/runs/x")))  # every arm is a valid config
     assert [baseline_row(arms) for arms in (weighting, freeze, lam)] == ["equal", "early-stop", "λ=0.1"]
     assert baseline_row(experiment_arms("mtl-vs-single", ["age", "gender"], DATASETS_BY_TASK)) == "single-task"
