@@ -150,7 +150,8 @@ def main() -> None:
     def startup(wall: float, rate: float) -> float:
         return wall - (args.steps + WARMUP) / rate
 
-    print(f"\nresnet18 MultiTaskNet, {args.size}x{args.size}, batch {args.batch} per worker, {args.steps} timed steps, 1 thread/process")
+    print(f"\nresnet18 MultiTaskNet, {args.size}x{args.size}, batch {args.batch} per worker, "
+          f"{args.steps} timed steps, 1 thread/process")
     print(f"{'run':<38}{'steps/s':>8}{'samples/s':>10}{'start-up s':>11}   median step, ms: forward, backward, "
           "optimizer; CPU")
     for name, figures, wall, workers in (("(a) one process, no DDP", single, single_wall, 1),

@@ -3,9 +3,10 @@ libgomp's default (spin a while, then sleep) and ACTIVE (spin until there is wor
 
 The demo's training step (ResNet-18, six task heads, learned loss weights, Adam, 64 px, batch 48, torch's
 default threads) fed by the training stream with 2 loader processes, run in a fresh process per policy (the
-policy is read when torch loads, before ``pipeline`` could set its own), alternating, on idle CPUs and then beside ``--busy`` processes that each
-spin on one CPU (a shared node: other jobs, Ray's daemons, another rank). Wall and CPU time per step of the
-training process (its OpenMP threads included), best round of each kept, and the ratios to the default.
+policy is read when torch loads, before ``pipeline`` could set its own), alternating, on idle CPUs and then
+beside ``--busy`` processes that each spin on one CPU (a shared node: other jobs, Ray's daemons, another
+rank). Wall and CPU time per step of the training process (its OpenMP threads included), best round of each
+kept, and the ratios to the default.
 
     python bench/omp_wait_policy.py [--steps 20] [--rounds 2] [--busy 2]
 """

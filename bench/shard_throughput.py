@@ -3,11 +3,11 @@
 The floor is a plain loop in one process that only decodes, resizes and re-encodes the same JPEG files
 with Pillow (same size, filter and quality). ``pipeline.shard`` decodes a colour or grey JPEG through simplejpeg
 instead (Pillow's pixels, ~35 % less time), so a second plain loop with the writer's own decoder is printed too:
-the writer against it is the cost of everything but the image work. ``pipeline.shard`` additionally lists the source, writes
-tars and manifest parts atomically (fsync), hashes every image, sums its grey statistics and merges the
-manifest. Each is warmed on 100 images before it is timed, so that neither pays a process's one-time costs
-(the page cache; pyarrow importing pandas for its first table, ~0.3 s, which only the first run would pay).
-Wall time says what a user waits on an idle machine; CPU time (this process and its worker processes) says
+the writer against it is the cost of everything but the image work. ``pipeline.shard`` additionally lists the
+source, writes tars and manifest parts atomically (fsync), hashes every image, sums its grey statistics and
+merges the manifest. Each is warmed on 100 images before it is timed, so that neither pays a process's one-time
+costs (the page cache; pyarrow importing pandas for its first table, ~0.3 s, which only the first run would
+pay). Wall time says what a user waits on an idle machine; CPU time (this process and its worker processes) says
 what each image costs, and stays meaningful on a busy one.
 
 libjpeg-turbo (AVX2) writes each row past the cache when the row buffer happens to be 32-byte aligned, so a

@@ -134,7 +134,8 @@ def build_dataclass(cls: type, values: dict[str, Any], path: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{path}{k}' for k in unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown key(s) {', '.join(f'{path}{k}' for k in unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
@@ -256,8 +257,10 @@ def validate(config: TrainConfig) -> None:
         (config.precision in ("auto", "fp32", "bf16", "fp16"), f"precision {config.precision!r} unknown"),
         (config.num_workers >= 1, "num_workers must be >= 1"),
         (config.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0 (0 keeps all), got {config.keep_checkpoints}"),
-        (config.optim.weighting_lr >= 0, f"optim.weighting_lr must be >= 0 (0 = optim.lr), got {config.optim.weighting_lr}"),
-        (0 < config.data.augment.crop_scale[0] <= config.data.augment.crop_scale[1] <= 1, "data.augment.crop_scale must be 0 < low <= high <= 1"),
+        (config.optim.weighting_lr >= 0,
+         f"optim.weighting_lr must be >= 0 (0 = optim.lr), got {config.optim.weighting_lr}"),
+        (0 < config.data.augment.crop_scale[0] <= config.data.augment.crop_scale[1] <= 1,
+         "data.augment.crop_scale must be 0 < low <= high <= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -320,7 +323,8 @@ def flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(saved: dict[str, Any], wanted: dict[str, Any], ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
+def config_differences(saved: dict[str, Any], wanted: dict[str, Any],
+                       ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys outside ``ignore`` whose values differ between two config mappings: a run resumed under
     such a config would no longer be the run it continues."""
     before, after = flatten_with_defaults(saved), flatten_with_defaults(wanted)

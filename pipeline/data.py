@@ -187,7 +187,8 @@ def _read_shard_index(root: Path, split: str, expected_samples: int) -> list[dic
     index_path = root / f"{split}.json"
     if not index_path.exists():
         raise DataConfigError(f"no {SPLIT_WORDS.get(split, split)} split in {root}: {index_path.name} is missing, "
-                              f"though {SUMMARY_FILE} counts {expected_samples} {split} samples; {_metadata_hint(root)}")
+                              f"though {SUMMARY_FILE} counts {expected_samples} {split} samples; "
+                              f"{_metadata_hint(root)}")
     index = _read_json(index_path, root)
     try:
         shards = [{"url": str(root / entry["url"]), "nsamples": int(entry["nsamples"]),
@@ -297,7 +298,8 @@ def compute_quotas(
     matrix = np.array([[float(coverage[d].get(t, 0.0)) for d in datasets] for t in tasks])  # tasks x datasets
     for d, name in enumerate(datasets):
         if not matrix[:, d].any():
-            raise DataConfigError(f"dataset {name!r} labels none of the tasks {list(tasks)}; remove it or add its tasks")
+            raise DataConfigError(f"dataset {name!r} labels none of the tasks {list(tasks)}; "
+                                  "remove it or add its tasks")
     for t, task in enumerate(tasks):
         if not matrix[t].any():
             raise DataConfigError(f"no dataset labels task {task!r}")
@@ -324,7 +326,8 @@ def expected_labelled_per_batch(
     return {t: sum(q * coverage[d].get(t, 0.0) for d, q in quotas.items()) for t in tasks}
 
 
-def describe_quotas(quotas: Mapping[str, int], coverage: Mapping[str, Mapping[str, float]], tasks: Sequence[str]) -> str:
+def describe_quotas(quotas: Mapping[str, int], coverage: Mapping[str, Mapping[str, float]],
+                    tasks: Sequence[str]) -> str:
     expected = expected_labelled_per_batch(quotas, coverage, tasks)
     lines = ["batch composition (samples per batch from each dataset):"]
     lines += [f"  {name:<20} {quota:>4}" for name, quota in quotas.items()]
@@ -412,7 +415,8 @@ def augment_batch_and_labels(
     return pixels.clamp_(0, 255).round_().to(torch.uint8), labels
 
 
-def move_landmarks(labels: torch.Tensor, tasks: Sequence[TaskSpec], theta: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+def move_landmarks(labels: torch.Tensor, tasks: Sequence[TaskSpec], theta: torch.Tensor,
+                   flipped: torch.Tensor) -> torch.Tensor:
     """Landmark columns of ``labels`` in the coordinates of the image that ``affine_grid(theta)`` samples.
 
     ``theta`` maps an output position p (in [-1, 1], ``align_corners=False``) to the input position
@@ -815,7 +819,8 @@ class TaskBalancedStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info else 0
-        streams = [(*self._samples(name, root, shards, worker), self.quotas[name]) for name, root, shards in self.sources]
+        streams = [(*self._samples(name, root, shards, worker), self.quotas[name])
+                   for name, root, shards in self.sources]
         sources = torch.tensor([index for index, (name, _, _) in enumerate(self.sources)
                                 for _ in range(self.quotas[name])])
         size = self.image_size

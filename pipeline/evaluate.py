@@ -76,7 +76,8 @@ def open_evaluation_data(paths: Sequence[str | Path], split: str) -> EvaluationD
     if not with_split:
         names = ", ".join(f"{s.name} ({s.root})" for s in shard_sets)
         raise EvaluationError(f"no dataset has a {split!r} split: {names}")
-    skipped = [{"name": s.name, "path": str(s.root), "reason": f"no {split} split"} for s in shard_sets if s not in with_split]
+    skipped = [{"name": s.name, "path": str(s.root), "reason": f"no {split} split"}
+               for s in shard_sets if s not in with_split]
     return EvaluationData(split, with_split, skipped)
 
 
@@ -168,7 +169,8 @@ def no_labels_status(dataset_names: Sequence[str]) -> str:
     return "no labels in " + ", ".join(dataset_names)
 
 
-def task_report(task: TaskSpec, sums: TaskSums, summary: dict[str, float], dataset_names: Sequence[str]) -> dict[str, Any]:
+def task_report(task: TaskSpec, sums: TaskSums, summary: dict[str, float],
+                dataset_names: Sequence[str]) -> dict[str, Any]:
     """One task's metrics as plain values; a task without a labelled sample says so instead of scoring 0."""
     if sums.count == 0:
         return {"kind": task.kind, "count": 0, "status": no_labels_status(dataset_names)}
@@ -183,7 +185,8 @@ def task_report(task: TaskSpec, sums: TaskSums, summary: dict[str, float], datas
     return report
 
 
-def tasks_report(tasks: Sequence[TaskSpec], sums: MetricSums, dataset_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+def tasks_report(tasks: Sequence[TaskSpec], sums: MetricSums,
+                 dataset_names: Sequence[str]) -> dict[str, dict[str, Any]]:
     summary = sums.summary()
     return {t.name: task_report(t, sums.sums[t.name], summary[t.name], dataset_names) for t in tasks}
 
@@ -426,7 +429,8 @@ def evaluate_checkpoint(
     report["at_chance"] = tasks_at_chance(model.tasks, report["tasks"], report["chance"])
     if report["at_chance"]:
         log(f"WARNING: on {split}, no better than chance: " + ", ".join(
-            f"{name} ({metric} {value:.4g}, chance {report['chance'][name]:.4g})" for name, metric, value in report["at_chance"]))
+            f"{name} ({metric} {value:.4g}, chance {report['chance'][name]:.4g})"
+            for name, metric, value in report["at_chance"]))
         report["at_chance"] = [name for name, _, _ in report["at_chance"]]
     report["seconds"] = time.perf_counter() - started
     out_dir = out_dir or default_output_dir(target, split)

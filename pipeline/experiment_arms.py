@@ -70,7 +70,8 @@ def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Map
     ``model.weights_path``) by ``transfer``."""
     if experiment == "transfer" and init_from is None:
         raise ExperimentError("transfer needs --init-from: the pretrained run folder (or its best_model.pt)")
-    for option, value, owner in (("--init-from", init_from, "transfer"), ("--single-tasks", single_tasks, "mtl-vs-single"),
+    for option, value, owner in (("--init-from", init_from, "transfer"),
+                                 ("--single-tasks", single_tasks, "mtl-vs-single"),
                                  ("--weightings", weightings, "weighting")):
         if value and experiment != owner:
             raise ExperimentError(f"{option} is for the {owner} experiment; {experiment} does not take it")

@@ -124,9 +124,10 @@ def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[s
         f" {BEYOND_SPREAD_MARK}: differs from the {baseline} row beyond the seed spread (Welch's t-test over seeds, "
         f"two-sided p < {SIGNIFICANCE:g}, one test per cell, not corrected for their number); an unmarked difference "
         "is not shown to differ.")
-    caption = (f"**{experiment}**: {SPLIT_NAMES[split]} split, best epoch of each run (lowest val/total_loss, the epoch saved "
-               f"as best_model.pt), {seeds_text}. Δm: mean over tasks of the relative difference to the "
-               f"{baseline} row's means, sign-adjusted so that positive is better (Maninis et al. 2019), one per seed."
+    caption = (f"**{experiment}**: {SPLIT_NAMES[split]} split, best epoch of each run (lowest val/total_loss, "
+               f"the epoch saved as best_model.pt), {seeds_text}. Δm: mean over tasks of the relative difference "
+               f"to the {baseline} row's means, sign-adjusted so that positive is better (Maninis et al. 2019), "
+               "one per seed."
                f"{marks}")
     header = ["model", *(metric_label(task) for task in tasks), f"Δm vs {baseline} (%) ↑"]
     lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -148,8 +149,8 @@ def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[s
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(summary: Mapping[str, Mapping[str, CellStats]], tasks: Sequence[TaskSpec], chance: Mapping[str, float],
-                    title: str, path: Path) -> Path:
+def plot_comparison(summary: Mapping[str, Mapping[str, CellStats]], tasks: Sequence[TaskSpec],
+                    chance: Mapping[str, float], title: str, path: Path) -> Path:
     """One bar chart per task, one bar per row with the std over seeds as error bar, chance as a dashed line."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -26,14 +26,14 @@ Experiments share runs: with configs/utkface.yaml, ``mtl-vs-single``'s MTL, ``we
 early-freeze, ``lambda``'s λ=0.1 and ``transfer``'s ImageNet start are one run per seed. So an arm x seed without
 a run folder yet first looks for a finished run of the same config in the other experiment folders under the same
 ``runs_dir`` (``runs_dir/*/*/config.yaml``; the same config: equal in every key but ``name``, ``runs_dir`` and
-``keep_checkpoints``, ``max_epochs`` included). If there is one, ``<arm>-seed<k>`` becomes a relative link to it, a line says which
-(``learned-seed0: same config as ../mtl-vs-single/mtl-seed0 (finished): reused, not trained``; the first by path
-where several match) and the experiment uses it as its own finished run (results, table, ``--split test``, whose
-report then lands in the linked folder). ``invocations.jsonl`` records the links (``reused_runs``). Later
-invocations keep a link while it points to a finished run of the arm's config, and remove it (never its target)
-otherwise. Unfinished runs are not reused; ``--no-reuse`` removes the links and trains every arm in this
-experiment's folder. Only links recorded in ``invocations.jsonl`` are reuse's: a run folder the user linked (to a
-scratch disk, say) is resumed like any other.
+``keep_checkpoints``, ``max_epochs`` included). If there is one, ``<arm>-seed<k>`` becomes a relative link to it,
+a line says which (``learned-seed0: same config as ../mtl-vs-single/mtl-seed0 (finished): reused, not trained``;
+the first by path where several match) and the experiment uses it as its own finished run (results, table,
+``--split test``, whose report then lands in the linked folder). ``invocations.jsonl`` records the links
+(``reused_runs``). Later invocations keep a link while it points to a finished run of the arm's config, and
+remove it (never its target) otherwise. Unfinished runs are not reused; ``--no-reuse`` removes the links and
+trains every arm in this experiment's folder. Only links recorded in ``invocations.jsonl`` are reuse's: a run
+folder the user linked (to a scratch disk, say) is resumed like any other.
 
 The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipeline.config):
 
@@ -92,8 +92,8 @@ from pipeline.experiment_invocations import describe_source, record_invocation
 from pipeline.experiment_reuse import link_reused_runs
 from pipeline.experiment_runs import check_run_folder, read_rows, result_record, run_is_finished
 from pipeline.experiment_tables import (
-    PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, delta_m_by_row, format_table, plot_comparison, split_file, summarize,
-    write_results,
+    PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, delta_m_by_row, format_table, plot_comparison, split_file,
+    summarize, write_results,
 )
 from pipeline.run_summary import chance_levels
 from pipeline.schema import get_task
@@ -183,7 +183,8 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     table = format_table(experiment, baseline, summary, deltas, tasks, chance, seeds, split)
     write_results(records, experiment_dir / split_file(RESULTS_FILE, split))
     (experiment_dir / split_file(TABLE_FILE, split)).write_text(table)
-    plot_comparison(summary, tasks, chance, f"{experiment} ({SPLIT_NAMES[split]}, {seeds} seed{'s' if seeds > 1 else ''})",
+    plot_comparison(summary, tasks, chance,
+                    f"{experiment} ({SPLIT_NAMES[split]}, {seeds} seed{'s' if seeds > 1 else ''})",
                     experiment_dir / split_file(PLOT_FILE, split))
     print(f"\n{table}")
     return experiment_dir

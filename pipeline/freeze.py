@@ -257,7 +257,8 @@ class EarlyFreeze:
                 raise ValueError(f"Early Freeze state has {key}={saved!r}, this run has {key}={value!r}")
         self._watch = {
             task: _TaskWatch(
-                math.inf if entry["best_loss"] is None else float(entry["best_loss"]), entry["best_epoch"], int(entry["counter"])
+                math.inf if entry["best_loss"] is None else float(entry["best_loss"]), entry["best_epoch"],
+                int(entry["counter"])
             )
             for task, entry in state["watch"].items()
         }
@@ -285,7 +286,8 @@ def take_snapshot(model: nn.Module, scope: str) -> dict[str, torch.Tensor]:
     }
 
 
-def restore_from_snapshot(model: nn.Module, snapshot: Mapping[str, torch.Tensor], scope: str, task: str | None = None) -> None:
+def restore_from_snapshot(model: nn.Module, snapshot: Mapping[str, torch.Tensor], scope: str,
+                          task: str | None = None) -> None:
     """Copy ``snapshot`` into ``model`` in place: all of it (scope "model") or only ``task``'s head (scope "head")."""
     if scope == "model":
         model.load_state_dict(snapshot)

@@ -165,7 +165,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot be read as a facemtl checkpoint ({describe_error(error)})") from None
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
         found = f"the keys {sorted(map(str, payload))}" if isinstance(payload, dict) else f"a {type(payload).__name__}"
-        raise CheckpointError(f"{path}: not a facemtl checkpoint: expected the keys {list(REQUIRED_KEYS)}, found {found}")
+        raise CheckpointError(f"{path}: not a facemtl checkpoint: expected the keys {list(REQUIRED_KEYS)}, "
+                              f"found {found}")
     if not isinstance(payload["objective"], Mapping):
         found = type(payload["objective"]).__name__
         raise CheckpointError(f"{path}: not a facemtl checkpoint: 'objective' holds a {found}, expected a state dict")
@@ -210,5 +211,6 @@ def load_objective_weights(path: Path, objective: MultiTaskObjective, state: Map
     except RuntimeError as error:
         problems = describe_state_mismatch(objective.state_dict(), state)
         if problems:
-            raise CheckpointError(f"{path}: weights do not fit the model its config describes: " + "; ".join(problems)) from None
+            raise CheckpointError(f"{path}: weights do not fit the model its config describes: "
+                                  + "; ".join(problems)) from None
         raise CheckpointError(f"{path}: weights cannot be loaded: {' '.join(str(error).split())}") from None

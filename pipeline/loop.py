@@ -55,7 +55,8 @@ from pipeline.validation import evaluate_split, format_epoch_line
 class MultiTaskObjective(nn.Module):
     """The network and its loss weighting as one module, so that DDP synchronises both."""
 
-    def __init__(self, net: MultiTaskNet, weighting: LossWeighting, tasks: Sequence[TaskSpec], config: TrainConfig) -> None:
+    def __init__(self, net: MultiTaskNet, weighting: LossWeighting, tasks: Sequence[TaskSpec],
+                 config: TrainConfig) -> None:
         super().__init__()
         self.net, self.weighting, self.tasks = net, weighting, list(tasks)
         weighting.attach_shared_parameters(list(net.trunk_parameters()))
@@ -195,11 +196,13 @@ def build_optimizer(objective: MultiTaskObjective, config: TrainConfig) -> torch
     groups = [{"params": net_params, "lr": config.optim.lr, "name": "net"}]
     weighting_params = [p for p in objective.weighting.parameters() if p.requires_grad]
     if weighting_params:
-        groups.append({"params": weighting_params, "lr": config.optim.weighting_lr or config.optim.lr, "name": "weighting"})
+        groups.append({"params": weighting_params, "lr": config.optim.weighting_lr or config.optim.lr,
+                       "name": "weighting"})
     return torch.optim.Adam(groups, betas=tuple(config.optim.betas), weight_decay=config.optim.weight_decay)
 
 
-def rebuild_optimizer(old: torch.optim.Optimizer, objective: MultiTaskObjective, config: TrainConfig) -> torch.optim.Optimizer:
+def rebuild_optimizer(old: torch.optim.Optimizer, objective: MultiTaskObjective,
+                      config: TrainConfig) -> torch.optim.Optimizer:
     """A new optimizer over what is still trainable, keeping Adam's moments and current lr for those."""
     new = build_optimizer(objective, config)
     for new_group, old_group in zip(new.param_groups, old.param_groups):
@@ -299,7 +302,8 @@ def train_one_epoch(
     counts = context.all_reduce_sum(torch.tensor(loss_batches, dtype=torch.float64)).tolist()
     metrics = {f"train/{t.name}/loss": sums[i] / counts[i] for i, t in enumerate(tasks) if counts[i]}
     metrics |= {f"train/{t.name}/labelled_per_batch": float(labelled[i] / steps) for i, t in enumerate(tasks)}
-    metrics |= {"train/total_loss": sums[-1] / counts[-1], "train/images_per_s": images_seen * context.world_size / seconds}
+    metrics |= {"train/total_loss": sums[-1] / counts[-1],
+                "train/images_per_s": images_seen * context.world_size / seconds}
     return metrics
 
 
@@ -317,8 +321,8 @@ def set_combined_gradients(objective: MultiTaskObjective, task_losses: dict[str,
                            context.all_reduce_sum_on_device if context.distributed else None)
 
 
-def check_finite(first_bad_step: torch.Tensor, loss_sums: torch.Tensor, tasks: Sequence[TaskSpec], context: WorkerContext,
-                 epoch: int, steps: int) -> None:
+def check_finite(first_bad_step: torch.Tensor, loss_sums: torch.Tensor, tasks: Sequence[TaskSpec],
+                 context: WorkerContext, epoch: int, steps: int) -> None:
     """Raise :class:`TrainingDiverged` on every rank once any rank has seen a non-finite loss."""
     bad_here = first_bad_step >= 0
     ranks_bad = int(context.all_reduce_sum(bad_here.any().float().reshape(1).cpu())[0])
@@ -345,7 +349,8 @@ class ResumeError(ValueError):
     """A checkpoint this run cannot continue from: another config, or state that does not fit."""
 
 
-def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, resume: dict[str, Any] | None = None) -> RunState:
+def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter,
+               resume: dict[str, Any] | None = None) -> RunState:
     """Train until every task is frozen/stopped or ``max_epochs``; ``report`` is called once per epoch."""
     if resume is not None:
         differences = config_differences(resume["config"], to_dict(config))
@@ -355,7 +360,8 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
     setup = prepare(config, context.world_size)
     if context.rank == 0:
         print(setup.description, flush=True)
-        print(f"{setup.steps_per_epoch} steps per epoch, {context.world_size} worker(s), device {context.device}", flush=True)
+        print(f"{setup.steps_per_epoch} steps per epoch, {context.world_size} worker(s), device {context.device}",
+              flush=True)
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     net = MultiTaskNet(
         setup.tasks, config.model.backbone, config.model.shared_dims, config.model.head_hidden, config.model.dropout,
@@ -378,10 +384,11 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
     objective.every_parameter_in_graph = context.distributed and not weighting.gradient_level
     if config.model.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
-    freezer = EarlyFreeze([t.name for t in setup.tasks], config.freeze.patience, config.freeze.min_delta, config.freeze.mode,
-                          config.freeze.counter, config.freeze.trunk_quorum)
+    freezer = EarlyFreeze([t.name for t in setup.tasks], config.freeze.patience, config.freeze.min_delta,
+                          config.freeze.mode, config.freeze.counter, config.freeze.trunk_quorum)
     snapshots = SnapshotStore()
-    grad_scaler = torch.amp.GradScaler(context.device.type, enabled=autocast_dtype(config, context.device) == torch.float16)
+    grad_scaler = torch.amp.GradScaler(context.device.type,
+                                       enabled=autocast_dtype(config, context.device) == torch.float16)
     state = RunState()
     if resume is not None:
         objective.load_state_dict(resume["objective"])
@@ -403,7 +410,8 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
     context.check_ranks_identical(objective, "before the first step")  # same seed, same weights: not only by DDP
     model = context.wrap(objective)
     val_loader = eval_loader(
-        EvalStream(setup.shard_sets, "val", [t.name for t in setup.tasks], config.data.image_size, context.rank, context.world_size),
+        EvalStream(setup.shard_sets, "val", [t.name for t in setup.tasks], config.data.image_size, context.rank,
+                   context.world_size),
         config.data.batch_size, config.data.loader_workers, pin_memory=context.device.type == "cuda",
     )
 
@@ -424,14 +432,16 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
         )
         del batches
         state.step += setup.steps_per_epoch
-        weighting.end_epoch({t.name: metrics[f"train/{t.name}/loss"] for t in setup.tasks if f"train/{t.name}/loss" in metrics})
+        weighting.end_epoch({t.name: metrics[f"train/{t.name}/loss"] for t in setup.tasks
+                             if f"train/{t.name}/loss" in metrics})
         context.broadcast_buffers(objective)
         val = evaluate_split(net, val_loader, setup.tasks, context, config)
         val_loss_by_task = {task: values["loss"] for task, values in val.items()}
         for task in freezer.loss_tasks():
             if not math.isfinite(val_loss_by_task.get(task, math.nan)):
                 raise TrainingDiverged(f"training diverged: the validation loss of task {task!r} at epoch {epoch} is "
-                                       f"{val_loss_by_task.get(task)}; nothing of this epoch was saved (try a lower optim.lr)")
+                                       f"{val_loss_by_task.get(task)}; nothing of this epoch was saved "
+                                       "(try a lower optim.lr)")
         total_val_loss = sum(val_loss_by_task.values())
         for task, values in val.items():
             metrics |= {f"val/{task}/{name}": value for name, value in values.items()}
@@ -479,8 +489,8 @@ def train_loop(config: TrainConfig, context: WorkerContext, report: Reporter, re
                 # Tensors equal to the current weights are saved once (torch.save stores a storage once).
                 "snapshots": snapshots.state_dict(share_with=objective_state, prefix="net."),
                 "frozen_parts": net.frozen_parts(),
-                "run_state": {"epoch": state.epoch, "step": state.step, "best_total_val_loss": state.best_total_val_loss,
-                              "history": state.history},
+                "run_state": {"epoch": state.epoch, "step": state.step,
+                              "best_total_val_loss": state.best_total_val_loss, "history": state.history},
                 "config": to_dict(config),
                 "tasks": [t.name for t in setup.tasks],
                 "is_best": is_best,

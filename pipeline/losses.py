@@ -159,13 +159,15 @@ class PerTaskParameterWeighting(LossWeighting):
         self.check_tasks(task_losses)
         return torch.stack([self.scalars[task] for task in task_losses])
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         # Checkpoints of earlier versions hold one vector for all tasks under the same name.
         legacy = state_dict.pop(f"{prefix}{self._attribute}", None)
         if legacy is not None and legacy.shape == (len(self.task_names),):
             for task, value in zip(self.task_names, legacy):
                 state_dict[f"{prefix}{self._attribute}.{task}"] = value.clone()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class LearnedWeighting(PerTaskParameterWeighting):
@@ -227,7 +229,8 @@ class UncertaintyWeighting(PerTaskParameterWeighting):
     def weights(self) -> dict[str, float]:
         """1 / (2 exp(s_i)) of each training task; 0 for a frozen task."""
         training = set(self.training_tasks())
-        return {task: 1 / (2 * math.exp(self.scalars[task].item())) if task in training else 0.0 for task in self.task_names}
+        return {task: 1 / (2 * math.exp(self.scalars[task].item())) if task in training else 0.0
+                for task in self.task_names}
 
 
 def weighted_sum(weights: Tensor, task_losses: Mapping[str, Tensor]) -> Tensor:

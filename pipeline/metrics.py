@@ -74,7 +74,8 @@ class MetricSums:
             self.sums[task].count += int(count_by_task[task])
 
     def add_predictions(self, task: TaskSpec, predicted: torch.Tensor, target: torch.Tensor) -> None:
-        """``predicted``: class indices, ages in years or (N, 2K) coordinates for the labelled rows; ``target`` likewise."""
+        """``predicted``: class indices, ages in years or (N, 2K) coordinates for the labelled rows;
+        ``target`` likewise."""
         sums = self.sums[task.name]
         added = prediction_sums(task, predicted, target).cpu()
         abs_error, squared_error, within, coordinates, nme = added[:5].tolist()
@@ -105,7 +106,8 @@ class MetricSums:
             s = self.sums[task.name]
             s.loss_sum, count, s.abs_error_sum, s.squared_error_sum, within, coordinates, s.nme_sum = \
                 flat[offset : offset + 7].tolist()
-            s.count, s.within_threshold, s.coordinate_count = int(round(count)), int(round(within)), int(round(coordinates))
+            s.count, s.within_threshold, s.coordinate_count = \
+                int(round(count)), int(round(within)), int(round(coordinates))
             offset += 7
             if s.confusion is not None:
                 size = s.confusion.numel()
@@ -113,7 +115,8 @@ class MetricSums:
                 offset += size
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """task -> {loss, count, accuracy, balanced_accuracy}, {loss, count, mae, rmse, cs5} or {loss, count, nme, mae}."""
+        """task -> {loss, count, accuracy, balanced_accuracy}, {loss, count, mae, rmse, cs5} or
+        {loss, count, nme, mae}."""
         result = {}
         for task in self.tasks:
             s = self.sums[task.name]

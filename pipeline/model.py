@@ -81,7 +81,8 @@ def load_weights_strictly(model: nn.Module, path: Path, model_name: str) -> None
     model.load_state_dict(state, strict=True)
 
 
-def describe_state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any], shown: int = 5) -> list[str]:
+def describe_state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any],
+                            shown: int = 5) -> list[str]:
     """Missing keys, unexpected keys and shape mismatches of ``given`` against ``expected`` (first ``shown`` each)."""
 
     def listing(what: str, keys: list[str]) -> str:
@@ -113,7 +114,8 @@ def build_shared_layers(in_features: int, shared_dims: Sequence[int]) -> nn.Sequ
 
 def build_head(in_features: int, hidden: int, dropout: float, outputs: int) -> nn.Sequential:
     """Linear -> Dropout -> LeakyReLU -> Linear; the last layer has neither dropout nor activation (thesis 3.2)."""
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.Dropout(dropout), nn.LeakyReLU(), nn.Linear(hidden, outputs))
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.Dropout(dropout), nn.LeakyReLU(),
+                         nn.Linear(hidden, outputs))
 
 
 def head_outputs(task: TaskSpec, binary_outputs: int) -> int:
@@ -148,7 +150,8 @@ class MultiTaskNet(nn.Module):
         self.shared = build_shared_layers(feature_width, shared_dims)
         shared_width = shared_dims[-1] if shared_dims else feature_width
         self.heads = nn.ModuleDict({
-            task.name: build_head(shared_width, head_hidden, dropout, head_outputs(task, binary_outputs)) for task in tasks
+            task.name: build_head(shared_width, head_hidden, dropout, head_outputs(task, binary_outputs))
+            for task in tasks
         })
         for task in tasks:
             if task.kind == "landmarks":
@@ -214,7 +217,8 @@ class MultiTaskNet(nn.Module):
             return ".".join(key.split(".")[:2]) if key.startswith("heads.") else key.split(".")[0]
 
         parts = sorted({part(key) for key in own})
-        report: dict[str, list[str]] = {"loaded": [], "fresh": [], "unused": sorted({part(k) for k in state} - set(parts))}
+        report: dict[str, list[str]] = {"loaded": [], "fresh": [],
+                                        "unused": sorted({part(k) for k in state} - set(parts))}
         with torch.no_grad():
             for name in parts:
                 keys = [key for key in own if part(key) == name]

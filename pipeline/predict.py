@@ -366,7 +366,8 @@ def export_metadata(model: InferenceModel) -> dict[str, Any]:
 def check_batch(model: InferenceModel, count: int = 3) -> torch.Tensor:
     """A seeded batch of normalised random images (pixel values in the range real images have)."""
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (count, 3, model.image_size, model.image_size), dtype=torch.uint8, generator=generator)
+    pixels = torch.randint(0, 256, (count, 3, model.image_size, model.image_size), dtype=torch.uint8,
+                           generator=generator)
     return normalize_images(pixels)
 
 
@@ -379,7 +380,8 @@ def max_abs_difference(expected: Sequence[torch.Tensor], actual: Sequence[Any]) 
 ExportedRunner = Callable[[torch.Tensor], Sequence[Any]]  # runs the file just written on a batch
 
 
-def write_torchscript(wrapper: TaskOutputs, path: Path, metadata: dict[str, Any], example: torch.Tensor) -> ExportedRunner:
+def write_torchscript(wrapper: TaskOutputs, path: Path, metadata: dict[str, Any],
+                      example: torch.Tensor) -> ExportedRunner:
     """Trace (the forward has no data-dependent control flow), save with the metadata, load it back."""
     traced = torch.jit.trace(wrapper, example, check_trace=False)
     torch.jit.save(traced, str(path), _extra_files={EXPORT_METADATA_NAME: json.dumps(metadata)})
@@ -447,12 +449,14 @@ def export_model(model: InferenceModel, kind: str, path: Path) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="run folder, best_model.pt, checkpoint.pt or Ray checkpoint folder")
+    parser.add_argument("checkpoint", type=Path,
+                        help="run folder, best_model.pt, checkpoint.pt or Ray checkpoint folder")
     parser.add_argument("inputs", type=Path, nargs="*", help="image files and folders (searched recursively)")
     parser.add_argument("--out", type=Path, help="JSON-lines output file (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: the GPU when there is one")
-    parser.add_argument("--export", choices=tuple(EXPORTERS), help="also write the network as TorchScript or ONNX, checked against eager")
+    parser.add_argument("--export", choices=tuple(EXPORTERS),
+                        help="also write the network as TorchScript or ONNX, checked against eager")
     parser.add_argument("--export-path", type=Path, help="file the export is written to (required with --export)")
     parser.add_argument("--detect", action="store_true",
                         help="inputs are photos: find every face (MTCNN, the align extra), align it and predict each")
@@ -501,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         except AlignExtraMissing as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        return run_photo_predictions(model, args.inputs, args.out, detector, args.min_face, args.annotate) or export_status
+        return (run_photo_predictions(model, args.inputs, args.out, detector, args.min_face, args.annotate)
+                or export_status)
     return run_predictions(model, args.inputs, args.out, args.batch_size) or export_status
 
 
@@ -571,9 +576,9 @@ def run_photo_predictions(model: InferenceModel, inputs: Sequence[Path], out: Pa
     faces = sum(1 for line in lines if line["faces"])
     without_face = sum(1 for line in lines if line["faces"] == 0)
     annotated = f"; annotated copies in {annotate_dir}" if annotate_dir else ""
-    print(f"found {faces} faces in {len(paths) - failed - without_face} of {len(paths)} photos ({without_face} without a "
-          f"face, {failed} failed) in {seconds:.1f} s ({faces / max(seconds, 1e-9):.1f} faces/s) -> {out or 'stdout'}"
-          f"{annotated}", file=sys.stderr)
+    print(f"found {faces} faces in {len(paths) - failed - without_face} of {len(paths)} photos ({without_face} "
+          f"without a face, {failed} failed) in {seconds:.1f} s ({faces / max(seconds, 1e-9):.1f} faces/s) -> "
+          f"{out or 'stdout'}{annotated}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -10,7 +10,8 @@ from typing import TextIO
 from tqdm import tqdm
 
 
-def start_progress(total: int, description: str, unit: str = "img", stream: TextIO | None = None) -> tqdm | PlainProgress:
+def start_progress(total: int, description: str, unit: str = "img",
+                   stream: TextIO | None = None) -> tqdm | PlainProgress:
     """A progress reporter over ``total`` units: ``update(count)``, then ``close()``."""
     stream = stream or sys.stderr
     if stream.isatty():
@@ -20,7 +21,8 @@ def start_progress(total: int, description: str, unit: str = "img", stream: Text
 
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600
+            else f"{seconds // 60}:{seconds % 60:02d}")
 
 
 class PlainProgress:

@@ -88,7 +88,8 @@ def latest_checkpoint(run_dir: Path, also: Path | None = None, warn: Any = None,
         try:
             payload = load_checkpoint(folder, mmap=mmap)
         except Exception as error:  # a damaged zip fails as RuntimeError, EOFError, UnpicklingError, ...
-            problems.append(f"{folder / CHECKPOINT_FILE} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+            problems.append(f"{folder / CHECKPOINT_FILE} ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})")
             continue
         if problems and warn is not None:
             warn(f"warning: skipped unreadable checkpoint(s) {'; '.join(problems)}; resuming from {folder}")
@@ -175,7 +176,8 @@ class RunRecorder:
         os.replace(temporary, self.run_dir / METRICS_FILE)
         epoch = int(metrics["epoch"])
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch" and math.isfinite(value):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch" \
+                    and math.isfinite(value):
                 self.writer.add_scalar(key, value, epoch)
         if metrics.get("freeze/events"):
             self.writer.add_text("freeze/events", ", ".join(metrics["freeze/events"]), epoch)

@@ -54,7 +54,8 @@ def summarize_run(run_dir: Path, shard_sets: Sequence[ShardSet]) -> dict[str, An
     declare_shard_tasks(shard_sets)  # the run's declared tasks, in the process that summarises it
     rows = pq.read_table(run_dir / METRICS_FILE).to_pylist()
     best = best_row(rows)
-    names = sorted({key.split("/")[1] for key in best if key.startswith("val/") and key.count("/") == 2} - {"total_loss"})
+    names = sorted({key.split("/")[1] for key in best if key.startswith("val/") and key.count("/") == 2}
+                   - {"total_loss"})
     tasks = [get_task(name) for name in names]
     chance = chance_levels(shard_sets, tasks)
     per_task = {}

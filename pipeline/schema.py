@@ -88,7 +88,8 @@ class TaskSpec:
         return entry
 
     def validate(self, value: object) -> LabelValue:
-        """Return ``value`` in canonical form (int class index, float, or list of floats), or raise :class:`LabelError`."""
+        """Return ``value`` in canonical form (int class index, float, or list of floats), or raise
+        :class:`LabelError`."""
         if value is None:
             return None
         if self.kind == "landmarks":
@@ -255,7 +256,8 @@ def check_same_declaration(spec: TaskSpec, other: TaskSpec, origin: str, other_o
     """Raise :class:`TaskDeclarationError` with both declarations when two sources declare a task differently."""
     if spec != other:
         raise TaskDeclarationError(f"task {spec.name!r} is declared differently by {origin} "
-                                   f"({describe_declaration(spec)}) and by {other_origin} ({describe_declaration(other)})")
+                                   f"({describe_declaration(spec)}) and by {other_origin} "
+                                   f"({describe_declaration(other)})")
 
 
 def declare_tasks(specs: Iterable[TaskSpec], origin: str = "a tasks file") -> None:

@@ -135,7 +135,8 @@ def select_records(listing: SourceListing, limit: int | None, seed: int) -> list
     by_key: dict[str, SourceRecord] = {}
     for record in sorted(listing.records, key=lambda r: (r.key, r.source_id)):
         if record.key in by_key:
-            listing.reject(record.source_id, f"duplicate sample key {record.key!r} (also {by_key[record.key].source_id})")
+            listing.reject(record.source_id,
+                           f"duplicate sample key {record.key!r} (also {by_key[record.key].source_id})")
             continue
         by_key[record.key] = record
     records = list(by_key.values())
@@ -165,7 +166,8 @@ def plan_fingerprint(dataset: str, plans: list[ShardPlan], job: ShardJob) -> str
     digest.update(json.dumps([dataset, job.encode.describe(), job.samples_per_shard]).encode())
     for plan in plans:
         for record in plan.records:
-            digest.update(json.dumps([plan.name, record.key, record.source_id, record.labels, record.extras], default=str).encode())
+            digest.update(json.dumps([plan.name, record.key, record.source_id, record.labels, record.extras],
+                                     default=str).encode())
     return digest.hexdigest()
 
 
@@ -286,7 +288,8 @@ def merge_shards(out_dir: Path) -> dict[str, object]:
     labelled = _write_manifest(out_dir, statuses, tasks, current_format=not older)
     rejections = [*plan["listing_rejections"], *(r for status in statuses for r in status["rejections"])]
     _write_parquet_atomically(
-        pa.Table.from_pylist(rejections, schema=pa.schema([("source_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])),
+        pa.Table.from_pylist(rejections, schema=pa.schema([("source_id", pa.string()), ("stage", pa.string()),
+                                                           ("reason", pa.string())])),
         out_dir / REJECTED_FILE,
     )
     for split in SPLITS:
@@ -316,7 +319,8 @@ def merge_shards(out_dir: Path) -> dict[str, object]:
         )
     _write_json_atomically(out_dir / SUMMARY_FILE, summary)
     if summary["num_samples"] == 0:
-        raise ShardingError(f"no usable sample in the input: all {len(rejections)} inputs were rejected (see {out_dir / REJECTED_FILE})")
+        raise ShardingError(f"no usable sample in the input: all {len(rejections)} inputs were rejected "
+                            f"(see {out_dir / REJECTED_FILE})")
     return summary
 
 
@@ -444,7 +448,8 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].split(" (")[0][:80]
 
 
-def print_summary(summary: dict[str, object], out_dir: Path, seconds: float, encoded: int, rejections_path: Path) -> None:
+def print_summary(summary: dict[str, object], out_dir: Path, seconds: float, encoded: int,
+                  rejections_path: Path) -> None:
     print(f"\n{summary['dataset']}: {summary['num_samples']} samples in {out_dir}")
     print("  per split:  " + ", ".join(f"{k} {v}" for k, v in summary["samples_per_split"].items()))
     for task, per_split in summary["labelled_per_task"].items():
@@ -463,8 +468,8 @@ def print_summary(summary: dict[str, object], out_dir: Path, seconds: float, enc
         print("  images (grey mean / std / sharpness): " + ", ".join(per_split))
     if "align" in summary:
         align = summary["align"]
-        print(f"  faces ({align['detector']}, {align['policy']}, at least {align['min_face']} px): {align['faces']} from "
-              f"{align['photos']} photos, {align['photos_without_face']} without one; "
+        print(f"  faces ({align['detector']}, {align['policy']}, at least {align['min_face']} px): "
+              f"{align['faces']} from {align['photos']} photos, {align['photos_without_face']} without one; "
               f"{align['faces_per_second_per_worker']:.1f} faces/s per worker")
     ratio = summary["manifest_bytes"] / summary["tar_bytes"] if summary["tar_bytes"] else 0.0
     print(f"  manifest: {_human_size(summary['manifest_bytes'])} beside {_human_size(summary['tar_bytes'])} of tars "
@@ -481,7 +486,8 @@ def run(listing: SourceListing, job: ShardJob) -> dict[str, object] | None:
     records = select_records(listing, job.limit, job.seed)
     if not records:
         reasons = Counter(_reason_kind(r.reason) for r in listing.rejections).most_common(3)
-        raise ShardingError(f"no usable sample in the input ({len(listing.rejections)} rejected; most common: {reasons})")
+        raise ShardingError(f"no usable sample in the input ({len(listing.rejections)} rejected; "
+                            f"most common: {reasons})")
     plans = plan_shards(records, job.samples_per_shard)
     _prepare_out_dir(listing, plans, job)
     results = encode_shards(plans, listing.dataset, job)
@@ -520,11 +526,14 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--val-fraction", type=float, default=0.1)
     common.add_argument("--test-fraction", type=float, default=0.1)
     common.add_argument("--overwrite", action="store_true", help="delete an existing output folder first")
-    common.add_argument("--tasks-file", type=Path, help="YAML task declarations beside the built-in tasks (docs/tasks.md)")
+    common.add_argument("--tasks-file", type=Path,
+                        help="YAML task declarations beside the built-in tasks (docs/tasks.md)")
     common.add_argument("--align", action="store_true",
-                        help="inputs are photos: detect faces (MTCNN, the align extra) and write each aligned (docs/align.md)")
+                        help="inputs are photos: detect faces (MTCNN, the align extra) and write each aligned "
+                             "(docs/align.md)")
     common.add_argument("--faces", choices=FACE_POLICIES, help="with --align: the largest face (default) or all")
-    common.add_argument("--min-face", type=int, help=f"with --align: smallest face box side in px (default {DEFAULT_MIN_FACE})")
+    common.add_argument("--min-face", type=int,
+                        help=f"with --align: smallest face box side in px (default {DEFAULT_MIN_FACE})")
     return common
 
 

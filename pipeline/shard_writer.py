@@ -309,7 +309,8 @@ def worker_detector(min_face: int) -> MtcnnDetector:
 
 
 def aligned_samples(record: SourceRecord, photo: Image.Image, detector: MtcnnDetector, settings: EncodeSettings,
-                    tasks: dict[str, TaskSpec], counts: AlignmentCounts) -> list[tuple[SourceRecord, Image.Image]] | Rejection:
+                    tasks: dict[str, TaskSpec],
+                    counts: AlignmentCounts) -> list[tuple[SourceRecord, Image.Image]] | Rejection:
     """The faces ``settings.align`` keeps in ``photo``, each a (sample record, aligned crop), or why none.
 
     With the policy ``all`` every face's key gets ``_f<i>`` (largest first, so keys are stable) and every face

@@ -26,8 +26,8 @@ from typing import Any, Sequence
 
 from pipeline.cluster import ClusterTooSmall
 from pipeline.config import (
-    RESUMABLE_KEYS, ConfigError, TrainConfig, config_differences, describe_differences, load_config, save_config, to_dict,
-    with_absolute_paths,
+    RESUMABLE_KEYS, ConfigError, TrainConfig, config_differences, describe_differences, load_config, save_config,
+    to_dict, with_absolute_paths,
 )
 from pipeline.data import DataConfigError, check_validation_labels, data_error_line, open_shard_set, resolve_tasks
 from pipeline.loop import ResumeError, TrainingDiverged
@@ -153,7 +153,8 @@ def connect_ray(min_cpus: int) -> None:
     check_ray()
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": {**job_environment(gcs_address=address), **thread_environment()}})
+        ray.init(address=address,
+                 runtime_env={"env_vars": {**job_environment(gcs_address=address), **thread_environment()}})
     else:
         # address="local": a new Ray here, never another job's `ray start` cluster on this machine, which a
         # plain ray.init() would join. With its dashboard, for the person watching (Ray prints its address).
@@ -220,7 +221,8 @@ def check_datasets(config: TrainConfig) -> None:
     check_validation_labels(shard_sets, tasks)
     if config.freeze.trunk_quorum > len(tasks):  # EarlyFreeze refuses it in every mode, inside the workers
         raise ConfigError(f"freeze.trunk_quorum {config.freeze.trunk_quorum} is more than the {len(tasks)} "
-                          f"task{'s' if len(tasks) != 1 else ''} these datasets label ({', '.join(tasks)}): the trunk would never freeze")
+                          f"task{'s' if len(tasks) != 1 else ''} these datasets label ({', '.join(tasks)}): "
+                          "the trunk would never freeze")
 
 
 def run_locally(config: TrainConfig) -> None:
@@ -265,8 +267,10 @@ def check_run_folder(config: TrainConfig, restart: bool) -> None:
     saved, wanted = found[1]["config"], to_dict(config)
     differences = config_differences(saved, wanted)
     if differences:
-        raise ConfigError(f"{found[0]} was written under another config ({describe_differences(saved, wanted, differences)}); "
-                          f"only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume. Use another name, or {advice}")
+        raise ConfigError(f"{found[0]} was written under another config "
+                          f"({describe_differences(saved, wanted, differences)}); "
+                          f"only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume. "
+                          f"Use another name, or {advice}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     save_config(config, config.run_dir / CONFIG_FILE)
     record_start(config.run_dir, ["python", "-m", "pipeline.train", *(sys.argv[1:] if argv is None else argv)])
     (config.run_dir / STOPPED_FILE).unlink(missing_ok=True)
-    print(f"run folder: {config.run_dir.resolve()}\nconfig:\n{Path(config.run_dir / CONFIG_FILE).read_text()}", flush=True)
+    print(f"run folder: {config.run_dir.resolve()}\nconfig:\n{Path(config.run_dir / CONFIG_FILE).read_text()}",
+          flush=True)
     started = time.perf_counter()
     if args.local:
         run_locally(config)

@@ -47,7 +47,8 @@ def prepare(config: TrainConfig, world_size: int) -> TrainingSetup:
         sums = [s.label_mean(task) for s in shard_sets]
         count = sum(n for _, n in sums)
         regression_means[task] = sum(mean * n for mean, n in sums) / count
-    return TrainingSetup(shard_sets, tasks, quotas, steps, describe_quotas(quotas, coverage, task_names), regression_means)
+    return TrainingSetup(shard_sets, tasks, quotas, steps, describe_quotas(quotas, coverage, task_names),
+                         regression_means)
 
 
 def declare_config_tasks(config: TrainConfig) -> None:

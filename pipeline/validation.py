@@ -77,7 +77,8 @@ CLASSIFICATION_TASKS_LISTED = 8
 
 
 def format_epoch_line(metrics: dict[str, Any], tasks: Sequence[TaskSpec]) -> str:
-    parts = [f"epoch {metrics['epoch']:>3}", f"train {metrics['train/total_loss']:.3f}", f"val {metrics['val/total_loss']:.3f}"]
+    parts = [f"epoch {metrics['epoch']:>3}", f"train {metrics['train/total_loss']:.3f}",
+             f"val {metrics['val/total_loss']:.3f}"]
     classification = [task for task in tasks if task.kind in ("binary", "multiclass")]
     summarised = len(classification) > CLASSIFICATION_TASKS_LISTED
     for task in tasks:

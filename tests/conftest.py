@@ -86,7 +86,8 @@ def celeba_dir(tmp_path: Path) -> Path:
         rows.append(f"{name} " + " ".join(f"{v:2d}" for v in values))
         partition.append(f"{name} {0 if index <= 8 else 1 if index <= 10 else 2}")
         landmarks.append(f"{name} " + " ".join(str(60 + index + k) for k in range(10)))
-    (root / "list_attr_celeba.txt").write_text(f"{len(rows)}\n" + " ".join(CELEBA_ATTRIBUTES) + "\n" + "\n".join(rows) + "\n")
+    (root / "list_attr_celeba.txt").write_text(
+        f"{len(rows)}\n" + " ".join(CELEBA_ATTRIBUTES) + "\n" + "\n".join(rows) + "\n")
     (root / "list_eval_partition.txt").write_text("\n".join(partition) + "\n")
     header = "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
     (root / "list_landmarks_align_celeba.txt").write_text(f"{len(rows)}\n{header}\n" + "\n".join(landmarks) + "\n")
@@ -200,8 +201,9 @@ def synthetic_shards(tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for name, (tasks, count, seed) in layouts.items():
         folders[name] = root / name
-        code = shard_main(["synthetic", "--name", name, "--tasks", tasks, "--num-samples", str(count), "--seed", str(seed),
-                           "--size", "32", "--samples-per-shard", "50", "--out", str(folders[name])])
+        code = shard_main(["synthetic", "--name", name, "--tasks", tasks, "--num-samples", str(count),
+                           "--seed", str(seed), "--size", "32", "--samples-per-shard", "50",
+                           "--out", str(folders[name])])
         assert code == 0
     return folders
 

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_config_loads_and_overrides_reach_nested_keys() -> None:
-    config = load_config(REPO / "configs" / "demo.yaml", ["optim.lr=0.01", "freeze.patience=5", "data.tasks=age,gender"])
+    config = load_config(REPO / "configs" / "demo.yaml",
+                         ["optim.lr=0.01", "freeze.patience=5", "data.tasks=age,gender"])
     assert config.optim.lr == 0.01 and config.freeze.patience == 5
     assert config.data.tasks == ["age", "gender"]
     assert config.data.batch_size == 48 and config.model.backbone == "resnet18"
@@ -56,7 +57,8 @@ def test_a_config_saved_before_a_key_existed_resumes_when_the_key_keeps_its_defa
     saved = to_dict(load_config_dict({}))
     del saved["freeze"]["counter"]  # written by a version without freeze.counter
     assert config_differences(saved, to_dict(load_config_dict({}))) == []
-    assert config_differences(saved, to_dict(load_config_dict({"freeze": {"counter": "cumulative"}}))) == ["freeze.counter"]
+    assert config_differences(saved, to_dict(load_config_dict({"freeze": {"counter": "cumulative"}}))) == \
+        ["freeze.counter"]
 
 
 def test_every_path_a_ray_worker_reads_is_made_absolute_against_the_launching_folder() -> None:

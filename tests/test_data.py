@@ -39,7 +39,8 @@ from pipeline.schema import get_task
 from pipeline.tar_format import tar_end, tar_member_bytes
 
 TASKS = ["age", "gender", "race", "smile", "young", "emotion"]
-DISJOINT = {"utk": {"age": 1, "gender": 1, "race": 1}, "fer": {"emotion": 1}, "celeba": {"gender": 1, "smile": 1, "young": 1}}
+DISJOINT = {"utk": {"age": 1, "gender": 1, "race": 1}, "fer": {"emotion": 1},
+            "celeba": {"gender": 1, "smile": 1, "young": 1}}
 
 
 def test_quotas_give_every_task_an_equal_floor_of_labelled_examples() -> None:
@@ -53,7 +54,8 @@ def test_quotas_give_every_task_an_equal_floor_of_labelled_examples() -> None:
 def test_quotas_follow_target_shares_and_partial_coverage() -> None:
     quotas = compute_quotas({"a": {"age": 1.0}, "b": {"emotion": 0.5}}, ["age", "emotion"], 30)
     assert quotas == {"a": 10, "b": 20}  # b labels emotion on half its samples: 10 = 20 * 0.5
-    shares = compute_quotas({"a": {"age": 1.0}, "b": {"emotion": 1.0}}, ["age", "emotion"], 40, {"age": 3, "emotion": 1})
+    shares = compute_quotas({"a": {"age": 1.0}, "b": {"emotion": 1.0}}, ["age", "emotion"], 40,
+                            {"age": 3, "emotion": 1})
     assert shares == {"a": 30, "b": 10}
 
 
@@ -132,12 +134,14 @@ def test_training_batches_hold_webdatasets_resampled_and_shuffled_samples_for_th
         assert batch["mask"].tolist() == [mask for _, mask in labels]
 
 
-def test_validation_reads_every_sample_exactly_once_across_two_ranks_and_two_workers(synthetic_shards: dict[str, Path]) -> None:
+def test_validation_reads_every_sample_exactly_once_across_two_ranks_and_two_workers(
+        synthetic_shards: dict[str, Path]) -> None:
     sets = [open_shard_set(p) for p in synthetic_shards.values()]
     expected = sum(s.num_samples("val") for s in sets)
     keys: list[str] = []
     for rank in range(2):
-        loader = eval_loader(EvalStream(sets, "val", TASKS, 32, rank=rank, world_size=2), batch_size=16, loader_workers=2)
+        loader = eval_loader(EvalStream(sets, "val", TASKS, 32, rank=rank, world_size=2), batch_size=16,
+                             loader_workers=2)
         for batch in loader:
             keys.extend(batch["key"])
     assert len(keys) == expected and len(set(keys)) == expected

@@ -40,8 +40,9 @@ def test_forty_declared_attributes_and_landmarks_shard_train_evaluate_and_predic
     # it kept the landmarks at the mean shape
     assert train_main([f"data.datasets=[{shards}]", f"data.tasks_file={TASKS_FILE}", f"runs_dir={tmp_path}",
                        "name=celeba40", "num_workers=1", "max_epochs=6", "data.steps_per_epoch=40", "model.dropout=0",
-                       "data.batch_size=32", "data.image_size=32", "data.loader_workers=1", "data.augment.enabled=false",
-                       "model.shared_dims=[64]", "model.head_hidden=16", "optim.lr=0.003", "freeze.mode=none"]) == 0
+                       "data.batch_size=32", "data.image_size=32", "data.loader_workers=1",
+                       "data.augment.enabled=false", "model.shared_dims=[64]", "model.head_hidden=16",
+                       "optim.lr=0.003", "freeze.mode=none"]) == 0
     run = tmp_path / "celeba40"
     summary = json.loads((run / "run_summary.json").read_text())["tasks"]
     assert set(summary) == {*attributes, "landmarks"}

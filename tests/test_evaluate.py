@@ -43,7 +43,8 @@ def test_confusion_matrix_gives_accuracy_balanced_accuracy_and_per_class_accurac
     metrics = classification_metrics(confusion)
     assert metrics["accuracy"] == pytest.approx(6 / 10)
     assert metrics["balanced_accuracy"] == pytest.approx((3 / 4 + 2 / 4 + 1 / 2) / 3)
-    assert per_class_accuracy(confusion, THREE_CLASSES.classes) == pytest.approx({"red": 0.75, "green": 0.5, "blue": 0.5})
+    assert per_class_accuracy(confusion, THREE_CLASSES.classes) == \
+        pytest.approx({"red": 0.75, "green": 0.5, "blue": 0.5})
 
 
 def test_class_without_samples_is_left_out_of_balanced_accuracy_and_has_no_accuracy() -> None:
@@ -85,7 +86,8 @@ def test_default_output_folder_is_beside_the_run_or_the_checkpoint_file(tmp_path
 def trained_run(synthetic_shards, tmp_path_factory) -> Path:
     """One epoch of one step: the weights need not be good, only the same ones training validated."""
     runs = tmp_path_factory.mktemp("evaluate-runs")
-    args = tiny_overrides(synthetic_shards, runs, "r", "max_epochs=1", "data.steps_per_epoch=1", "data.loader_workers=0")
+    args = tiny_overrides(synthetic_shards, runs, "r", "max_epochs=1", "data.steps_per_epoch=1",
+                          "data.loader_workers=0")
     assert train_main(["--local", *args]) == 0
     return runs / "r"
 
@@ -128,7 +130,8 @@ def test_val_metrics_reproduce_the_runs_best_epoch(val_report: dict, trained_run
             assert metrics[name] == pytest.approx(best[f"val/{task}/{name}"], abs=tolerance), f"{task} {name}"
 
 
-def test_outputs_are_json_markdown_and_a_confusion_png_per_classification_task(val_report: dict, trained_run: Path) -> None:
+def test_outputs_are_json_markdown_and_a_confusion_png_per_classification_task(
+        val_report: dict, trained_run: Path) -> None:
     out = trained_run / "evaluation" / "val"
     markdown = (out / "metrics.md").read_text()
     assert "| task | samples |" in markdown and "### emotion: per-class accuracy" in markdown
@@ -138,11 +141,11 @@ def test_outputs_are_json_markdown_and_a_confusion_png_per_classification_task(v
     assert not (out / "confusion_age.png").exists()
 
 
-def test_other_data_reports_the_models_unlabelled_tasks_as_no_labels(trained_run: Path, synthetic_shards, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_other_data_reports_the_models_unlabelled_tasks_as_no_labels(
+        trained_run: Path, synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     checkpoint = trained_run / "checkpoint_000001" / "checkpoint.pt"
-    code = evaluate_main([str(checkpoint), "--split", "val", "--data", str(synthetic_shards["fer"]), "--out", str(tmp_path),
-                          "--loader-workers", "0", "--batch-size", "7"])
+    code = evaluate_main([str(checkpoint), "--split", "val", "--data", str(synthetic_shards["fer"]),
+                          "--out", str(tmp_path), "--loader-workers", "0", "--batch-size", "7"])
     assert code == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["checkpoint"] == str(checkpoint) and [d["name"] for d in report["datasets"]] == ["fer"]
@@ -153,7 +156,8 @@ def test_other_data_reports_the_models_unlabelled_tasks_as_no_labels(trained_run
     assert [p.name for p in tmp_path.glob("confusion_*.png")] == ["confusion_emotion.png"]
 
 
-# ---------------------------------------------------------------- bad inputs (what makes a checkpoint unusable: test_inference)
+# ---------------------------------------------------------------- bad inputs
+# (what makes a checkpoint unusable: test_inference)
 
 
 def test_an_unusable_checkpoint_exits_2_naming_the_path(synthetic_shards, capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,7 +174,8 @@ def test_cuda_without_a_gpu_exits_2(trained_run: Path, monkeypatch: pytest.Monke
     assert "no CUDA device is available" in capsys.readouterr().err
 
 
-def test_split_that_no_dataset_has_is_an_error_naming_it_and_others_are_skipped(synthetic_shards, tmp_path: Path) -> None:
+def test_split_that_no_dataset_has_is_an_error_naming_it_and_others_are_skipped(
+        synthetic_shards, tmp_path: Path) -> None:
     train_only = tmp_path / "train_only"
     assert shard_main(["synthetic", "--name", "train_only", "--num-samples", "5", "--size", "32", "--val-fraction", "0",
                        "--test-fraction", "0", "--out", str(train_only)]) == 0

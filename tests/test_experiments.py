@@ -42,13 +42,15 @@ def test_mean_and_std_use_the_sample_std_over_seeds() -> None:
 
 def test_single_task_arms_restrict_tasks_and_datasets_and_use_one_hot_fixed_weights() -> None:
     arms = experiment_arms("mtl-vs-single", ["age", "gender"], DATASETS_BY_TASK)
-    assert [(a.name, a.row) for a in arms] == [("single-age", "single-task"), ("single-gender", "single-task"), ("mtl", "MTL")]
+    assert [(a.name, a.row) for a in arms] == [("single-age", "single-task"), ("single-gender", "single-task"),
+                                               ("mtl", "MTL")]
     assert arms[0].overrides == {"data.tasks": ["age"], "data.datasets": ["/s/utk"], "data.task_shares": {},
                                  "loss.weighting": "fixed", "loss.fixed_weights": {"age": 1.0}}
     assert arms[1].overrides["data.datasets"] == ["/s/utk", "/s/celeba"]
     assert arms[2].overrides == {}
     config = load_config(None, arm_overrides(arms[1], 2, Path("/runs/exp")))
-    assert config.data.tasks == ["gender"] and config.loss.weighting == "fixed" and config.loss.fixed_weights == {"gender": 1.0}
+    assert config.data.tasks == ["gender"] and config.loss.weighting == "fixed" \
+        and config.loss.fixed_weights == {"gender": 1.0}
     assert config.seed == 2 and config.run_dir == Path("/runs/exp/single-gender-seed2")
 
 
@@ -124,8 +126,8 @@ def test_transfer_refuses_a_source_without_a_facemtl_network_or_of_another_backb
     assert f"model.init_from {tmp_path / 'nothing'} holds no facemtl network" in capsys.readouterr().err
     other = tmp_path / "resnet" / "best_model.pt"
     other.parent.mkdir()
-    torch.save({"objective": {"net.backbone.conv.weight": torch.zeros(1)}, "config": {"model": {"backbone": "resnet50"}}},
-               other)
+    torch.save({"objective": {"net.backbone.conv.weight": torch.zeros(1)},
+                "config": {"model": {"backbone": "resnet50"}}}, other)
     assert main(["transfer", *command, "--init-from", str(other)]) == 1
     assert "--init-from holds a resnet50 network and the config trains shufflenet_v2_x0_5" in capsys.readouterr().err
     assert not (tmp_path / "tr").exists()  # refused before the experiment folder, let alone a run
@@ -139,7 +141,8 @@ def test_finished_runs_best_epoch_and_config_differences() -> None:
     assert run_is_finished(rows, max_epochs=3) and run_is_finished(rows, max_epochs=10)  # all tasks frozen
     assert not run_is_finished(rows[:2], max_epochs=3) and not run_is_finished([], max_epochs=1)
     saved = {"max_epochs": 3, "seed": 0, "loss": {"weighting": "learned", "lam": 0.1}}
-    assert config_differences(saved, {"max_epochs": 9, "seed": 0, "loss": {"weighting": "learned", "lam": 0.01}}) == ["loss.lam"]
+    assert config_differences(saved, {"max_epochs": 9, "seed": 0,
+                                      "loss": {"weighting": "learned", "lam": 0.01}}) == ["loss.lam"]
 
 
 def test_single_tasks_subset_gets_single_arms_and_delta_m_over_those_tasks_only() -> None:
@@ -152,7 +155,8 @@ def test_single_tasks_subset_gets_single_arms_and_delta_m_over_those_tasks_only(
     records = [{"row": "single-task", "val/age/mae": 6.0}, {"row": "single-task", "val/landmarks/nme": 0.10},
                {"row": "MTL", "val/age/mae": 3.0, "val/gender/accuracy": 0.9, "val/landmarks/nme": 0.12}]
     summary = summarize(records, ["single-task", "MTL"], tasks)
-    table = format_table("mtl-vs-single", "single-task", summary, delta_m_by_row(records, summary, "single-task", tasks),
+    table = format_table("mtl-vs-single", "single-task", summary,
+                         delta_m_by_row(records, summary, "single-task", tasks),
                          tasks, {"age": 9.0, "gender": 0.5, "landmarks": 0.3}, seeds=1)
     lines = table.splitlines()
     assert lines[2] == ("| model | age MAE (years) ↓ | gender accuracy (%) ↑ | landmarks NME ↓ "
@@ -228,7 +232,8 @@ def test_the_estimate_of_the_runs_left_is_per_epoch_so_a_resumed_run_does_not_sh
 def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_runs(
         synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_torch_thread) -> None:
     shards = {name: synthetic_shards[name] for name in ("utk", "celeba")}
-    overrides = tiny_overrides(shards, tmp_path, "unused", "data.tasks=[age,gender]", "max_epochs=1", "data.loader_workers=0")
+    overrides = tiny_overrides(shards, tmp_path, "unused", "data.tasks=[age,gender]", "max_epochs=1",
+                               "data.loader_workers=0")
     argv = ["mtl-vs-single", "--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--name", "cmp", "--local"]
     assert main(argv) == 0
     experiment = tmp_path / "cmp"
@@ -303,7 +308,8 @@ def test_transfer_end_to_end_starts_the_pretrained_arm_from_the_source_and_skips
     assert train_main(["--local", *pretrain]) == 0  # FER2013 + UTKFace: age, gender, race and emotion
     # lr ~0: each arm's weights stay where its start put them, so the pretrained arm's can be compared with the source's
     overrides = tiny_overrides({"utk": utk}, tmp_path, "unused", "data.tasks=[age,gender]", "max_epochs=1",
-                               "freeze.mode=none", "data.loader_workers=0", "optim.lr=1e-30", "optim.weighting_lr=1e-30")
+                               "freeze.mode=none", "data.loader_workers=0", "optim.lr=1e-30",
+                               "optim.weighting_lr=1e-30")
     argv = ["transfer", "--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--init-from", str(source),
             "--name", "transfer", "--local"]
     capsys.readouterr()

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.freeze import EarlyFreeze, FreezeDecision, SnapshotStore, apply_decision, restore_from_snapshot, take_snapshot
+from pipeline.freeze import (
+    EarlyFreeze, FreezeDecision, SnapshotStore, apply_decision, restore_from_snapshot, take_snapshot,
+)
 
 # Validation losses by epoch for tasks a, b with patience 2 and min_delta 0.05.
 SCRIPT = [
@@ -33,7 +35,8 @@ def scripted_machine(**overrides) -> EarlyFreeze:
     return EarlyFreeze(("a", "b"), **({"patience": 2, "min_delta": 0.05} | overrides))
 
 
-def decisions_by_epoch(machine: EarlyFreeze, script: list[dict[str, float]], first_epoch: int = 0) -> dict[int, list[FreezeDecision]]:
+def decisions_by_epoch(machine: EarlyFreeze, script: list[dict[str, float]],
+                       first_epoch: int = 0) -> dict[int, list[FreezeDecision]]:
     return {epoch: machine.update(epoch, losses) for epoch, losses in enumerate(script, start=first_epoch)}
 
 
@@ -63,7 +66,8 @@ def test_improvement_smaller_than_min_delta_is_no_improvement() -> None:
 
 
 def test_only_the_first_task_in_order_freezes_the_trunk_when_two_converge_in_one_epoch() -> None:
-    losses = [{"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 2.0, "b": 2.0, "c": 0.5}, {"b": 3.0, "c": 3.0}, {"b": 4.0, "c": 2.0}]
+    losses = [{"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 2.0, "b": 2.0, "c": 0.5}, {"b": 3.0, "c": 3.0},
+              {"b": 4.0, "c": 2.0}]
     machine = EarlyFreeze(("a", "b", "c"), patience=1)
     decided = decisions_by_epoch(machine, losses)
     assert decided == {
@@ -79,9 +83,11 @@ def test_only_the_first_task_in_order_freezes_the_trunk_when_two_converge_in_one
 
 def test_several_heads_may_freeze_in_one_epoch_once_the_trunk_is_frozen() -> None:
     machine = EarlyFreeze(("a", "b", "c"), patience=1)
-    losses = [{"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 2.0, "b": 0.9, "c": 0.9}, {"b": 0.8, "c": 0.8}, {"b": 0.9, "c": 0.9}]
+    losses = [{"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 2.0, "b": 0.9, "c": 0.9}, {"b": 0.8, "c": 0.8},
+              {"b": 0.9, "c": 0.9}]
     decided = decisions_by_epoch(machine, losses)
-    assert decided[3] == [FreezeDecision("b", 3, "freeze_head", 2, "head"), FreezeDecision("c", 3, "freeze_head", 2, "head")]
+    assert decided[3] == [FreezeDecision("b", 3, "freeze_head", 2, "head"),
+                          FreezeDecision("c", 3, "freeze_head", 2, "head")]
     assert machine.all_done
 
 
@@ -107,7 +113,8 @@ def test_none_mode_never_decides_but_tracks_bests() -> None:
 
 def test_needed_snapshot_epochs_are_the_best_epochs_of_active_tasks() -> None:
     machine = scripted_machine()
-    needed = [(machine.update(epoch, losses), machine.needed_snapshot_epochs())[1] for epoch, losses in enumerate(SCRIPT)]
+    needed = [(machine.update(epoch, losses), machine.needed_snapshot_epochs())[1]
+              for epoch, losses in enumerate(SCRIPT)]
     assert needed == [{0}, {1}, {1, 2}, set(), {4}, {4}, {6}, {6}, set()]
 
 
@@ -317,7 +324,8 @@ class ToyMultiTaskNet(nn.Module):
         return self
 
 
-def train_steps(model: ToyMultiTaskNet, optimizer: torch.optim.Optimizer, tasks: tuple[str, ...], generator: torch.Generator) -> None:
+def train_steps(model: ToyMultiTaskNet, optimizer: torch.optim.Optimizer, tasks: tuple[str, ...],
+                generator: torch.Generator) -> None:
     model.train()
     for _ in range(3):
         outputs = model(torch.randn(16, 4, generator=generator) * 3 + 1)
@@ -365,7 +373,8 @@ def scripted_run() -> ScriptedRun:
     return run
 
 
-def assert_state_equal(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> None:
+def assert_state_equal(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                       prefixes: tuple[str, ...]) -> None:
     checked = [name for name in state if name.startswith(prefixes)]
     assert checked
     for name in checked:
@@ -375,7 +384,8 @@ def assert_state_equal(state: dict[str, torch.Tensor], expected: dict[str, torch
 TRUNK = ("backbone.", "shared.")
 
 
-def test_freeze_trunk_restores_the_whole_model_to_the_best_epoch_of_the_converged_task(scripted_run: ScriptedRun) -> None:
+def test_freeze_trunk_restores_the_whole_model_to_the_best_epoch_of_the_converged_task(
+        scripted_run: ScriptedRun) -> None:
     validated = scripted_run.validated
     assert_state_equal(scripted_run.settled[3], validated[1], ("",))  # every tensor, BatchNorm statistics included
     assert not torch.equal(validated[1]["shared.running_mean"], validated[3]["shared.running_mean"])
@@ -398,7 +408,8 @@ def test_freeze_head_restores_only_that_head(scripted_run: ScriptedRun) -> None:
 
 def test_head_freeze_leaves_the_heads_still_training_untouched() -> None:
     model, store = ToyMultiTaskNet(), SnapshotStore()
-    store.load_state_dict({"snapshots": {5: {name: torch.full_like(t, 7) for name, t in take_snapshot(model, "heads").items()}}})
+    store.load_state_dict({"snapshots": {5: {name: torch.full_like(t, 7)
+                                             for name, t in take_snapshot(model, "heads").items()}}})
     before = copy.deepcopy(model.state_dict())
     apply_decision(model, FreezeDecision("b", 6, "freeze_head", 5, "head"), store)
     assert_state_equal(model.state_dict(), store.get(5), ("heads.b.",))
@@ -435,7 +446,8 @@ def test_take_snapshot_is_a_cpu_copy_of_the_model_or_of_its_heads() -> None:
 def test_snapshot_store_keeps_needed_epochs_and_drops_the_rest() -> None:
     model, machine, store = ToyMultiTaskNet(), EarlyFreeze(("a", "b"), patience=3), SnapshotStore()
     kept = []
-    for epoch, losses in enumerate([{"a": 1.0, "b": 1.0}, {"a": 0.5, "b": 2.0}, {"a": 0.6, "b": 0.4}, {"a": 0.7, "b": 0.5}]):
+    for epoch, losses in enumerate([{"a": 1.0, "b": 1.0}, {"a": 0.5, "b": 2.0}, {"a": 0.6, "b": 0.4},
+                                    {"a": 0.7, "b": 0.5}]):
         with torch.no_grad():
             model.backbone.weight.fill_(epoch)
         machine.update(epoch, losses)
@@ -449,7 +461,8 @@ def test_snapshot_store_keeps_needed_epochs_and_drops_the_rest() -> None:
 
 
 def test_snapshot_store_holds_whole_model_until_trunk_freeze_then_only_heads(scripted_run: ScriptedRun) -> None:
-    everything, heads = set(scripted_run.validated[0]), {"heads.a.weight", "heads.a.bias", "heads.b.weight", "heads.b.bias"}
+    everything, heads = (set(scripted_run.validated[0]),
+                         {"heads.a.weight", "heads.a.bias", "heads.b.weight", "heads.b.bias"})
     assert scripted_run.stored == {
         0: {0: everything},
         1: {1: everything},

@@ -176,7 +176,8 @@ def test_every_trial_is_one_session_with_its_values_and_final_metrics(tensorboar
 
 
 @pytest.mark.slow
-def test_a_resumed_trial_stays_one_session_with_the_values_of_its_last_run(tensorboard_url: str, search_dir: Path) -> None:
+def test_a_resumed_trial_stays_one_session_with_the_values_of_its_last_run(
+        tensorboard_url: str, search_dir: Path) -> None:
     assert session_starts_in(trial_log_dir(search_dir, "trial_resumed")) == 1
     [group] = [group for group in session_groups(tensorboard_url) if group["name"].startswith("trial_resumed/")]
     [session] = group["sessions"]
@@ -220,7 +221,8 @@ def test_the_search_experiment_is_one_file_however_often_it_is_written(tmp_path:
 
 def test_a_lambda_grid_and_a_weighting_choice_are_discrete_domains() -> None:
     space = load_space(None, ["space.lam_grid=[0.001, 0.1]", "space.weighting=[learned, equal]"])
-    discrete = {info.name: list(info.domain_discrete) for info in hparam_infos(space) if info.HasField("domain_discrete")}
+    discrete = {info.name: list(info.domain_discrete) for info in hparam_infos(space)
+                if info.HasField("domain_discrete")}
     assert discrete == {"lam": [0.001, 0.1], "weighting": ["learned", "equal"]}
 
 
@@ -234,7 +236,8 @@ def test_a_real_search_shows_every_trial_with_its_sampled_values_in_the_hparams_
     last_rows = {row["trial_id"]: row for row in sorted(rows, key=lambda row: row["epoch"])}
 
     def every_trial_at_its_last_epoch(groups: list[dict[str, Any]]) -> bool:
-        steps = {group["name"].split("/")[0]: [m["trainingStep"] for m in group["metricValues"] if m["name"]["tag"] == "objective"]
+        steps = {group["name"].split("/")[0]: [m["trainingStep"] for m in group["metricValues"]
+                                               if m["name"]["tag"] == "objective"]
                  for group in groups}
         return steps == {trial_id: [row["epoch"]] for trial_id, row in last_rows.items()}
 

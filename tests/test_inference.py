@@ -26,8 +26,9 @@ from pipeline.run_records import best_model_payload
 from pipeline.schema import get_task
 
 TASK_NAMES = ["age", "gender"]
-SMALL_MODEL = ["model.backbone=shufflenet_v2_x0_5", "model.shared_dims=[8]", "model.head_hidden=4", "data.image_size=32",
-               "data.tasks=[age,gender]", "model.weights_path=/training/machine/only/backbone.pth"]
+SMALL_MODEL = ["model.backbone=shufflenet_v2_x0_5", "model.shared_dims=[8]", "model.head_hidden=4",
+               "data.image_size=32", "data.tasks=[age,gender]",
+               "model.weights_path=/training/machine/only/backbone.pth"]
 RAY_CHECKPOINT_NAMES = ("checkpoint_2024-01-01_00-00-01.000000", "checkpoint_2024-01-01_00-00-02.000000")
 
 
@@ -128,7 +129,8 @@ def write_unusable(kind: str, folder: Path, run_folder: Path) -> Path:
             (path / name).mkdir(parents=True)
             (path / name / "checkpoint.pt").write_text("not a checkpoint\n")
     else:
-        path.write_bytes({"text": b"not a checkpoint\n", "text-torch-reads-as-keys": b"hello world " * 10, "empty": b""}[kind])
+        path.write_bytes({"text": b"not a checkpoint\n", "text-torch-reads-as-keys": b"hello world " * 10,
+                          "empty": b""}[kind])
     return path
 
 
@@ -139,7 +141,8 @@ def write_unusable(kind: str, folder: Path, run_folder: Path) -> Path:
     ("text-torch-reads-as-keys", "cannot be read as a facemtl checkpoint (KeyError"),
     ("empty", "cannot be read as a facemtl checkpoint (EOFError"),
     ("truncated", "cannot be read as a facemtl checkpoint (RuntimeError"),
-    ("foreign-torch-file", "not a facemtl checkpoint: expected the keys ['objective', 'config', 'tasks'], found the keys ['fc.weight']"),
+    ("foreign-torch-file",
+     "not a facemtl checkpoint: expected the keys ['objective', 'config', 'tasks'], found the keys ['fc.weight']"),
     ("torch-list", "found a list"),
     ("objective-not-a-state-dict", "'objective' holds a str, expected a state dict"),
     ("unknown-task", "unknown task 'hair_colour'"),

@@ -18,9 +18,11 @@ AGE_MARGIN_YEARS = 3.0  # MAE below always predicting the mean training age
 def test_demo_config_beats_chance_on_every_task(tmp_path: Path) -> None:
     shard_dirs = shard_demo_datasets(tmp_path / "shards", image_size=64, workers=2)
     datasets = "[" + ",".join(str(p) for p in shard_dirs) + "]"
-    assert train_main(["--local", "--config", str(DEMO_CONFIG), f"data.datasets={datasets}", f"runs_dir={tmp_path}"]) == 0
+    assert train_main(["--local", "--config", str(DEMO_CONFIG), f"data.datasets={datasets}",
+                       f"runs_dir={tmp_path}"]) == 0
     summary = read_run_summary(tmp_path / "demo")  # written by pipeline.train at the end
-    assert set(summary["tasks"]) == {"age", "gender", "race", "smile", "young", "emotion"} and summary["at_chance"] == []
+    assert set(summary["tasks"]) == {"age", "gender", "race", "smile", "young", "emotion"} \
+        and summary["at_chance"] == []
     for task, row in summary["tasks"].items():
         if row["metric"] == "mae":
             assert row["value"] <= row["chance"] - AGE_MARGIN_YEARS, (task, row)

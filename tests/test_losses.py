@@ -50,7 +50,8 @@ def logit_values(weighting: LearnedWeighting) -> list[float]:
 
 
 def logit_gradients(weighting: LearnedWeighting) -> list[float | None]:
-    return [None if weighting.logits[task].grad is None else weighting.logits[task].grad.item() for task in weighting.task_names]
+    return [None if weighting.logits[task].grad is None else weighting.logits[task].grad.item()
+            for task in weighting.task_names]
 
 
 def test_one_sgd_step_on_learned_weights_follows_the_softmax_gradient() -> None:

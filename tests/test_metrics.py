@@ -39,11 +39,12 @@ def test_delta_m_is_the_mean_signed_relative_improvement_in_percent() -> None:
     from pipeline.metrics import delta_m
 
     # accuracy 0.75 -> 0.80 is +6.67 %; MAE 6 -> 5 is +16.67 % (lower is better); race 0.9 -> 0.81 is -10 %
-    assert delta_m({"gender": 0.80, "age": 5.0, "race": 0.81}, {"gender": 0.75, "age": 6.0, "race": 0.9}) == pytest.approx(
-        (100 * 0.05 / 0.75 + 100 / 6 - 10) / 3)
+    assert delta_m({"gender": 0.80, "age": 5.0, "race": 0.81}, {"gender": 0.75, "age": 6.0, "race": 0.9}) == \
+        pytest.approx((100 * 0.05 / 0.75 + 100 / 6 - 10) / 3)
     assert delta_m({"age": 6.0}, {"age": 6.0}) == 0.0
     # worse on both: -0.05 / 0.80 and -(6 - 5) / 5
-    assert delta_m({"gender": 0.75, "age": 6.0}, {"gender": 0.80, "age": 5.0}) == pytest.approx((-0.05 / 0.80 - 1 / 5) / 2 * 100)
+    assert delta_m({"gender": 0.75, "age": 6.0}, {"gender": 0.80, "age": 5.0}) == \
+        pytest.approx((-0.05 / 0.80 - 1 / 5) / 2 * 100)
     assert math.isnan(delta_m({"race": 0.3}, {"race": 0.0}))  # no relative change from 0
     with pytest.raises(ValueError):
         delta_m({}, {})

@@ -37,8 +37,10 @@ def test_one_logit_binary_heads() -> None:
     assert small_net(binary_outputs=1)(images())["gender"].shape == (4, 1)
 
 
-@pytest.mark.parametrize(("backbone", "feature_width"), [("mobilenet_v2", 1280), ("efficientnet_b0", 1280), ("resnet50", 2048)])
-def test_last_linear_of_any_torchvision_classifier_becomes_the_feature_output(backbone: str, feature_width: int) -> None:
+@pytest.mark.parametrize(("backbone", "feature_width"),
+                         [("mobilenet_v2", 1280), ("efficientnet_b0", 1280), ("resnet50", 2048)])
+def test_last_linear_of_any_torchvision_classifier_becomes_the_feature_output(
+        backbone: str, feature_width: int) -> None:
     net = small_net(backbone).eval()
     assert net.backbone(images(batch=2)).shape == (2, feature_width)
     assert net.shared[0].in_features == feature_width

@@ -47,8 +47,10 @@ def test_two_logit_binary_head_uses_softmax_and_one_logit_head_uses_sigmoid() ->
     one_logit = torch.tensor([[math.log(3.0)], [-math.log(3.0)]])  # sigmoid(ln 3) = 3/4: P(male) = 3/4, then 1/4
     for logits in (two_logits, one_logit):
         first, second = task_predictions({"gender": logits}, [TASKS["gender"]], age_scale=100.0)
-        assert first["gender"] == {"label": "male", "probabilities": pytest.approx({"female": 0.25, "male": 0.75}, abs=1e-6)}
-        assert second["gender"] == {"label": "female", "probabilities": pytest.approx({"female": 0.75, "male": 0.25}, abs=1e-6)}
+        assert first["gender"] == {"label": "male",
+                                   "probabilities": pytest.approx({"female": 0.25, "male": 0.75}, abs=1e-6)}
+        assert second["gender"] == {"label": "female",
+                                    "probabilities": pytest.approx({"female": 0.75, "male": 0.25}, abs=1e-6)}
 
 
 def test_an_undecided_one_logit_head_says_the_first_class_as_validation_counts_it() -> None:
@@ -142,7 +144,8 @@ def test_every_good_image_gets_every_task_and_bad_files_are_recorded_without_sto
     assert [r["path"] for r in records] == [str(p) for p in find_images([image_folder, absent])]
     errors = {Path(r["path"]).name: r["error"] for r in records if "error" in r}
     assert set(errors) == {"corrupt.jpg", "truncated.jpg", "absent.jpg"}
-    assert "truncated" in errors["truncated.jpg"] and "corrupt" in errors["corrupt.jpg"] and "no such file" in errors["absent.jpg"]
+    assert "truncated" in errors["truncated.jpg"] and "corrupt" in errors["corrupt.jpg"] \
+        and "no such file" in errors["absent.jpg"]
     stderr = capsys.readouterr().err
     for name, reason in errors.items():
         assert f"{image_folder / name}: {reason}" in stderr
@@ -175,7 +178,8 @@ def test_prediction_on_a_shard_crop_equals_the_model_on_the_training_data_path(
     for index, record in enumerate(records):
         assert record["path"] == str(crops[index])
         predictions = record["predictions"]
-        assert predictions["age"]["label"] == pytest.approx(float(outputs["age"][index, 0]) * model.age_scale, abs=0.05 + 1e-6)
+        assert predictions["age"]["label"] == pytest.approx(float(outputs["age"][index, 0]) * model.age_scale,
+                                                            abs=0.05 + 1e-6)
         for task in model.tasks[1:]:
             expected = class_probabilities(outputs[task.name][index : index + 1])[0]
             assert list(predictions[task.name]["probabilities"].values()) == pytest.approx(expected.tolist(), abs=1e-5)
@@ -193,7 +197,8 @@ def test_a_run_folder_its_best_model_and_its_checkpoint_give_the_same_prediction
 ) -> None:
     crop = str(next((image_folder / "shard").iterdir()))
     predictions = []
-    for index, checkpoint in enumerate((trained_run, trained_run / "best_model.pt", trained_run / "checkpoint_000001" / "checkpoint.pt")):
+    for index, checkpoint in enumerate((trained_run, trained_run / "best_model.pt",
+                                        trained_run / "checkpoint_000001" / "checkpoint.pt")):
         out = tmp_path / f"{index}.jsonl"  # one epoch: the checkpoint is the best model
         assert main([str(checkpoint), crop, "--out", str(out), "--device", "cpu"]) == 0
         predictions.append(read_records(out)[0]["predictions"])
@@ -249,7 +254,9 @@ def test_torchscript_export_reloads_with_outputs_equal_to_the_eager_model(traine
 
 
 @pytest.mark.skipif(not onnx_available(), reason="onnx and onnxruntime are not installed (not facemtl dependencies)")
-def test_onnx_export_runs_in_onnxruntime_with_outputs_equal_to_the_eager_model(trained_run: Path, tmp_path: Path) -> None:
+def test_onnx_export_runs_in_onnxruntime_with_outputs_equal_to_the_eager_model(
+    trained_run: Path, tmp_path: Path
+) -> None:
     import onnxruntime
 
     path = tmp_path / "model.onnx"

@@ -72,7 +72,8 @@ def test_two_workers_freeze_mid_ddp_and_a_resumed_run_is_bit_identical_to_an_uni
 
 def test_ranks_with_different_states_are_an_error_naming_each_rank() -> None:
     check_digests_agree(["ab" * 32, "ab" * 32], "after epoch 3")
-    with pytest.raises(RuntimeError, match="ranks hold different model states after epoch 3: rank 0 abab.*, rank 1 cdcd"):
+    with pytest.raises(RuntimeError,
+                       match="ranks hold different model states after epoch 3: rank 0 abab.*, rank 1 cdcd"):
         check_digests_agree(["ab" * 32, "cd" * 32], "after epoch 3")
 
 
@@ -119,7 +120,8 @@ def test_a_killed_worker_is_restarted_and_training_finishes_all_epochs(synthetic
     assert "resuming from" in log.read_text()
 
 
-def test_under_ray_a_diverging_run_is_one_line_and_not_retried(local_ray, synthetic_shards, tmp_path: Path, capsys) -> None:
+def test_under_ray_a_diverging_run_is_one_line_and_not_retried(local_ray, synthetic_shards, tmp_path: Path,
+                                                               capsys) -> None:
     args = tiny_overrides(synthetic_shards, tmp_path, "nan", "max_epochs=2", "freeze.mode=none", "optim.lr=1e12")
     assert train_main(args) == 1
     captured = capsys.readouterr()
@@ -133,7 +135,8 @@ def test_under_ray_a_diverging_run_is_one_line_and_not_retried(local_ray, synthe
 def test_the_cause_of_a_failed_run_is_its_last_line() -> None:
     from pipeline.train import failure_line
 
-    error = RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+    error = RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
+                         "Traceback (most recent call last):\n"
                          "  File \"x.py\", line 1, in f\nOSError: [Errno 28] No space left on device\n")
     assert failure_line(error) == "OSError: [Errno 28] No space left on device"
     assert failure_line(RuntimeError("")) == "RuntimeError"

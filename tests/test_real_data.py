@@ -45,7 +45,8 @@ def utkface_sample(tmp_path_factory) -> Path:
 
 
 @requires_shared_data("utkface.tar")
-def test_real_utkface_files_including_the_odd_names_shard_with_their_labels(utkface_sample: Path, tmp_path: Path) -> None:
+def test_real_utkface_files_including_the_odd_names_shard_with_their_labels(
+        utkface_sample: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert shard("utkface", utkface_sample, "--out", out, "--workers", "2") == 0
     files = sorted(p.name for p in utkface_sample.iterdir())
@@ -64,7 +65,8 @@ def test_real_utkface_files_including_the_odd_names_shard_with_their_labels(utkf
 
 
 @requires_shared_data("utkface.tar", "utkface-coral-split/utk_train.csv")
-def test_real_utkface_with_the_coral_split_keeps_the_published_train_test_assignment(utkface_sample: Path, tmp_path: Path) -> None:
+def test_real_utkface_with_the_coral_split_keeps_the_published_train_test_assignment(
+        utkface_sample: Path, tmp_path: Path) -> None:
     split_dir = SHARED_DATA / "utkface-coral-split"
     published = {}
     for split in ("train", "test"):

@@ -50,7 +50,8 @@ def test_leaderboard_ranks_trials_by_best_objective_and_reads_metrics_at_that_ep
 def test_a_trial_without_a_finite_objective_goes_last_and_weighting_is_listed_when_sampled() -> None:
     trials = pa.Table.from_pylist([
         epoch_row("nan", 0, math.nan, 50.0, 0.5, weighting="equal"),
-        epoch_row("ok", 0, 0.1, 50.0, 0.5, weighting="learned"), epoch_row("ok", 1, 0.2, 40.0, 0.6, weighting="learned"),
+        epoch_row("ok", 0, 0.1, 50.0, 0.5, weighting="learned"),
+        epoch_row("ok", 1, 0.2, 40.0, 0.6, weighting="learned"),
     ])
     rows = leaderboard_rows(trials, max_epochs=2)
 
@@ -62,7 +63,8 @@ def test_a_trial_without_a_finite_objective_goes_last_and_weighting_is_listed_wh
 def test_freeze_events_are_read_from_the_json_list_of_each_epoch() -> None:
     epochs = [
         {"epoch": 0, "freeze/events": "[]", "weights/age": 0.5, "weights/gender": 0.5},
-        {"epoch": 1, "freeze/events": json.dumps(["freeze_trunk:gender@1->0"]), "weights/age": 0.6, "weights/gender": 0.4},
+        {"epoch": 1, "freeze/events": json.dumps(["freeze_trunk:gender@1->0"]),
+         "weights/age": 0.6, "weights/gender": 0.4},
         {"epoch": 2, "freeze/events": json.dumps(["freeze_head:age@2->1", "stop:smile@2->None"]),
          "weights/age": 0.7, "weights/gender": 0.3},
         {"epoch": 3, "freeze/events": None, "weights/age": 0.7, "weights/gender": math.nan},

@@ -50,7 +50,8 @@ def test_every_sample_has_image_and_labels_and_tools_agree_on_the_contents(utkfa
     assert all("." not in key for key in samples)
     # GNU tar reads every shard and lists exactly <key>.jpg and <key>.json members.
     for tar_path in out.glob("*.tar"):
-        listing = subprocess.run(["tar", "-tf", str(tar_path)], capture_output=True, text=True, check=True).stdout.split()
+        listing = subprocess.run(["tar", "-tf", str(tar_path)], capture_output=True, text=True,
+                                 check=True).stdout.split()
         keys = {name.rsplit(".", 1)[0] for name in listing}
         assert sorted(listing) == sorted([f"{k}.jpg" for k in keys] + [f"{k}.json" for k in keys])
     for row in manifest:
@@ -76,7 +77,8 @@ def test_wids_index_lists_every_shard_with_its_sample_count(utkface_dir: Path, t
     assert summary["num_samples"] == 30 and set(summary["tasks"]) == {"age", "gender", "race"}
 
 
-def test_corrupt_truncated_and_non_image_files_are_rejected_with_path_and_reason(utkface_dir: Path, tmp_path: Path) -> None:
+def test_corrupt_truncated_and_non_image_files_are_rejected_with_path_and_reason(
+        utkface_dir: Path, tmp_path: Path) -> None:
     good = sorted(utkface_dir.iterdir())
     corrupt, truncated, text = good[0], good[1], good[2]
     corrupt.write_bytes(os.urandom(2000))
@@ -160,11 +162,13 @@ def test_array_parts_together_hold_exactly_the_samples_of_one_run(utkface_dir: P
     assert shard("utkface", utkface_dir, "--out", single, "--samples-per-shard", "3") == 0
     parts = tmp_path / "parts"
     for task_index in (2, 0):
-        assert shard("utkface", utkface_dir, "--out", parts, "--samples-per-shard", "3", "--task-index", str(task_index), "--num-tasks", "3") == 0
+        assert shard("utkface", utkface_dir, "--out", parts, "--samples-per-shard", "3",
+                     "--task-index", str(task_index), "--num-tasks", "3") == 0
     assert not (parts / "manifest.parquet").exists()
     assert shard("merge", parts) == 2
     assert "not complete yet" in capsys.readouterr().err
-    assert shard("utkface", utkface_dir, "--out", parts, "--samples-per-shard", "3", "--task-index", "1", "--num-tasks", "3") == 0
+    assert shard("utkface", utkface_dir, "--out", parts, "--samples-per-shard", "3",
+                 "--task-index", "1", "--num-tasks", "3") == 0
     assert (parts / "manifest.parquet").exists()  # the last part merged
     assert tar_bytes(parts) == tar_bytes(single)
     assert read_manifest(parts) == read_manifest(single)
@@ -241,7 +245,8 @@ def test_manifest_offset_and_size_seek_to_exactly_the_samples_members(tmp_path: 
     table = tmp_path / "labels.csv"
     table.write_text("image,age\n" + "".join(f"{names[i % 3]}{i}.jpg,{20 + i}\n" for i in range(12)))
     out = tmp_path / "out"
-    assert shard("table", table, "--image-root", images, "--map", "age=age", "--out", out, "--samples-per-shard", "5") == 0
+    assert shard("table", table, "--image-root", images, "--map", "age=age", "--out", out,
+                 "--samples-per-shard", "5") == 0
     samples = read_samples(out)
     manifest = read_manifest(out)
     assert "image" not in manifest[0] and len(manifest) == 12

@@ -28,7 +28,8 @@ def sacct_states(job_id: str, tasks: int = 1) -> list[str]:
     return states
 
 
-def test_shard_array_job_writes_the_same_shards_as_one_local_run(slurm_cluster, utkface_dir: Path, tmp_path: Path) -> None:
+def test_shard_array_job_writes_the_same_shards_as_one_local_run(
+        slurm_cluster, utkface_dir: Path, tmp_path: Path) -> None:
     local = tmp_path / "local"
     assert shard("utkface", utkface_dir, "--out", local, "--samples-per-shard", "4") == 0
     out = tmp_path / "array"

@@ -15,7 +15,8 @@ from tests.shard_helpers import read_manifest, read_rejected, read_samples, shar
 NULL_TASKS_UTK = ("smile", "young", "emotion")
 
 
-def test_utkface_labels_follow_the_file_names_with_gender_mapped_to_the_schema(utkface_dir: Path, tmp_path: Path) -> None:
+def test_utkface_labels_follow_the_file_names_with_gender_mapped_to_the_schema(
+        utkface_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert shard("utkface", utkface_dir, "--out", out, "--samples-per-shard", "8") == 0
     samples = read_samples(out)
@@ -191,9 +192,11 @@ def test_table_maps_named_columns_and_class_names(tmp_path: Path) -> None:
                  "--map", "Age=age,Sex=gender,Mood=emotion", "--out", out)
     assert code == 0
     by_key = {r["key"]: r for r in read_manifest(out)}
-    assert (by_key["a"]["age"], by_key["a"]["gender"], by_key["a"]["emotion"], by_key["a"]["split"]) == (34.0, 1, 3, "train")
+    assert (by_key["a"]["age"], by_key["a"]["gender"], by_key["a"]["emotion"], by_key["a"]["split"]) == \
+        (34.0, 1, 3, "train")
     assert (by_key["b"]["gender"], by_key["b"]["emotion"], by_key["b"]["split"]) == (0, 4, "test")
-    assert (by_key["c"]["age"], by_key["c"]["gender"], by_key["c"]["emotion"], by_key["c"]["split"]) == (None, 0, None, "val")
+    assert (by_key["c"]["age"], by_key["c"]["gender"], by_key["c"]["emotion"], by_key["c"]["split"]) == \
+        (None, 0, None, "val")
     reasons = {r["source_id"].rsplit(":", 1)[1]: r["reason"] for r in read_rejected(out)}
     assert set(reasons) == {"5", "6"} and "not found" in reasons["5"] and "robot" in reasons["6"]
 
@@ -202,7 +205,8 @@ def test_table_with_a_missing_column_names_it(tmp_path: Path, capsys) -> None:
     table = tmp_path / "labels.csv"
     table.write_text("image,Age\nx.jpg,3\n")
     (tmp_path / "images").mkdir()
-    assert shard("table", table, "--image-root", tmp_path / "images", "--map", "Sex=gender", "--out", tmp_path / "o") == 2
+    assert shard("table", table, "--image-root", tmp_path / "images", "--map", "Sex=gender",
+                 "--out", tmp_path / "o") == 2
     assert "column(s) ['Sex'] not found" in capsys.readouterr().err
 
 

@@ -28,7 +28,8 @@ def toy_batch() -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     outputs = {
         "age": torch.tensor([[0.30], [0.50], [0.20], [0.90]]),
         "gender": torch.tensor([[0.0], [2.0], [-1.0], [5.0]]),
-        "race": torch.tensor([[3.0, 3.0, 3.0, 3.0, 3.0], [1.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 5, [0.0, 0.0, 0.0, 0.0, 2.0]]),
+        "race": torch.tensor([[3.0, 3.0, 3.0, 3.0, 3.0], [1.0, 0.0, 0.0, 0.0, 0.0], [0.0] * 5,
+                              [0.0, 0.0, 0.0, 0.0, 2.0]]),
     }
     labels = torch.tensor([[25.0, 1.0, NAN], [NAN, 0.0, 2.0], [40.0, NAN, NAN], [NAN, NAN, 4.0]])
     return outputs, labels, ~labels.isnan()
@@ -55,7 +56,8 @@ def test_l1_age_loss_is_mean_absolute_error_in_scaled_units() -> None:
 
 def test_two_output_binary_head_uses_cross_entropy() -> None:
     outputs = {"gender": torch.tensor([[0.0, 1.0], [2.0, 0.0]])}
-    losses = masked_task_losses(outputs, torch.tensor([[1.0], [1.0]]), torch.tensor([[True], [True]]), [TASKS["gender"]])
+    losses = masked_task_losses(outputs, torch.tensor([[1.0], [1.0]]), torch.tensor([[True], [True]]),
+                                [TASKS["gender"]])
     expected = ((math.log(1 + math.e) - 1.0) + (math.log(math.e**2 + 1) - 0.0)) / 2
     assert losses["gender"].item() == pytest.approx(expected, rel=1e-6)
 

@@ -16,8 +16,8 @@ from pipeline.run_records import checkpoint_folders, load_checkpoint
 from pipeline.train import main as train_main
 
 # A small backbone: these runs test the machinery; learning is tested with the demo config (resnet18).
-TINY = ["model.backbone=shufflenet_v2_x0_5", "model.shared_dims=[32]", "model.head_hidden=16", "data.image_size=32", "data.batch_size=24",
-        "data.loader_workers=1", "data.steps_per_epoch=3", "optim.lr=0.001"]
+TINY = ["model.backbone=shufflenet_v2_x0_5", "model.shared_dims=[32]", "model.head_hidden=16", "data.image_size=32",
+        "data.batch_size=24", "data.loader_workers=1", "data.steps_per_epoch=3", "optim.lr=0.001"]
 
 
 def tiny_overrides(shards: dict[str, Path], runs: Path, name: str, *extra: str) -> list[str]:
@@ -66,7 +66,8 @@ def test_local_run_writes_checkpoint_metrics_tensorboard_and_resumes(synthetic_s
     for task in ("age", "gender", "race", "smile", "young", "emotion"):
         assert all(r[f"val/{task}/count"] > 0 for r in rows)
         assert all(torch.isfinite(torch.tensor(r[f"val/{task}/loss"])) for r in rows)
-    assert sum(rows[0][f"weights/{t}"] for t in ("age", "gender", "race", "smile", "young", "emotion")) == pytest.approx(1)
+    assert sum(rows[0][f"weights/{t}"] for t in ("age", "gender", "race", "smile", "young", "emotion")) == \
+        pytest.approx(1)
     assert rows[0]["train/emotion/labelled_per_batch"] == pytest.approx(8.0)  # quota 8 of 24 from the FER-like set
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").exists() and (run / "best_model.pt").exists()
@@ -85,12 +86,14 @@ def test_local_run_writes_checkpoint_metrics_tensorboard_and_resumes(synthetic_s
     assert all(len(start["commit"].removesuffix("+changes")) == 40 or start["commit"] == "unknown" for start in starts)
 
 
-def test_early_freeze_in_the_loop_freezes_the_trunk_then_every_head_and_ends_early(synthetic_shards, tmp_path: Path) -> None:
+def test_early_freeze_in_the_loop_freezes_the_trunk_then_every_head_and_ends_early(
+        synthetic_shards, tmp_path: Path) -> None:
     # min_delta 1e9: after a task's first epoch nothing counts as an improvement. Patience 1: at epoch 1 age
     # (first in order) freezes the trunk, restoring epoch 0; emotion's watch restarts on the frozen trunk
     # (best at epoch 2), and at epoch 3 emotion freezes its head, restoring epoch 2.
     args = tiny_overrides(synthetic_shards, tmp_path, "f", "max_epochs=6", "freeze.patience=1", "freeze.min_delta=1e9",
-                          "data.tasks=[age,emotion]", "data.datasets=[" + f"{synthetic_shards['utk']},{synthetic_shards['fer']}" + "]")
+                          "data.tasks=[age,emotion]",
+                          "data.datasets=[" + f"{synthetic_shards['utk']},{synthetic_shards['fer']}" + "]")
     assert train_main(["--local", *args]) == 0
     rows = metric_rows(tmp_path / "f")
     events = [json.loads(r["freeze/events"]) for r in rows]
@@ -106,9 +109,10 @@ def test_a_bad_config_is_refused_before_training(tmp_path: Path, capsys) -> None
     assert "optim.lr must be > 0" in capsys.readouterr().err
 
 
-def test_early_stop_baseline_stops_tasks_without_restoring_and_keeps_the_trunk_training(synthetic_shards, tmp_path: Path) -> None:
-    args = tiny_overrides(synthetic_shards, tmp_path, "s", "max_epochs=5", "freeze.mode=early-stop", "freeze.patience=1",
-                          "freeze.min_delta=1e9", "data.tasks=[age,emotion]",
+def test_early_stop_baseline_stops_tasks_without_restoring_and_keeps_the_trunk_training(
+        synthetic_shards, tmp_path: Path) -> None:
+    args = tiny_overrides(synthetic_shards, tmp_path, "s", "max_epochs=5", "freeze.mode=early-stop",
+                          "freeze.patience=1", "freeze.min_delta=1e9", "data.tasks=[age,emotion]",
                           "data.datasets=[" + f"{synthetic_shards['utk']},{synthetic_shards['fer']}" + "]")
     assert train_main(["--local", *args]) == 0
     rows = metric_rows(tmp_path / "s")
@@ -118,7 +122,8 @@ def test_early_stop_baseline_stops_tasks_without_restoring_and_keeps_the_trunk_t
     assert checkpoint["frozen_parts"] == {"trunk": False, "heads": ["age", "emotion"]}
 
 
-def test_a_missing_dataset_or_an_unlabelled_task_is_refused_before_ray_starts(synthetic_shards, tmp_path: Path, capsys) -> None:
+def test_a_missing_dataset_or_an_unlabelled_task_is_refused_before_ray_starts(
+        synthetic_shards, tmp_path: Path, capsys) -> None:
     import ray
 
     missing = tmp_path / "no-such-shards"
@@ -226,13 +231,15 @@ def test_a_checkpoint_stores_the_snapshot_of_its_own_epoch_once(synthetic_shards
 
 
 @pytest.mark.parametrize(("config_text", "overrides", "line"), [
-    ("data:\n  batch_size: [64\n", [], "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1"),
+    ("data:\n  batch_size: [64\n", [],
+     "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1"),
     (None, ["data.tasks=[foo]"], "data.tasks names unknown task(s) 'foo'; known: age, gender"),
     (None, ["keep_checkpoints=-1"], "keep_checkpoints must be >= 0 (0 keeps all), got -1"),
     (None, ["data.datasets=[]"], "data.datasets is empty: name at least one shard folder"),
     (None, ["optim.lr=[1"], "override 'optim.lr=[1': the value is not valid YAML"),
 ])
-def test_a_bad_config_is_one_error_line_and_exit_2_before_ray_starts(tmp_path: Path, capsys, config_text, overrides, line) -> None:
+def test_a_bad_config_is_one_error_line_and_exit_2_before_ray_starts(
+        tmp_path: Path, capsys, config_text, overrides, line) -> None:
     import ray
 
     argv = ["--local", f"runs_dir={tmp_path}", *overrides]
@@ -282,7 +289,8 @@ def test_a_finite_but_useless_run_is_reported_loudly_by_train_evaluate_and_predi
     with tarfile.open(crop) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
         image.write_bytes(tar.extractfile(member).read())
-    assert predict_main([str(tmp_path / "useless"), str(image), "--out", str(tmp_path / "p.jsonl"), "--device", "cpu"]) == 0
+    assert predict_main([str(tmp_path / "useless"), str(image), "--out", str(tmp_path / "p.jsonl"),
+                         "--device", "cpu"]) == 0
     assert "these tasks are no better than chance: age" in capsys.readouterr().err
 
 
@@ -312,7 +320,8 @@ def test_init_from_a_run_loads_trunk_and_matching_heads_and_starts_new_tasks_fre
 
 @pytest.mark.slow
 @pytest.mark.parametrize("weighting", ["dwa", "rlw", "famo"])
-def test_the_modern_weightings_train_end_to_end_and_resume_exactly(synthetic_shards, tmp_path: Path, weighting: str) -> None:
+def test_the_modern_weightings_train_end_to_end_and_resume_exactly(
+        synthetic_shards, tmp_path: Path, weighting: str) -> None:
     def run(name: str, epochs: int) -> list[str]:
         return tiny_overrides(synthetic_shards, tmp_path, name, f"max_epochs={epochs}", "freeze.mode=none",
                               f"loss.weighting={weighting}")

@@ -27,7 +27,8 @@ TASKS = ("age", "gender", "race", "smile", "young", "emotion")
         ("space.lr=[1e-3, 1e-3]", r"space.lr: empty or inverted range"),
         ("space.patience=[8, 3]", r"space.patience: expected 1 <= low <= high, got \[8, 3\]"),
         ("space.weighting=[]", r"space.weighting: the choice list is empty"),
-        ("space.momentum=[0.8, 0.99]", r"unknown key\(s\) space.momentum; known: lam, lam_grid, lr, patience, weighting"),
+        ("space.momentum=[0.8, 0.99]",
+         r"unknown key\(s\) space.momentum; known: lam, lam_grid, lr, patience, weighting"),
         ("space.lr=0.01", r"space.lr: expected a list of 2 values"),
     ],
 )
@@ -75,7 +76,8 @@ def test_trial_records_keep_every_epoch_the_latest_report_winning_and_the_best_e
 
     def report(trial: str, epoch: int, age_mae: float, lr: float) -> None:
         metrics = {"epoch": epoch, "val/age/loss": 1.0, "val/age/mae": age_mae}
-        append_trial_row(tmp_path, trial_row(trial, tune_result(metrics, sample={"lr": lr, "patience": np.int64(3)}), names))
+        append_trial_row(tmp_path,
+                         trial_row(trial, tune_result(metrics, sample={"lr": lr, "patience": np.int64(3)}), names))
 
     report("a", 0, 10.0, 1e-3)
     report("a", 1, 6.0, 1e-3)
@@ -91,7 +93,8 @@ def test_trial_records_keep_every_epoch_the_latest_report_winning_and_the_best_e
     document, best = best_trial_config(table, {"optim": {"lr": 0.1}}, "s", names)
     assert (best["trial_id"], best["epoch"]) == ("b", 1)
     assert document["optim"]["lr"] == 5e-4 and document["freeze"]["patience"] == 3 and document["name"] == "s-best"
-    (tmp_path / "trial_results.jsonl").write_text('{"trial_id": "a", "epoch": 0}\nnot json\n{"trial_id": "a", "epoch": 1}\n')
+    (tmp_path / "trial_results.jsonl").write_text('{"trial_id": "a", "epoch": 0}\nnot json\n'
+                                                  '{"trial_id": "a", "epoch": 1}\n')
     with pytest.raises(ValueError, match="trial_results.jsonl:2: not a JSON line"):
         trials_table(tmp_path)
 
@@ -108,7 +111,8 @@ def test_an_asha_search_stops_trailing_trials_and_its_best_config_trains(finishe
         epochs_by_trial.setdefault(row["trial_id"], []).append(row["epoch"])
         assert 1e-5 <= row["lr"] < 1e-2 and 1e-3 <= row["lam"] < 1 and 2 <= row["patience"] <= 10
         assert 0 <= row["objective"] <= 1
-        assert all(f"val/{task}/loss" in row for task in TASKS) and "val/age/mae" in row and "val/emotion/accuracy" in row
+        assert all(f"val/{task}/loss" in row for task in TASKS) and "val/age/mae" in row \
+            and "val/emotion/accuracy" in row
         assert row["objective"] == pytest.approx(search_objective(row))
     assert len(epochs_by_trial) == 4
     assert all(epochs == list(range(len(epochs))) for epochs in epochs_by_trial.values())
@@ -117,7 +121,8 @@ def test_an_asha_search_stops_trailing_trials_and_its_best_config_trains(finishe
 
     best = load_config(finished_search / "best_config.yaml")
     best_row = max(rows, key=lambda row: row["objective"])
-    assert (best.optim.lr, best.loss.lam, best.freeze.patience) == (best_row["lr"], best_row["lam"], best_row["patience"])
+    assert (best.optim.lr, best.loss.lam, best.freeze.patience) == \
+        (best_row["lr"], best_row["lam"], best_row["patience"])
     assert best.name == "finished-best" and best.data.image_size == 32
     assert train_main(["--local", "--config", str(finished_search / "best_config.yaml"), "max_epochs=1"]) == 0
     assert (Path(best.runs_dir) / "finished-best" / "best_model.pt").exists()
@@ -160,7 +165,8 @@ def test_bad_baselines_are_refused_with_the_task_named(tmp_path: Path, text: str
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_population_based_training_lets_a_trailing_trial_adopt_a_leading_ones_state(synthetic_shards, tmp_path: Path) -> None:
+def test_population_based_training_lets_a_trailing_trial_adopt_a_leading_ones_state(
+        synthetic_shards, tmp_path: Path) -> None:
     """PBT, two trials side by side, an exploit/explore step after every epoch: the trailing trial goes on
     from the leading one's epoch checkpoint with perturbed values, which trials.parquet records per epoch."""
     import subprocess

@@ -409,8 +409,9 @@ def plot_loss_weights(curves: dict[str, Curve], events: Sequence[FreezeEvent], t
         axes.axvline(epoch, color="crimson", linestyle="--", linewidth=1)
         # Labels in the right half read leftwards, so that they stay inside the axes.
         right_half = epoch > middle
-        axes.annotate("\n".join(texts), (epoch, 1), xycoords=("data", "axes fraction"), xytext=(-3 if right_half else 3, -3),
-                      textcoords="offset points", ha="right" if right_half else "left", va="top", fontsize=8,
+        axes.annotate("\n".join(texts), (epoch, 1), xycoords=("data", "axes fraction"),
+                      xytext=(-3 if right_half else 3, -3), textcoords="offset points",
+                      ha="right" if right_half else "left", va="top", fontsize=8,
                       color="crimson", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})
     axes.set(xlabel="epoch", ylabel="loss weight", title=title)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -482,8 +483,8 @@ def metric_header(task: str) -> str:
 def leaderboard_html(page: ReportPage) -> str:
     headers = ["trial", *page.hyperparameters, "best objective", "best epoch", "epochs run", "status",
                *(metric_header(task) for task in page.tasks)]
-    head = "".join(f'<th class="text">{escape(h)}</th>' if h in ("trial", "status", "weighting") else f"<th>{escape(h)}</th>"
-                   for h in headers)
+    head = "".join(f'<th class="text">{escape(h)}</th>' if h in ("trial", "status", "weighting")
+                   else f"<th>{escape(h)}</th>" for h in headers)
     body = []
     for rank, row in enumerate(page.rows):
         swatch = f'<span class="swatch" style="background:{escape(page.colours[row["trial_id"]])}"></span>'
@@ -501,7 +502,8 @@ def leaderboard_html(page: ReportPage) -> str:
 
 
 def figure_html(image: str, caption: str) -> str:
-    return f'<figure><img src="{escape(image)}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption></figure>'
+    return (f'<figure><img src="{escape(image)}" alt="{escape(caption)}">'
+            f'<figcaption>{escape(caption)}</figcaption></figure>')
 
 
 def best_trial_html(section: TrialWeightsSection) -> str:
@@ -513,7 +515,8 @@ def best_trial_html(section: TrialWeightsSection) -> str:
     elif not section.events:
         parts.append('<p class="note">No freeze event in this trial.</p>')
     else:
-        rows = "".join(f"<tr><td>{escape(event.epoch)}</td><td class=\"text\"><code>{escape(event.text)}</code></td></tr>"
+        rows = "".join(f"<tr><td>{escape(event.epoch)}</td>"
+                       f"<td class=\"text\"><code>{escape(event.text)}</code></td></tr>"
                        for event in section.events)
         head = '<tr><th>epoch</th><th class="text">freeze event</th></tr>'
         parts.append(f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>")
@@ -592,7 +595,8 @@ def write_report(options: ReportOptions) -> Path:
         "objective per epoch, one line per trial": plot_trial_curves(
             curves_by_trial(records.trials, OBJECTIVE, trial_order), colours, "objective", out_dir / "objective.png"),
         "validation loss (val/total_loss) per epoch": plot_trial_curves(
-            curves_by_trial(records.trials, VAL_LOSS, trial_order), colours, "validation loss", out_dir / "val_loss.png"),
+            curves_by_trial(records.trials, VAL_LOSS, trial_order), colours, "validation loss",
+            out_dir / "val_loss.png"),
     }
     if hyperparameters:
         plots["each hyperparameter against the trial's best objective"] = plot_hyperparameter_scatter(

@@ -71,13 +71,16 @@ def load_base_and_space(args: argparse.Namespace) -> tuple[dict[str, Any], Searc
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tune.search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="base training config (YAML, see configs/)")
-    parser.add_argument("overrides", nargs="*", help="key=value for the training config, space.<key>=value for the space")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value for the training config, space.<key>=value for the space")
     parser.add_argument("--space", type=Path, help="search space YAML (keys: see tune/space.py)")
-    parser.add_argument("--grid", choices=sorted(GRIDS), help="try every λ of a named grid (thesis: 0.001, 0.01, 0.1, 1)")
+    parser.add_argument("--grid", choices=sorted(GRIDS),
+                        help="try every λ of a named grid (thesis: 0.001, 0.01, 0.1, 1)")
     parser.add_argument("--num-samples", type=int, default=8, help="trials (with a grid: samples per grid value)")
     parser.add_argument("--scheduler", choices=["asha", "fifo", "pbt"], default="asha",
                         help="asha stops trailing trials early; pbt lets trailing trials adopt leading ones' state")
-    parser.add_argument("--perturbation-interval", type=int, default=1, help="PBT: epochs between exploit/explore steps")
+    parser.add_argument("--perturbation-interval", type=int, default=1,
+                        help="PBT: epochs between exploit/explore steps")
     parser.add_argument("--quantile-fraction", type=float, default=0.25,
                         help="PBT: the bottom fraction adopts the state of the top fraction")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
@@ -102,7 +105,8 @@ def submit_to_slurm(args: argparse.Namespace, argv: list[str], base_document: di
     """Submit the checked search; with ``--wait``, follow it to its end."""
     search_dir = Path(base_document["runs_dir"]).resolve() / args.name
     # The job runs this command with --cluster local on its Ray cluster, from this working folder.
-    search_argv = [sys.executable, "-m", "tune.search", *argv, "--cluster", "local", "--runs-dir", str(search_dir.parent)]
+    search_argv = [sys.executable, "-m", "tune.search", *argv, "--cluster", "local", "--runs-dir",
+                   str(search_dir.parent)]
     job = submit_search(search_argv, search_dir, slurm_options(args))
     print(describe_submission(job, search_dir), flush=True)
     return wait_for_job(job) if args.wait else 0

@@ -78,7 +78,8 @@ def validate_space(space: SearchSpace) -> None:
     if low < 1 or low > high:
         raise ConfigError(f"space.patience: expected 1 <= low <= high, got [{low}, {high}]")
     if space.weighting is not None and not space.weighting:
-        raise ConfigError("space.weighting: the choice list is empty; leave it out (null) to keep the config's weighting")
+        raise ConfigError("space.weighting: the choice list is empty; "
+                          "leave it out (null) to keep the config's weighting")
 
 
 def apply_sample(base_document: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:

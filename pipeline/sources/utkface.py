@@ -107,5 +107,6 @@ def list_utkface(
         listing.notes.append(f"{outside_protocol} files are outside the CORAL protocol (ages 21-60) and left out")
         found_names = {path.name for path in input_dir.rglob("*")}
         for name in sorted(set(coral) - found_names):
-            listing.reject(f"{split_csv_dir}/utk_{coral[name][0]}.csv:{name}", "listed in the split csv, image not found")
+            listing.reject(f"{split_csv_dir}/utk_{coral[name][0]}.csv:{name}",
+                           "listed in the split csv, image not found")
     return listing
