@@ -309,7 +309,9 @@ def validate_labels(labels: dict[str, object], tasks: Mapping[str, TaskSpec] | N
     unknown = set(labels) - set(tasks)
     if unknown:
         raise LabelError(f"unknown task(s) {sorted(unknown)}; known tasks: {', '.join(tasks)}")
-    return {name: spec.validate(labels.get(name)) for name, spec in tasks.items()}
+    # a missing label skips the call: most records carry a few of the tasks, and this runs once per record
+    return {name: None if (value := labels.get(name)) is None else spec.validate(value)
+            for name, spec in tasks.items()}
 
 
 def label_slices(tasks: Sequence[TaskSpec]) -> list[slice]:

@@ -250,9 +250,12 @@ def encode_shards(plans: list[ShardPlan], dataset: str, job: ShardJob) -> list[S
             results.append(write_shard(plan, job.out_dir, dataset, job.encode, job.task_specs))
             progress.update(len(plan.records))
     else:
+        # Full shards first and each split's short last shard at the end, so that the workers finish together
+        # instead of one running a full shard alone while the others wait.
+        largest_first = sorted(mine, key=lambda plan: -len(plan.records))
         with ProcessPoolExecutor(max_workers=job.workers) as pool:
             futures = {pool.submit(write_shard, plan, job.out_dir, dataset, job.encode, job.task_specs): plan
-                       for plan in mine}
+                       for plan in largest_first}
             for future in as_completed(futures):
                 results.append(future.result())
                 progress.update(len(futures[future].records))

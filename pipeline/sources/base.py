@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,37 @@ def seeded_split(seed: int, key: str, val_fraction: float, test_fraction: float)
 def holdout_split(seed: int, key: str, val_fraction: float) -> str:
     """Split a published training set into train and a seeded validation hold-out."""
     return "val" if unit_interval(seed, f"holdout:{key}") < val_fraction else "train"
+
+
+def list_files(folder: Path, listing: SourceListing, recursive: bool = True) -> list[Path]:
+    """The regular files in ``folder`` (and in its subfolders when ``recursive``), in pathlib's order.
+
+    Symlinks to files count and symlinked folders are not entered, as with ``Path.rglob`` + ``is_file``;
+    ``os.scandir`` knows each entry's type from reading its folder, so unlike those this costs no ``stat``
+    per file (it halves the listing, which runs serially before any shard worker starts). A folder that
+    cannot be read is rejected in ``listing`` and the rest kept.
+    """
+    found: list[tuple[str, ...]] = []
+    pending: list[tuple[str, ...]] = [()]
+    while pending:
+        relative = pending.pop()
+        directory = folder.joinpath(*relative)
+        files, subfolders = [], []
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subfolders.append((*relative, entry.name))
+                    elif entry.is_file():
+                        files.append((*relative, entry.name))
+        except OSError as error:
+            listing.reject(str(directory), f"cannot read this folder: {error.strerror or error}")
+            continue
+        found += files
+        if recursive:
+            pending += subfolders
+    found.sort()
+    return [folder.joinpath(*parts) for parts in found]
 
 
 def require_path(path: Path, what: str) -> Path:

@@ -20,6 +20,7 @@ from pipeline.sources.base import (
     SourceListing,
     holdout_split,
     is_image_name,
+    list_files,
     open_text,
     require_path,
 )
@@ -81,7 +82,7 @@ def _list_folders(root: Path, seed: int, val_fraction: float, dataset: str) -> S
             except LabelError as error:
                 listing.reject(str(class_dir), f"folder name is not an emotion: {error}")
                 continue
-            for path in sorted(p for p in class_dir.iterdir() if p.is_file()):
+            for path in list_files(class_dir, listing, recursive=False):
                 if not is_image_name(path.name):
                     listing.reject(str(path), "not an image file name")
                     continue

@@ -19,6 +19,7 @@ from pipeline.sources.base import (
     SourceListing,
     holdout_split,
     is_image_name,
+    list_files,
     open_text,
     require_path,
     seeded_split,
@@ -71,8 +72,8 @@ def list_utkface(
     listing = SourceListing(dataset)
     coral = _read_coral_split(split_csv_dir) if split_csv_dir else None
     outside_protocol = 0
-    # sorted by parts, pathlib's own order, without its __lt__ (~5 us a file)
-    for path in sorted((p for p in input_dir.rglob("*") if p.is_file()), key=lambda p: p.parts):
+    files = list_files(input_dir, listing)
+    for path in files:
         name = path.name
         if not is_image_name(name):
             listing.reject(str(path), "not an image file name")
@@ -105,7 +106,7 @@ def list_utkface(
         listing.add(key, split, labels, str(path), FileImage(str(path)))
     if coral is not None:
         listing.notes.append(f"{outside_protocol} files are outside the CORAL protocol (ages 21-60) and left out")
-        found_names = {path.name for path in input_dir.rglob("*")}
+        found_names = {path.name for path in files}
         for name in sorted(set(coral) - found_names):
             listing.reject(f"{split_csv_dir}/utk_{coral[name][0]}.csv:{name}",
                            "listed in the split csv, image not found")
