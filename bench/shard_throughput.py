@@ -15,6 +15,10 @@ whole run can decode at one of two speeds (~10 % apart) by heap luck. So the loo
 ``--rounds`` and each ratio is of their total CPU over all rounds; the range of single rounds' ratios is printed
 beside it.
 
+The scaling from 1 to 2 worker processes is printed for the whole command and for its encoding phase alone: the
+listing, planning and merging around that phase run in the main process only, and their seconds (printed too)
+bound the whole command's scaling however well the workers scale (Amdahl).
+
     python bench/shard_throughput.py [--images 2000] [--size 128] [--rounds 5]
 """
 
@@ -31,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import pipeline.shard
 from pipeline.shard import main as shard_main
 from pipeline.shard_writer import encode_jpeg, fit_image
 from pipeline.sources.base import decode_image_bytes
@@ -82,6 +87,29 @@ def shard_run(input_dir: Path, out_dir: Path, size: int, quality: int, workers: 
     assert code == 0
 
 
+class EncodePhaseClock:
+    """Wall seconds spent in ``pipeline.shard.encode_shards`` (the worker processes' phase), summed over calls, so
+    that the scaling of the workers can be told apart from the serial listing, planning and merging around them."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._encode_shards = pipeline.shard.encode_shards
+
+    def __enter__(self) -> EncodePhaseClock:
+        def timed_encode(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return self._encode_shards(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        pipeline.shard.encode_shards = timed_encode
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pipeline.shard.encode_shards = self._encode_shards
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
@@ -97,13 +125,15 @@ def main() -> None:
         floor_name, decoder_name = "Pillow loop (floor), 1 process", "loop, writer's decoder, 1 process"
         processes = {floor_name: 1, decoder_name: 1, "pipeline.shard --workers 1": 1, "pipeline.shard --workers 2": 2}
         seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}  # (wall, CPU) per round
+        encode_clocks = {workers: EncodePhaseClock() for workers in (1, 2)}
         for _ in range(args.rounds):
             seconds[floor_name].append(timed(floor_loop, paths, args.size, args.quality))
             seconds[decoder_name].append(timed(floor_loop, paths, args.size, args.quality, decode_image_bytes))
             for workers in (1, 2):
                 out_dir = work / f"out{workers}"
-                seconds[f"pipeline.shard --workers {workers}"].append(
-                    timed(shard_run, work / "UTKFace", out_dir, args.size, args.quality, workers))
+                with encode_clocks[workers]:
+                    seconds[f"pipeline.shard --workers {workers}"].append(
+                        timed(shard_run, work / "UTKFace", out_dir, args.size, args.quality, workers))
                 shutil.rmtree(out_dir)
         wall = {name: sum(w for w, _ in runs) for name, runs in seconds.items()}
         cpu = {name: sum(c for _, c in runs) for name, runs in seconds.items()}
@@ -117,6 +147,10 @@ def main() -> None:
                   f"{cpu[name] / images * 1e6:>14.0f}")
         writer_name = "pipeline.shard --workers 1"
         print(f"scaling 1 -> 2 workers: {wall[writer_name] / wall['pipeline.shard --workers 2']:.2f}x")
+        serial = [(wall[f"pipeline.shard --workers {w}"] - encode_clocks[w].seconds) / args.rounds for w in (1, 2)]
+        print(f"  the encoding phase alone (worker processes): "
+              f"{encode_clocks[1].seconds / encode_clocks[2].seconds:.2f}x; around it, in the main process only "
+              f"(listing, planning, merging): {serial[0]:.2f} s a run with 1 worker, {serial[1]:.2f} s with 2")
         for name, label in ((decoder_name, "the same decoder in a plain loop"), (floor_name, "Pillow floor")):
             round_ratios = [loop_cpu / writer_cpu for (_, loop_cpu), (_, writer_cpu)
                             in zip(seconds[name], seconds[writer_name])]
