@@ -16,7 +16,7 @@ from pipeline.config import TrainConfig, config_differences, describe_difference
 from pipeline.evaluate import EvaluationError, evaluate_checkpoint
 from pipeline.experiment_arms import Arm, ExperimentError
 from pipeline.inference import CheckpointError
-from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE
+from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE, has_records
 
 
 def best_epoch_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -46,13 +46,18 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def check_run_folder(config: TrainConfig) -> None:
-    """A run folder that already holds another config is not this arm's run: refused, not mixed in."""
+    """A run folder that already holds another config is not this arm's run: refused, not mixed in. A start that
+    failed before its first checkpoint (a wrong path, say) left a config but nothing trained under it; as
+    ``pipeline.train`` does, that folder is started again under the config given now."""
     saved_path = config.run_dir / CONFIG_FILE
     if not saved_path.exists():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     differences = config_differences(saved, to_dict(config))
-    if differences:
+    if differences and not has_records(config.run_dir):
+        print(f"{config.run_dir.name}: nothing was trained under its earlier config "
+              f"({describe_differences(saved, to_dict(config), differences)}); it starts under this one", flush=True)
+    elif differences:
         link = ""
         if config.run_dir.is_symlink():
             link = (f" ({config.run_dir} is a link to {config.run_dir.resolve()}: remove the link itself, "

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import config_differences, load_config, to_dict
+from pipeline.config import config_differences, load_config, save_config, to_dict
 from pipeline.experiment_arms import (COMPARED_WEIGHTINGS, Arm, ExperimentError, arm_overrides, baseline_row,
                                       experiment_arms)
-from pipeline.experiment_runs import best_epoch_row, run_is_finished
+from pipeline.experiment_runs import best_epoch_row, check_run_folder, run_is_finished
 from pipeline.experiment_tables import (
     CellStats, beyond_seed_spread, delta_m_by_row, format_table, mean_and_std, summarize,
 )
@@ -286,6 +286,21 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
 
     assert main([*argv[:-1], "optim.lr=0.01", "--local"]) == 1  # another config in the same folder: refused
     assert "trained with another config (optim.lr 0.001 -> 0.01)" in capsys.readouterr().err
+
+
+def test_a_run_folder_where_nothing_was_trained_starts_again_under_the_new_config(tmp_path: Path, capsys) -> None:
+    def config(lr: str):
+        return load_config(None, [f"runs_dir={tmp_path}", "name=mtl-seed0", f"optim.lr={lr}"])
+
+    failed_start = config("0.001")  # e.g. a wrong weights path: pipeline.train saved the config, then failed
+    failed_start.run_dir.mkdir(parents=True)
+    save_config(failed_start, failed_start.run_dir / "config.yaml")
+    check_run_folder(config("0.01"))
+    assert "nothing was trained under its earlier config (optim.lr 0.001 -> 0.01)" in capsys.readouterr().out
+    (failed_start.run_dir / "metrics.parquet").write_bytes(b"")  # an epoch's records: now it is another run
+    with pytest.raises(ExperimentError, match=r"trained with another config \(optim.lr 0.001 -> 0.01\)"):
+        check_run_folder(config("0.01"))
+    check_run_folder(config("0.001"))  # its own config resumes
 
 
 def test_the_help_names_every_weighting_the_weighting_experiment_compares() -> None:
