@@ -20,7 +20,9 @@ seeds 0..N-1 through ``pipeline.train`` (Ray Train on a local Ray or the cluster
 
 Running the same command again skips finished runs (metrics.parquet reached ``max_epochs`` or every task
 froze/stopped), resumes unfinished ones and refuses a run folder whose saved config differs from the
-arm's (other than ``max_epochs``): choose another ``--name`` for another config.
+arm's (other than ``max_epochs``): choose another ``--name`` for another config. A folder where nothing was
+trained yet (a start that failed on a wrong path, say) starts again under the arm's config, as it would in
+``pipeline.train``.
 
 Experiments share runs: with configs/utkface.yaml, ``mtl-vs-single``'s MTL, ``weighting``'s learned, ``freeze``'s
 early-freeze, ``lambda``'s λ=0.1 and ``transfer``'s ImageNet start are one run per seed. So an arm x seed without
