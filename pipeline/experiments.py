@@ -22,7 +22,9 @@ Running the same command again skips finished runs (metrics.parquet reached ``ma
 froze/stopped), resumes unfinished ones and refuses a run folder whose saved config differs from the
 arm's (other than ``max_epochs``): choose another ``--name`` for another config. A folder where nothing was
 trained yet (a start that failed on a wrong path, say) starts again under the arm's config, as it would in
-``pipeline.train``.
+``pipeline.train``. ``--status`` trains and writes nothing: it prints each arm x seed's state (finished, the
+epochs a partly trained run has, not started, the finished run it reuses or would), the epochs left with an
+estimate, and the validation table of the runs finished so far (a row short of seeds says how many it has).
 
 Experiments share runs: with configs/utkface.yaml, ``mtl-vs-single``'s MTL, ``weighting``'s learned, ``freeze``'s
 early-freeze, ``lambda``'s λ=0.1 and ``transfer``'s ImageNet start are one run per seed. So an arm x seed without
@@ -82,23 +84,25 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 from pipeline.config import ConfigError, TrainConfig, load_config, with_absolute_paths
 from pipeline.data import DataConfigError, open_shard_set, resolve_tasks
 from pipeline.experiment_arms import (
-    EXPERIMENTS, ExperimentError, arm_overrides, baseline_row, check_transfer_source, experiment_arms,
+    EXPERIMENTS, Arm, ExperimentError, arm_overrides, baseline_row, check_transfer_source, experiment_arms,
 )
 from pipeline.experiment_invocations import describe_source, record_invocation
-from pipeline.experiment_reuse import link_reused_runs
+from pipeline.experiment_reuse import link_reused_runs, sibling_run_configs
 from pipeline.experiment_runs import check_run_folder, read_rows, result_record, run_is_finished
+from pipeline.experiment_status import format_status, partial_row_labels, relabel, run_state
 from pipeline.experiment_tables import (
-    PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, delta_m_by_row, format_table, plot_comparison, split_file,
+    PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, CellStats, delta_m_by_row, format_table, plot_comparison, split_file,
     summarize, write_results,
 )
 from pipeline.run_summary import chance_levels
-from pipeline.schema import get_task
+from pipeline.schema import TaskSpec, get_task
 from pipeline.train import check_init_from
 from pipeline.train import main as train_main
 from pipeline.training_setup import declare_config_tasks
@@ -136,12 +140,24 @@ def train_arm(config_path: Path | None, run_overrides: Sequence[str], config: Tr
     return config.run_dir, (time.perf_counter() - started, len(read_rows(config.run_dir)) - len(rows_before))
 
 
-def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
-                   out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = (),
-                   single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
-                   init_from: Path | None = None, reuse: bool = True) -> Path:
-    """Train every arm x seed (skipping finished runs and, when ``reuse``, linking to finished runs of the same
-    config in sibling experiment folders), then write the results, table and plot of ``split``."""
+@dataclass
+class ExperimentPlan:
+    """Every arm x seed of one experiment, with its config, before anything is trained or written."""
+
+    base: TrainConfig
+    shard_sets: list[Any]
+    task_names: list[str]
+    arms: list[Arm]
+    experiment_dir: Path
+    runs: list[tuple[Arm, int]]
+    overrides_by_run: list[list[str]]
+    configs: list[TrainConfig]
+    source: dict[str, Any] | None  # the --init-from run, described
+
+
+def plan_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
+                    out_name: str | None, single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
+                    init_from: Path | None = None) -> ExperimentPlan:
     base = with_absolute_paths(load_config(config_path, overrides))
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
     declare_config_tasks(base)
@@ -157,39 +173,84 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
         source = describe_source(init_from)
         check_transfer_source(source["config"], base)
     experiment_dir = Path(base.runs_dir) / (out_name or experiment)
-    experiment_dir.mkdir(parents=True, exist_ok=True)
     runs = [(arm, seed) for arm in arms for seed in range(seeds)]
     overrides_by_run = [[*overrides, *arm_overrides(arm, seed, experiment_dir)] for arm, seed in runs]
     configs = [with_absolute_paths(load_config(config_path, run_overrides)) for run_overrides in overrides_by_run]
-    print(f"experiment {experiment}: {len(arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
+    return ExperimentPlan(base, shard_sets, task_names, arms, experiment_dir, runs, overrides_by_run, configs, source)
+
+
+def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
+                   out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = (),
+                   single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
+                   init_from: Path | None = None, reuse: bool = True) -> Path:
+    """Train every arm x seed (skipping finished runs and, when ``reuse``, linking to finished runs of the same
+    config in sibling experiment folders), then write the results, table and plot of ``split``."""
+    plan = plan_experiment(experiment, config_path, overrides, seeds, out_name, single_tasks, weightings, init_from)
+    experiment_dir, runs, configs = plan.experiment_dir, plan.runs, plan.configs
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    print(f"experiment {experiment}: {len(plan.arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
     reused = link_reused_runs(configs, experiment_dir, reuse)  # first: a stale link is removed, not refused below
-    record_invocation(experiment_dir, command, shard_sets, source, reused)  # the links made are recorded as ours
+    record_invocation(experiment_dir, command, plan.shard_sets, plan.source, reused)  # links made are recorded as ours
     for config in configs:  # before anything trains: a folder of another config refuses the experiment
         check_run_folder(config)
     records, durations, total = [], [], len(runs)
-    for number, ((arm, seed), run_overrides, config) in enumerate(zip(runs, overrides_by_run, configs), start=1):
+    for number, ((arm, seed), run_overrides, config) in enumerate(zip(runs, plan.overrides_by_run, configs), start=1):
         print(f"\n[{number}/{total}] {arm.name}, seed {seed}", flush=True)
         run_dir, trained = train_arm(config_path, run_overrides, config, local)
         if trained is not None:
             durations.append(trained)
             remaining = sum(later.run_dir.name not in reused for later in configs[number:])
-            estimate = format_estimate(durations, remaining, base.max_epochs)
+            estimate = format_estimate(durations, remaining, plan.base.max_epochs)
             print(f"{run_dir.name}: trained {trained[1]} epoch(s) in {trained[0] / 60:.1f} min{estimate}", flush=True)
         records.append(result_record(experiment, arm, seed, run_dir, split))
 
-    tasks = [get_task(name) for name in task_names]
-    summary = summarize(records, list(dict.fromkeys(arm.row for arm in arms)), tasks, split)
-    chance = chance_levels(shard_sets, tasks, split)
-    baseline = baseline_row(arms)
-    deltas = delta_m_by_row(records, summary, baseline, tasks, split)
-    table = format_table(experiment, baseline, summary, deltas, tasks, chance, seeds, split)
+    table = results_table(experiment, plan, records, seeds, split)
     write_results(records, experiment_dir / split_file(RESULTS_FILE, split))
-    (experiment_dir / split_file(TABLE_FILE, split)).write_text(table)
-    plot_comparison(summary, tasks, chance,
+    (experiment_dir / split_file(TABLE_FILE, split)).write_text(table.markdown)
+    plot_comparison(table.summary, table.tasks, table.chance,
                     f"{experiment} ({SPLIT_NAMES[split]}, {seeds} seed{'s' if seeds > 1 else ''})",
                     experiment_dir / split_file(PLOT_FILE, split))
-    print(f"\n{table}")
+    print(f"\n{table.markdown}")
     return experiment_dir
+
+
+class ResultsTable(NamedTuple):
+    tasks: list[TaskSpec]
+    summary: dict[str, dict[str, CellStats]]  # row -> task -> mean ± std over seeds
+    chance: dict[str, float]
+    markdown: str
+
+
+def results_table(experiment: str, plan: ExperimentPlan, records: Sequence[dict[str, Any]], seeds: int, split: str,
+                  row_labels: dict[str, str] | None = None) -> ResultsTable:
+    """The table of ``records`` and what it is made of; ``row_labels`` renames rows in the Markdown only (a table of
+    the runs finished so far says how many seeds each row has)."""
+    tasks = [get_task(name) for name in plan.task_names]
+    summary = summarize(records, list(dict.fromkeys(arm.row for arm in plan.arms)), tasks, split)
+    chance = chance_levels(plan.shard_sets, tasks, split)
+    baseline = baseline_row(plan.arms)
+    deltas = delta_m_by_row(records, summary, baseline, tasks, split)
+    if row_labels:
+        table = format_table(experiment, row_labels[baseline], relabel(summary, row_labels),
+                             relabel(deltas, row_labels), tasks, chance, seeds, split)
+    else:
+        table = format_table(experiment, baseline, summary, deltas, tasks, chance, seeds, split)
+    return ResultsTable(tasks, summary, chance, table)
+
+
+def show_status(experiment: str, plan: ExperimentPlan, seeds: int, reuse: bool) -> None:
+    """Print where the experiment stands and the validation table of its finished runs; trains and writes nothing."""
+    siblings = sibling_run_configs(plan.experiment_dir) if reuse else None
+    states = [run_state(config, plan.experiment_dir, siblings) for config in plan.configs]
+    print(format_status(experiment, plan.experiment_dir, states))
+    records = [result_record(experiment, arm, seed, state.run_dir, "val")
+               for (arm, seed), state in zip(plan.runs, states) if state.finished and state.run_dir is not None]
+    if not records:
+        print("no finished run yet: no table")
+        return
+    labels = partial_row_labels(records, list(dict.fromkeys(arm.row for arm in plan.arms)), seeds)
+    table = results_table(experiment, plan, records, seeds, "val", labels).markdown
+    print(f"\nThe finished runs so far (nothing written; the command without --status writes the table):\n\n{table}")
 
 
 def comma_list(text: str) -> list[str]:
@@ -215,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reuse", action="store_true",
                         help="train every arm in this experiment's folder, even one whose config equals a finished "
                              "run of another experiment under runs_dir (default: link to that run)")
+    parser.add_argument("--status", action="store_true",
+                        help="train nothing: print each arm x seed's state, the epochs left with an estimate, and the "
+                             "validation table of the runs finished so far")
     parser.add_argument("--init-from", type=Path,
                         help="transfer (required there, refused elsewhere): the pretrained run folder or best_model.pt "
                              "the fine-tuned arm starts from")
@@ -223,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be >= 1")
     started = time.perf_counter()
     try:
+        if args.status:
+            plan = plan_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name,
+                                   comma_list(args.single_tasks), comma_list(args.weightings), args.init_from)
+            show_status(args.experiment, plan, args.seeds, not args.no_reuse)
+            return 0
         experiment_dir = run_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name, args.local,
                                         args.split, ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])],
                                         comma_list(args.single_tasks), comma_list(args.weightings), args.init_from,

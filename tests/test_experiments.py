@@ -235,6 +235,10 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
     overrides = tiny_overrides(shards, tmp_path, "unused", "data.tasks=[age,gender]", "max_epochs=1",
                                "data.loader_workers=0")
     argv = ["mtl-vs-single", "--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--name", "cmp", "--local"]
+    assert main([*argv, "--status"]) == 0  # before any training: every run not started, nothing created
+    status = capsys.readouterr().out
+    assert status.count("not started") == 3 and "no finished run yet" in status
+    assert not (tmp_path / "cmp").exists()
     assert main(argv) == 0
     experiment = tmp_path / "cmp"
     runs = ["single-age-seed0", "single-gender-seed0", "mtl-seed0"]
@@ -268,6 +272,10 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
     assert {run: (experiment / run / "metrics.parquet").stat().st_mtime_ns for run in runs} == mtimes
     assert capsys.readouterr().out.count("finished, skipped") == 3
     assert (experiment / "table.md").read_text() == table
+    assert main([*argv, "--status"]) == 0  # every run finished: the same table, written nowhere
+    status = capsys.readouterr().out
+    assert status.count("finished (1 epoch(s)") == 3 and table in status
+    assert len((experiment / "invocations.jsonl").read_text().splitlines()) == 2
 
     assert main([*argv, "--split", "test"]) == 0  # no training: each best_model.pt evaluated on the test split
     assert capsys.readouterr().out.count("finished, skipped") == 3

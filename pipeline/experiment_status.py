@@ -1,0 +1,93 @@
+"""Where an experiment stands (``--status``), read from its run folders without training or changing anything:
+each arm x seed's state, the epochs left with a time estimate, and the validation table of the runs finished so far.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TrainConfig
+from pipeline.experiment_reuse import finished_same_runs, read_saved_config
+from pipeline.experiment_runs import read_rows, run_is_finished
+
+
+@dataclass(frozen=True)
+class RunState:
+    """One arm x seed as its run folder (or the finished run it would reuse) shows it."""
+
+    name: str
+    max_epochs: int
+    epochs_done: int
+    finished: bool
+    seconds: float  # the epochs' own seconds (metrics.parquet's epoch_seconds), summed
+    reuses: str | None = None  # the sibling experiment's run it links to, or would link to when run
+    run_dir: Path | None = None  # where its records are: its own folder or the reused run; None when not started
+
+    def describe(self) -> str:
+        reused = f" = {self.reuses}" if self.reuses else ""
+        if self.finished:
+            return f"finished{reused} ({self.epochs_done} epoch(s), {self.seconds / 60:.1f} min)"
+        if self.epochs_done:
+            return f"{self.epochs_done} of {self.max_epochs} epochs, resumes from its last checkpoint"
+        return "not started"
+
+
+def run_state(config: TrainConfig, experiment_dir: Path, siblings: Mapping[Path, Mapping[str, Any]] | None,
+              ) -> RunState:
+    """The state of ``config``'s run. ``siblings`` (run folder -> saved config of the other experiments' runs, or
+    None without reuse) decides which finished run an arm without a folder would link to."""
+    run_dir, reuses = config.run_dir, None
+    if run_dir.is_symlink():
+        reuses = os.readlink(run_dir)
+    elif not run_dir.exists() and siblings is not None:
+        matches = finished_same_runs(config, siblings)
+        if matches:
+            run_dir = matches[0]
+            reuses = os.path.relpath(run_dir, experiment_dir.resolve()) + " (when run)"
+    rows = read_rows(run_dir) if run_dir.exists() and read_saved_config(run_dir) is not None else []
+    seconds = sum(float(row.get("epoch_seconds") or 0.0) for row in rows)
+    finished = run_is_finished(rows, config.max_epochs)
+    return RunState(config.run_dir.name, config.max_epochs, len(rows), finished, seconds, reuses,
+                    run_dir if rows else None)
+
+
+def epochs_left_line(states: Sequence[RunState]) -> str:
+    """How many runs are finished, and the epochs left at most with the time they may take at the seconds per epoch
+    of the epochs trained so far (every arm's, so an arm much slower than the rest makes it an underestimate)."""
+    finished = sum(state.finished for state in states)
+    partial = sum(not state.finished and state.epochs_done > 0 for state in states)
+    left = sum(state.max_epochs - state.epochs_done for state in states if not state.finished)
+    line = f"{finished} of {len(states)} run(s) finished, {partial} partly trained; at most {left} epoch(s) left"
+    trained = [state for state in states if state.epochs_done and not state.reuses]
+    epochs = sum(state.epochs_done for state in trained)
+    seconds = sum(state.seconds for state in trained)
+    if left and epochs and seconds > 0:
+        line += (f", about {seconds / epochs * left / 3600:.1f} h at this experiment's "
+                 f"{seconds / epochs / 60:.1f} min per epoch so far")
+    return line
+
+
+def format_status(experiment: str, experiment_dir: Path, states: Sequence[RunState]) -> str:
+    """One line per arm x seed, then the line of what is left."""
+    width = max(len(state.name) for state in states)
+    lines = [f"experiment {experiment} in {experiment_dir}:"]
+    lines += [f"  {state.name:<{width}}  {state.describe()}" for state in states]
+    lines.append(epochs_left_line(states))
+    return "\n".join(lines)
+
+
+def partial_row_labels(records: Sequence[Mapping[str, Any]], rows: Sequence[str], seeds: int) -> dict[str, str]:
+    """Row -> its label in a table of the finished runs only: "row (k of N seeds)" where fewer than N finished."""
+    labels = {}
+    for row in rows:
+        done = len({record["seed"] for record in records if record["row"] == row})
+        labels[row] = row if done == seeds else f"{row} ({done} of {seeds} seed{'s' if seeds > 1 else ''})"
+    return labels
+
+
+def relabel(table_rows: Mapping[str, Any], labels: Mapping[str, str]) -> dict[str, Any]:
+    return {labels[row]: value for row, value in table_rows.items()}

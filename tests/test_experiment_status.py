@@ -1,0 +1,69 @@
+"""``pipeline.experiments --status``: each arm x seed's state read from its run folder, and what is left."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import load_config, save_config
+from pipeline.experiment_reuse import sibling_run_configs
+from pipeline.experiment_status import RunState, epochs_left_line, format_status, partial_row_labels, run_state
+
+
+def arm_config(runs_dir: Path, name: str):
+    return load_config(None, [f"runs_dir={runs_dir}", f"name={name}", "max_epochs=10", "data.tasks=[age]"])
+
+
+def write_run(config, epochs: int, seconds_per_epoch: float = 30.0) -> None:
+    """A run folder as pipeline.train leaves it after ``epochs`` epochs: its config and one metrics row each."""
+    config.run_dir.mkdir(parents=True)
+    save_config(config, config.run_dir / "config.yaml")
+    rows = [{"epoch": epoch, "epoch_seconds": seconds_per_epoch, "val/age/loss": 1.0 / (epoch + 1),
+             "val/age/mae": 6.0 - epoch * 0.1, "is_best": True, "freeze/frozen_tasks": "[]"} for epoch in range(epochs)]
+    pq.write_table(pa.Table.from_pylist(rows), config.run_dir / "metrics.parquet")
+
+
+def test_not_started_partly_trained_and_finished_runs(tmp_path: Path) -> None:
+    experiment = tmp_path / "weighting"
+    finished, partial, fresh = (arm_config(experiment, f"{arm}-seed0") for arm in ("equal", "dwa", "rlw"))
+    write_run(finished, 10)
+    write_run(partial, 3)
+    states = [run_state(config, experiment, siblings=None) for config in (finished, partial, fresh)]
+    assert [(s.epochs_done, s.finished, s.seconds) for s in states] == [(10, True, 300.0), (3, False, 90.0),
+                                                                         (0, False, 0.0)]
+    assert [s.describe() for s in states] == ["finished (10 epoch(s), 5.0 min)",
+                                              "3 of 10 epochs, resumes from its last checkpoint", "not started"]
+    assert states[0].run_dir == finished.run_dir and states[2].run_dir is None
+    assert not fresh.run_dir.exists()  # reading a status creates nothing
+
+
+def test_an_arm_without_a_folder_shows_the_finished_run_it_would_reuse(tmp_path: Path) -> None:
+    other = arm_config(tmp_path / "mtl-vs-single", "mtl-seed0")
+    write_run(other, 10)
+    unfinished_twin = arm_config(tmp_path / "freeze", "early-freeze-seed0")  # same config, 4 epochs: not reused
+    write_run(unfinished_twin, 4)
+    arm = arm_config(tmp_path / "weighting", "learned-seed0")
+    state = run_state(arm, tmp_path / "weighting", sibling_run_configs(tmp_path / "weighting"))
+    assert state.reuses == "../mtl-vs-single/mtl-seed0 (when run)" and state.finished
+    assert state.run_dir == other.run_dir.resolve() and not arm.run_dir.exists()
+    assert not run_state(arm, tmp_path / "weighting", siblings=None).finished  # --no-reuse: it would train
+
+
+def test_epochs_left_and_the_time_they_may_take() -> None:
+    states = [RunState("equal-seed0", 10, 10, True, 1200.0),
+              RunState("learned-seed0", 10, 10, True, 9999.0, reuses="../mtl-vs-single/mtl-seed0"),
+              RunState("dwa-seed0", 10, 5, False, 600.0), RunState("rlw-seed0", 10, 0, False, 0.0)]
+    # 15 epochs left at the 1800 s / 15 epochs trained here (a reused run's time is another experiment's)
+    assert epochs_left_line(states) == ("2 of 4 run(s) finished, 1 partly trained; at most 15 epoch(s) left, "
+                                        "about 0.5 h at this experiment's 2.0 min per epoch so far")
+    assert epochs_left_line(states[:2]) == "2 of 2 run(s) finished, 0 partly trained; at most 0 epoch(s) left"
+    text = format_status("weighting", Path("runs/w"), states)
+    assert text.splitlines()[3] == "  dwa-seed0      5 of 10 epochs, resumes from its last checkpoint"
+
+
+def test_rows_with_fewer_finished_seeds_say_how_many() -> None:
+    records = [{"row": "equal", "seed": 0}, {"row": "equal", "seed": 1}, {"row": "dwa", "seed": 0}]
+    assert partial_row_labels(records, ["equal", "dwa", "rlw"], 2) == {
+        "equal": "equal", "dwa": "dwa (1 of 2 seeds)", "rlw": "rlw (0 of 2 seeds)"}
