@@ -87,7 +87,3 @@ def partial_row_labels(records: Sequence[Mapping[str, Any]], rows: Sequence[str]
         done = len({record["seed"] for record in records if record["row"] == row})
         labels[row] = row if done == seeds else f"{row} ({done} of {seeds} seed{'s' if seeds > 1 else ''})"
     return labels
-
-
-def relabel(table_rows: Mapping[str, Any], labels: Mapping[str, str]) -> dict[str, Any]:
-    return {labels[row]: value for row, value in table_rows.items()}

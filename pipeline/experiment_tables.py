@@ -116,9 +116,9 @@ def format_cell(stats: CellStats, scale: float) -> str:
 
 def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[str, CellStats]],
                  deltas: Mapping[str, CellStats], tasks: Sequence[TaskSpec], chance: Mapping[str, float], seeds: int,
-                 split: str = "val") -> str:
+                 split: str = "val", row_labels: Mapping[str, str] | None = None) -> str:
     """The Markdown table: a caption, one column per task, one row per arm row, the chance level, Δm against the
-    ``baseline`` row (``deltas``: :func:`delta_m_by_row`)."""
+    ``baseline`` row (``deltas``: :func:`delta_m_by_row`). ``row_labels`` shows some rows under another label."""
     seeds_text = "one seed" if seeds == 1 else f"mean ± std (n-1) over {seeds} seeds"
     marks = "" if seeds == 1 else (
         f" {BEYOND_SPREAD_MARK}: differs from the {baseline} row beyond the seed spread (Welch's t-test over seeds, "
@@ -143,7 +143,7 @@ def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[s
         else:
             spread = "" if math.isnan(deltas[row].std) else f" ± {deltas[row].std:.2f}"
             delta = f"{deltas[row].mean:+.2f}{spread}"
-        lines.append("| " + " | ".join([row, *cells, delta]) + " |")
+        lines.append("| " + " | ".join([(row_labels or {}).get(row, row), *cells, delta]) + " |")
     chance_cells = [format_cell(CellStats(chance[task.name], math.nan, 1), display_scale(task)) for task in tasks]
     lines.append("| " + " | ".join(["chance", *chance_cells, ""]) + " |")
     return "\n".join(lines) + "\n"

@@ -96,7 +96,7 @@ from pipeline.experiment_arms import (
 from pipeline.experiment_invocations import describe_source, record_invocation
 from pipeline.experiment_reuse import link_reused_runs, sibling_run_configs
 from pipeline.experiment_runs import check_run_folder, read_rows, result_record, run_is_finished
-from pipeline.experiment_status import format_status, partial_row_labels, relabel, run_state
+from pipeline.experiment_status import format_status, partial_row_labels, run_state
 from pipeline.experiment_tables import (
     PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, CellStats, delta_m_by_row, format_table, plot_comparison, split_file,
     summarize, write_results,
@@ -230,11 +230,7 @@ def results_table(experiment: str, plan: ExperimentPlan, records: Sequence[dict[
     chance = chance_levels(plan.shard_sets, tasks, split)
     baseline = baseline_row(plan.arms)
     deltas = delta_m_by_row(records, summary, baseline, tasks, split)
-    if row_labels:
-        table = format_table(experiment, row_labels[baseline], relabel(summary, row_labels),
-                             relabel(deltas, row_labels), tasks, chance, seeds, split)
-    else:
-        table = format_table(experiment, baseline, summary, deltas, tasks, chance, seeds, split)
+    table = format_table(experiment, baseline, summary, deltas, tasks, chance, seeds, split, row_labels)
     return ResultsTable(tasks, summary, chance, table)
 
 

@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 from pipeline.config import load_config, save_config
 from pipeline.experiment_reuse import sibling_run_configs
 from pipeline.experiment_status import RunState, epochs_left_line, format_status, partial_row_labels, run_state
+from pipeline.experiment_tables import delta_m_by_row, format_table, summarize
+from pipeline.schema import get_task
 
 
 def arm_config(runs_dir: Path, name: str):
@@ -67,3 +69,15 @@ def test_rows_with_fewer_finished_seeds_say_how_many() -> None:
     records = [{"row": "equal", "seed": 0}, {"row": "equal", "seed": 1}, {"row": "dwa", "seed": 0}]
     assert partial_row_labels(records, ["equal", "dwa", "rlw"], 2) == {
         "equal": "equal", "dwa": "dwa (1 of 2 seeds)", "rlw": "rlw (0 of 2 seeds)"}
+
+
+def test_a_table_of_the_finished_runs_labels_the_rows_short_of_seeds() -> None:
+    age = get_task("age")
+    records = [{"row": "equal", "seed": 0, "val/age/mae": 5.0}, {"row": "equal", "seed": 1, "val/age/mae": 5.2},
+               {"row": "dwa", "seed": 0, "val/age/mae": 4.9}]
+    summary = summarize(records, ["equal", "dwa"], [age])
+    deltas = delta_m_by_row(records, summary, "equal", [age])
+    labels = partial_row_labels(records, ["equal", "dwa"], 2)
+    table = format_table("weighting", "equal", summary, deltas, [age], {"age": 9.0}, 2, row_labels=labels)
+    assert "| dwa (1 of 2 seeds) | 4.90 | +3.92 |" in table and "| equal | 5.10 ± 0.14 | ref. |" in table
+    assert "Δm vs equal (%)" in table and "to the equal row's means" in table
