@@ -80,10 +80,14 @@ def format_status(experiment: str, experiment_dir: Path, states: Sequence[RunSta
     return "\n".join(lines)
 
 
-def partial_row_labels(records: Sequence[Mapping[str, Any]], rows: Sequence[str], seeds: int) -> dict[str, str]:
-    """Row -> its label in a table of the finished runs only: "row (k of N seeds)" where fewer than N finished."""
+def partial_row_labels(records: Sequence[Mapping[str, Any]], arm_rows: Sequence[str], seeds: int) -> dict[str, str]:
+    """Row -> its label in a table of the finished runs only (``arm_rows``: each arm's row, so a row may have several
+    arms, as mtl-vs-single's single-task row does): "row (k of N seeds)", or "(k of N runs)" for a row of several
+    arms, where some are missing."""
     labels = {}
-    for row in rows:
-        done = len({record["seed"] for record in records if record["row"] == row})
-        labels[row] = row if done == seeds else f"{row} ({done} of {seeds} seed{'s' if seeds > 1 else ''})"
+    for row in dict.fromkeys(arm_rows):
+        arms = arm_rows.count(row)
+        done, expected = sum(record["row"] == row for record in records), arms * seeds
+        unit = "seed" if arms == 1 else "run"
+        labels[row] = row if done == expected else f"{row} ({done} of {expected} {unit}{'s' if expected > 1 else ''})"
     return labels

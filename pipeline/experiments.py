@@ -89,7 +89,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from pipeline.config import ConfigError, TrainConfig, load_config, with_absolute_paths
-from pipeline.data import DataConfigError, open_shard_set, resolve_tasks
+from pipeline.data import DataConfigError, ShardSet, open_shard_set, resolve_tasks
 from pipeline.experiment_arms import (
     EXPERIMENTS, Arm, ExperimentError, arm_overrides, baseline_row, check_transfer_source, experiment_arms,
 )
@@ -98,8 +98,8 @@ from pipeline.experiment_reuse import link_reused_runs, sibling_run_configs
 from pipeline.experiment_runs import check_run_folder, read_rows, result_record, run_is_finished
 from pipeline.experiment_status import format_status, partial_row_labels, run_state
 from pipeline.experiment_tables import (
-    PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, CellStats, delta_m_by_row, format_table, plot_comparison, split_file,
-    summarize, write_results,
+    PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, CellStats, delta_m_by_row, format_table, plot_comparison,
+    split_file, summarize, write_results,
 )
 from pipeline.run_summary import chance_levels
 from pipeline.schema import TaskSpec, get_task
@@ -145,7 +145,7 @@ class ExperimentPlan:
     """Every arm x seed of one experiment, with its config, before anything is trained or written."""
 
     base: TrainConfig
-    shard_sets: list[Any]
+    shard_sets: list[ShardSet]
     task_names: list[str]
     arms: list[Arm]
     experiment_dir: Path
@@ -158,6 +158,8 @@ class ExperimentPlan:
 def plan_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
                     out_name: str | None, single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
                     init_from: Path | None = None) -> ExperimentPlan:
+    """The arms, seeds and configs of an experiment, its shards opened and its ``--init-from`` checked; nothing is
+    created on disk (``--status`` reads only)."""
     base = with_absolute_paths(load_config(config_path, overrides))
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
     declare_config_tasks(base)
@@ -244,7 +246,7 @@ def show_status(experiment: str, plan: ExperimentPlan, seeds: int, reuse: bool) 
     if not records:
         print("no finished run yet: no table")
         return
-    labels = partial_row_labels(records, list(dict.fromkeys(arm.row for arm in plan.arms)), seeds)
+    labels = partial_row_labels(records, [arm.row for arm in plan.arms], seeds)
     table = results_table(experiment, plan, records, seeds, "val", labels).markdown
     print(f"\nThe finished runs so far (nothing written; the command without --status writes the table):\n\n{table}")
 

@@ -69,6 +69,10 @@ def test_rows_with_fewer_finished_seeds_say_how_many() -> None:
     records = [{"row": "equal", "seed": 0}, {"row": "equal", "seed": 1}, {"row": "dwa", "seed": 0}]
     assert partial_row_labels(records, ["equal", "dwa", "rlw"], 2) == {
         "equal": "equal", "dwa": "dwa (1 of 2 seeds)", "rlw": "rlw (0 of 2 seeds)"}
+    # mtl-vs-single: one row for the single-task arms; every seed of one task's arm is not the whole row
+    singles = [{"row": "single-task", "seed": seed} for seed in (0, 1)] + [{"row": "MTL", "seed": 0}]
+    assert partial_row_labels(singles, ["single-task", "single-task", "MTL"], 2) == {
+        "single-task": "single-task (2 of 4 runs)", "MTL": "MTL (1 of 2 seeds)"}
 
 
 def test_a_table_of_the_finished_runs_labels_the_rows_short_of_seeds() -> None:
