@@ -154,7 +154,7 @@ def main() -> None:
         for name, label in ((decoder_name, "the same decoder in a plain loop"), (floor_name, "Pillow floor")):
             round_ratios = [loop_cpu / writer_cpu for (_, loop_cpu), (_, writer_cpu)
                             in zip(seconds[name], seconds[writer_name])]
-            print(f"shard writer / {label}, CPU per image: {cpu[name] / cpu[writer_name]:.2f} "
+            print(f"shard writer / {label}, images per CPU-second: {cpu[name] / cpu[writer_name]:.2f} "
                   f"(single rounds {min(round_ratios):.2f}-{max(round_ratios):.2f})")
     finally:
         shutil.rmtree(work)

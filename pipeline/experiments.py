@@ -20,7 +20,8 @@ seeds 0..N-1 through ``pipeline.train`` (Ray Train on a local Ray or the cluster
 
 Running the same command again skips finished runs (metrics.parquet reached ``max_epochs`` or every task
 froze/stopped), resumes unfinished ones and refuses a run folder whose saved config differs from the
-arm's (other than ``max_epochs``): choose another ``--name`` for another config. A folder where nothing was
+arm's (other than ``max_epochs``, ``keep_checkpoints``, ``name`` and ``runs_dir``): choose another ``--name`` for
+another config. A folder where nothing was
 trained yet (a start that failed on a wrong path, say) starts again under the arm's config, as it would in
 ``pipeline.train``. ``--status`` trains and writes nothing: it prints each arm x seed's state (finished, the
 epochs a partly trained run has, not started, the finished run it reuses or would), the epochs left with an
