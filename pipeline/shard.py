@@ -646,8 +646,8 @@ def main(argv: list[str] | None = None) -> int:
             tasks=tuple(known_tasks().values()),
         )
         run(listing, job)
-    except (SourceInputError, ShardingError, AlignExtraMissing, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (SourceInputError, ShardingError, AlignExtraMissing, ValueError, KeyError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)  # an OSError names its file: a folder denied, a full disk
         return 2
     return 0
 

@@ -160,6 +160,21 @@ def test_celeba_emits_every_attribute_feeds_gender_smile_young_and_moves_landmar
     assert [r["reason"] for r in read_rejected(out)] == [f"image not found in {celeba_dir / 'img_align_celeba'}"]
 
 
+def test_a_folder_the_reader_cannot_read_is_a_clear_error_not_a_traceback(
+        celeba_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    image_dir = celeba_dir / "img_align_celeba"
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path):  # root reads every folder whatever its mode, so the refusal is simulated
+        if self == image_dir:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert shard("celeba", celeba_dir, "--out", tmp_path / "out") == 2
+    assert f"error: [Errno 13] Permission denied: '{image_dir}'" in capsys.readouterr().err
+
+
 def test_celeba_without_attribute_file_is_a_clear_error(celeba_dir: Path, tmp_path: Path, capsys) -> None:
     (celeba_dir / "list_attr_celeba.txt").unlink()
     assert shard("celeba", celeba_dir, "--out", tmp_path / "out") == 2
