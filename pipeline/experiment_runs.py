@@ -1,6 +1,7 @@
 """One run folder of an experiment's arm, as the experiment reads it: refused when it holds another config,
 finished or not, and the metrics of its best epoch on a split (validation: its records; another split:
-best_model.pt evaluated by :mod:`pipeline.evaluate`).
+best_model.pt evaluated by :mod:`pipeline.evaluate`, or the evaluation recorded for that epoch where a run was
+restored without its weights by :mod:`pipeline.run_archive`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import TrainConfig, config_differences, describe_differences, to_dict
-from pipeline.evaluate import EvaluationError, evaluate_checkpoint
+from pipeline.evaluate import EVALUATION_DIR, METRICS_JSON, EvaluationError, evaluate_checkpoint
 from pipeline.experiment_arms import Arm, ExperimentError
 from pipeline.inference import CheckpointError
 from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE, has_records
@@ -74,8 +75,32 @@ def split_metrics(report: Mapping[str, Any], split: str) -> dict[str, int | floa
             for name, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
+def recorded_evaluation(run_dir: Path, split: str) -> dict[str, Any] | None:
+    """The evaluation report (metrics.json) recorded in ``run_dir`` for ``split``, or None."""
+    try:
+        return json.loads((run_dir / EVALUATION_DIR / split / METRICS_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def evaluation_is_current(run_dir: Path, split: str) -> bool:
+    """Whether the recorded ``split`` evaluation is of best_model.pt at the run's best epoch."""
+    report = recorded_evaluation(run_dir, split)
+    rows = read_rows(run_dir)
+    return (report is not None and bool(rows) and Path(report.get("checkpoint", "")).name == BEST_MODEL_FILE
+            and report.get("epoch") == int(best_epoch_row(rows)["epoch"]))
+
+
 def evaluate_best_model(run_dir: Path, split: str) -> dict[str, int | float]:
-    """The run's best_model.pt on ``split`` of its own datasets (report in <run>/evaluation/<split>/)."""
+    """The run's best_model.pt on ``split`` of its own datasets (report in <run>/evaluation/<split>/); a run
+    restored from its records (pipeline.run_archive: no best_model.pt) gives the evaluation recorded for its best
+    epoch."""
+    if not (run_dir / BEST_MODEL_FILE).exists():
+        if not evaluation_is_current(run_dir, split):
+            raise ExperimentError(f"cannot evaluate {run_dir} on {split}: it has no {BEST_MODEL_FILE} (restored from "
+                                  f"records?) and no {split} evaluation recorded for its best epoch")
+        print(f"{run_dir.name}: {split} split as recorded ({BEST_MODEL_FILE} is not in this folder)", flush=True)
+        return split_metrics(recorded_evaluation(run_dir, split), split)
     try:
         report, out_dir = evaluate_checkpoint(run_dir / BEST_MODEL_FILE, split, loader_workers=1, log=lambda line: None)
     except (CheckpointError, EvaluationError) as error:

@@ -26,6 +26,9 @@ trained yet (a start that failed on a wrong path, say) starts again under the ar
 ``pipeline.train``. ``--status`` trains and writes nothing: it prints each arm x seed's state (finished, the
 epochs a partly trained run has, not started, the finished run it reuses or would), the epochs left with an
 estimate, and the validation table of the runs finished so far (a row short of seeds says how many it has).
+Where the runs folder is not kept between sessions, ``python -m pipeline.run_archive save|restore`` carries the
+finished runs' records (no weights) elsewhere and back; ``--split test`` reports a restored run from the test
+evaluation recorded for its best epoch.
 
 Experiments share runs: with configs/utkface.yaml, ``mtl-vs-single``'s MTL, ``weighting``'s learned, ``freeze``'s
 early-freeze, ``lambda``'s λ=0.1 and ``transfer``'s ImageNet start are one run per seed. So an arm x seed without

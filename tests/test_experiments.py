@@ -5,8 +5,9 @@ finished runs)."""
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,6 +25,7 @@ from pipeline.experiment_tables import (
 from pipeline.experiments import __doc__ as experiments_help
 from pipeline.experiments import format_estimate, main
 from pipeline.losses import WEIGHTINGS
+from pipeline.run_archive import main as archive_main
 from pipeline.schema import get_task
 from pipeline.train import main as train_main
 from tests.test_train import tiny_overrides
@@ -291,6 +293,22 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
             assert record[f"test/{task}/{metric}"] == pytest.approx(report["tasks"][task][metric])
             assert record[f"test/{task}/count"] == report["tasks"][task]["count"] > 0
     assert test_results[2]["test/age/mae"] != results[2]["val/age/mae"]
+
+    # The tables outlive the run folders: records saved without weights (a missing test evaluation is made
+    # first), the folders deleted, restored; the same command then trains nothing and reports the same tables.
+    shutil.rmtree(experiment / "mtl-seed0" / "evaluation")
+    records = tmp_path / "records"
+    assert archive_main(["save", str(tmp_path), str(records)]) == 0
+    assert "3 run(s) copied, 0 link(s) to reused runs, 0 already there, 1 evaluated" in capsys.readouterr().out
+    assert not list(records.rglob("*.pt"))
+    shutil.rmtree(experiment)
+    assert archive_main(["restore", str(records), str(tmp_path)]) == 0
+    assert main([*argv, "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished, skipped") == 3 and out.count("test split as recorded") == 3
+    assert (experiment / "table-test.md").read_text() == test_table
+    assert main(argv) == 0 and (experiment / "table.md").read_text() == table
+    assert len((experiment / "invocations.jsonl").read_text().splitlines()) == 5  # 3 before, 2 since
 
     assert main([*argv[:-1], "optim.lr=0.01", "--local"]) == 1  # another config in the same folder: refused
     assert "trained with another config (optim.lr 0.001 -> 0.01)" in capsys.readouterr().err

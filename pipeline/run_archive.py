@@ -1,0 +1,246 @@
+"""``python -m pipeline.run_archive save|restore``: the records of finished runs, without their weights, kept
+where a runs folder is not (a scratch disk that is purged, a machine that is handed back, a git repository).
+
+    python -m pipeline.run_archive save runs docs/records      # finished runs' records -> docs/records
+    python -m pipeline.run_archive restore docs/records runs   # the runs it holds and runs/ lacks -> runs/
+
+A finished run's records are what an experiment's tables and provenance read: ``config.yaml``,
+``metrics.parquet``, ``starts.jsonl``, ``stopped.json`` and ``evaluation/<split>/metrics.{json,md}``; no
+checkpoint, best_model.pt or TensorBoard events (tens of KB a run, not tens of MB). ``save`` first evaluates each
+finished run's best_model.pt on the test split where that is not yet recorded for its best epoch, so that
+``pipeline.experiments ... --split test`` can report a restored run from its record. Both directions keep the
+layout ``<experiment>/<run>/``, copy a reused run's link as a link, and merge each experiment's
+``invocations.jsonl`` (lines the other side lacks are appended). A partly trained run is not saved (its weights
+are what it needs to go on); a restored run never replaces a run folder that exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.evaluate import EVALUATION_DIR, METRICS_JSON, METRICS_MARKDOWN
+from pipeline.experiment_arms import ExperimentError
+from pipeline.experiment_invocations import INVOCATIONS_FILE
+from pipeline.experiment_runs import evaluate_best_model, evaluation_is_current, read_rows, run_is_finished
+from pipeline.provenance import STARTS_FILE
+from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE, STOPPED_FILE
+
+RUN_RECORD_FILES = (CONFIG_FILE, METRICS_FILE, STARTS_FILE, STOPPED_FILE)
+EVALUATION_FILES = (METRICS_JSON, METRICS_MARKDOWN)
+
+
+def saved_max_epochs(run_dir: Path) -> int | None:
+    """The ``max_epochs`` a run folder's config.yaml was trained with, or None without a readable one."""
+    try:
+        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return saved.get("max_epochs") if isinstance(saved, dict) else None
+
+
+def is_finished_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run with nothing left to train, judged by its own config's ``max_epochs``."""
+    max_epochs = saved_max_epochs(run_dir)
+    return max_epochs is not None and run_is_finished(read_rows(run_dir), max_epochs)
+
+
+def epochs_done(run_dir: Path) -> int:
+    return len(read_rows(run_dir))
+
+
+def record_files(run_dir: Path) -> list[Path]:
+    """The files of ``run_dir`` that are its records, relative to it."""
+    names = [Path(name) for name in RUN_RECORD_FILES]
+    evaluation = run_dir / EVALUATION_DIR
+    if evaluation.is_dir():
+        names += [Path(EVALUATION_DIR) / split.name / name for split in sorted(evaluation.iterdir()) if split.is_dir()
+                  for name in EVALUATION_FILES]
+    return [name for name in names if (run_dir / name).is_file()]
+
+
+def copy_records(source_run: Path, target_run: Path) -> None:
+    """Replace ``target_run`` by the records of ``source_run``: written beside it, then renamed into place, so that
+    an interrupted copy never leaves a folder that looks like a whole run."""
+    staging = target_run.with_name(f".{target_run.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for name in record_files(source_run):
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source_run / name, staging / name)
+    if target_run.is_symlink():
+        target_run.unlink()
+    replaced = target_run.with_name(f".{target_run.name}.replaced")
+    if target_run.exists():
+        target_run.rename(replaced)
+    staging.rename(target_run)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def copy_link(source_link: Path, target_link: Path) -> None:
+    """``target_link`` made the same relative link as ``source_link`` (a reused run: the link is the record)."""
+    if target_link.is_symlink() or target_link.is_file():
+        target_link.unlink()
+    elif target_link.exists():
+        shutil.rmtree(target_link)
+    target_link.symlink_to(os.readlink(source_link), target_is_directory=True)
+
+
+def merge_lines(source: Path, target: Path) -> int:
+    """Append to ``target`` the lines of ``source`` it does not hold yet; returns how many."""
+    if not source.is_file():
+        return 0
+    held = target.read_text().splitlines() if target.is_file() else []
+    new = [line for line in source.read_text().splitlines() if line.strip() and line not in set(held)]
+    if new:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("a") as handle:
+            handle.write("".join(f"{line}\n" for line in new))
+    return len(new)
+
+
+def run_folders(root: Path) -> list[Path]:
+    """``root/<experiment>/<run>`` entries that are run folders or links to one, by path."""
+    return sorted(entry for experiment in sorted(root.iterdir()) if experiment.is_dir() and not
+                  experiment.name.startswith(".") for entry in experiment.iterdir()
+                  if not entry.name.startswith(".") and (entry.is_symlink() or (entry / CONFIG_FILE).is_file()))
+
+
+def is_link_inside(link: Path, root: Path) -> bool:
+    """Whether ``link`` is a relative link to a run folder under ``root`` (a run reused from another experiment)."""
+    target = os.readlink(link)
+    return not os.path.isabs(target) and (link.parent / target).resolve().is_relative_to(root.resolve())
+
+
+@dataclass
+class ArchiveReport:
+    """What one save or restore did, by run (``<experiment>/<run>``)."""
+
+    copied: list[str] = field(default_factory=list)
+    linked: list[str] = field(default_factory=list)
+    evaluated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # "<run>: why"
+
+    def lines(self, header: str) -> list[str]:
+        return [f"{header}: {len(self.copied)} run(s) copied, {len(self.linked)} link(s) to reused runs, "
+                f"{len(self.unchanged)} already there, {len(self.evaluated)} evaluated on the test split now",
+                *(f"  left out {why}" for why in self.left_out)]
+
+
+def ensure_evaluated(run_dir: Path, split: str, report: ArchiveReport, name: str) -> None:
+    """Evaluate best_model.pt on ``split`` unless that is recorded for the best epoch; a run without the split or
+    without best_model.pt (itself restored from records) keeps what it has."""
+    if evaluation_is_current(run_dir, split) or not (run_dir / BEST_MODEL_FILE).is_file():
+        return
+    try:
+        evaluate_best_model(run_dir, split)
+    except ExperimentError as error:
+        report.left_out.append(f"{name}'s {split} evaluation: {error}")
+        return
+    report.evaluated.append(name)
+
+
+def save_records(runs_dir: Path, archive_dir: Path, splits: tuple[str, ...] = ("test",)) -> ArchiveReport:
+    """Copy the records of every finished run under ``runs_dir`` into ``archive_dir``, evaluating each on
+    ``splits`` first where that is not recorded; links to reused runs are copied as links."""
+    report = ArchiveReport()
+    for entry in run_folders(runs_dir):
+        name = f"{entry.parent.name}/{entry.name}"
+        target = archive_dir / name
+        if entry.is_symlink():
+            if not is_link_inside(entry, runs_dir) or not is_finished_run(entry):
+                report.left_out.append(f"{name}: a link to {os.readlink(entry)}, not a finished run under {runs_dir}")
+                continue
+            if target.is_symlink() and os.readlink(target) == os.readlink(entry):
+                report.unchanged.append(name)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copy_link(entry, target)
+            report.linked.append(name)
+            continue
+        if not is_finished_run(entry):
+            report.left_out.append(f"{name}: not finished ({epochs_done(entry)} epoch(s); its checkpoints resume it)")
+            continue
+        for split in splits:
+            ensure_evaluated(entry, split, report, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy_records(entry, target)
+        report.copied.append(name)
+    merge_invocations(runs_dir, archive_dir)
+    return report
+
+
+def restore_records(archive_dir: Path, runs_dir: Path) -> ArchiveReport:
+    """Copy into ``runs_dir`` every archived run it has no folder for; a folder that exists is kept as it is."""
+    report = ArchiveReport()
+    for entry in run_folders(archive_dir):
+        name = f"{entry.parent.name}/{entry.name}"
+        target = runs_dir / name
+        if target.is_symlink() or target.exists():
+            if is_finished_run(target):
+                report.unchanged.append(name)
+            else:
+                report.left_out.append(f"{name}: {target} exists with {epochs_done(target)} epoch(s) and is kept; "
+                                       "delete it to take the archived run instead")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if entry.is_symlink():
+            copy_link(entry, target)
+            report.linked.append(name)
+        else:
+            copy_records(entry, target)
+            report.copied.append(name)
+    merge_invocations(archive_dir, runs_dir)
+    return report
+
+
+def merge_invocations(source_root: Path, target_root: Path) -> None:
+    """Each experiment's invocations.jsonl of ``source_root`` merged into ``target_root``'s, where that folder
+    exists (an experiment with no finished run has nothing to trace yet)."""
+    for source in sorted(source_root.glob(f"*/{INVOCATIONS_FILE}")):
+        target_dir = target_root / source.parent.name
+        if target_dir.is_dir():
+            merge_lines(source, target_dir / INVOCATIONS_FILE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.run_archive", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    save = commands.add_parser("save", help="copy finished runs' records from RUNS_DIR into ARCHIVE_DIR")
+    save.add_argument("runs_dir", type=Path, metavar="RUNS_DIR")
+    save.add_argument("archive_dir", type=Path, metavar="ARCHIVE_DIR")
+    save.add_argument("--no-evaluate", action="store_true",
+                      help="do not evaluate best_model.pt on the test split first (--split test then needs the run)")
+    restore = commands.add_parser("restore", help="copy the runs ARCHIVE_DIR holds and RUNS_DIR lacks into RUNS_DIR")
+    restore.add_argument("archive_dir", type=Path, metavar="ARCHIVE_DIR")
+    restore.add_argument("runs_dir", type=Path, metavar="RUNS_DIR")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    source = args.runs_dir if args.command == "save" else args.archive_dir
+    if not source.is_dir():
+        print(f"error: {source} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "save":
+            report = save_records(args.runs_dir, args.archive_dir, () if args.no_evaluate else ("test",))
+            lines = report.lines(f"saved into {args.archive_dir}")
+        else:
+            report = restore_records(args.archive_dir, args.runs_dir)
+            lines = report.lines(f"restored into {args.runs_dir}")
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
