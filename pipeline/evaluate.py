@@ -425,6 +425,7 @@ def evaluate_checkpoint(
         log(f"evaluating {shard_set.name} {split} ({shard_set.num_samples(split)} samples) on {model.device}")
         per_dataset.append(evaluate_dataset(model, shard_set, split, options))
     report = build_report(model, data, per_dataset, options)
+    report["own_datasets"] = not data_paths  # the run's own datasets, not others given with --data
     report["chance"] = chance_levels(data.shard_sets, model.tasks, split)
     report["at_chance"] = tasks_at_chance(model.tasks, report["tasks"], report["chance"])
     if report["at_chance"]:

@@ -84,10 +84,14 @@ def recorded_evaluation(run_dir: Path, split: str) -> dict[str, Any] | None:
 
 
 def evaluation_is_current(run_dir: Path, split: str) -> bool:
-    """Whether the recorded ``split`` evaluation is of best_model.pt at the run's best epoch."""
+    """Whether the recorded ``split`` evaluation is of best_model.pt at the run's best epoch, on ``split`` of the
+    run's own datasets (an evaluation on other data, ``pipeline.evaluate --data``, is not the run's result)."""
     report = recorded_evaluation(run_dir, split)
     rows = read_rows(run_dir)
-    return (report is not None and bool(rows) and Path(report.get("checkpoint", "")).name == BEST_MODEL_FILE
+    if report is None or not any(row.get("is_best") for row in rows):
+        return False
+    return (report.get("own_datasets") is True and report.get("split") == split
+            and Path(report.get("checkpoint", "")).name == BEST_MODEL_FILE
             and report.get("epoch") == int(best_epoch_row(rows)["epoch"]))
 
 

@@ -5,54 +5,48 @@ where a runs folder is not (a scratch disk that is purged, a machine that is han
     python -m pipeline.run_archive restore docs/records runs   # the runs it holds and runs/ lacks -> runs/
 
 A finished run's records are what an experiment's tables and provenance read: ``config.yaml``,
-``metrics.parquet``, ``starts.jsonl``, ``stopped.json`` and ``evaluation/<split>/metrics.{json,md}``; no
+``metrics.parquet``, ``starts.jsonl`` and ``evaluation/<split>/metrics.{json,md}``; no
 checkpoint, best_model.pt or TensorBoard events (tens of KB a run, not tens of MB). ``save`` first evaluates each
 finished run's best_model.pt on the test split where that is not yet recorded for its best epoch, so that
 ``pipeline.experiments ... --split test`` can report a restored run from its record. Both directions keep the
-layout ``<experiment>/<run>/``, copy a reused run's link as a link, and merge each experiment's
-``invocations.jsonl`` (lines the other side lacks are appended). A partly trained run is not saved (its weights
-are what it needs to go on); a restored run never replaces a run folder that exists.
+layout ``<experiment>/<run>/``, copy the link of a run the experiment reused from another as that link (a
+folder the user linked, to a scratch disk say, is copied as a folder), and merge each experiment's
+``invocations.jsonl`` (the lines of both, in time order). A partly trained run is not saved (its weights are what
+it needs to go on); a restored run never replaces a run folder that exists.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-
-import yaml
 
 from pipeline.evaluate import EVALUATION_DIR, METRICS_JSON, METRICS_MARKDOWN
 from pipeline.experiment_arms import ExperimentError
-from pipeline.experiment_invocations import INVOCATIONS_FILE
+from pipeline.experiment_invocations import INVOCATIONS_FILE, recorded_links
 from pipeline.experiment_runs import evaluate_best_model, evaluation_is_current, read_rows, run_is_finished
+from pipeline.experiment_reuse import read_saved_config
 from pipeline.provenance import STARTS_FILE
-from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE, STOPPED_FILE
+from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE
 
-RUN_RECORD_FILES = (CONFIG_FILE, METRICS_FILE, STARTS_FILE, STOPPED_FILE)
+RUN_RECORD_FILES = (CONFIG_FILE, METRICS_FILE, STARTS_FILE)
 EVALUATION_FILES = (METRICS_JSON, METRICS_MARKDOWN)
-
-
-def saved_max_epochs(run_dir: Path) -> int | None:
-    """The ``max_epochs`` a run folder's config.yaml was trained with, or None without a readable one."""
-    try:
-        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return saved.get("max_epochs") if isinstance(saved, dict) else None
 
 
 def is_finished_run(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run with nothing left to train, judged by its own config's ``max_epochs``."""
-    max_epochs = saved_max_epochs(run_dir)
-    return max_epochs is not None and run_is_finished(read_rows(run_dir), max_epochs)
+    saved = read_saved_config(run_dir)
+    return saved is not None and run_is_finished(read_rows(run_dir), int(saved.get("max_epochs") or 0))
 
 
 def epochs_done(run_dir: Path) -> int:
+    """Epochs recorded in ``run_dir``'s metrics.parquet."""
     return len(read_rows(run_dir))
 
 
@@ -66,17 +60,30 @@ def record_files(run_dir: Path) -> list[Path]:
     return [name for name in names if (run_dir / name).is_file()]
 
 
+STAGING_SUFFIXES = (".partial", ".replaced")  # hidden folders of a copy in progress: never a run
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete what an interrupted copy left under ``root/<experiment>/`` (before anything reads the folders)."""
+    for suffix in STAGING_SUFFIXES:
+        for leftover in root.glob(f"*/.*{suffix}"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 def copy_records(source_run: Path, target_run: Path) -> None:
     """Replace ``target_run`` by the records of ``source_run``: written beside it, then renamed into place, so that
     an interrupted copy never leaves a folder that looks like a whole run."""
-    staging = target_run.with_name(f".{target_run.name}.partial")
+    staging, replaced = (target_run.with_name(f".{target_run.name}{suffix}") for suffix in STAGING_SUFFIXES)
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(replaced, ignore_errors=True)
     for name in record_files(source_run):
         (staging / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source_run / name, staging / name)
     if target_run.is_symlink():
         target_run.unlink()
-    replaced = target_run.with_name(f".{target_run.name}.replaced")
     if target_run.exists():
         target_run.rename(replaced)
     staging.rename(target_run)
@@ -92,16 +99,27 @@ def copy_link(source_link: Path, target_link: Path) -> None:
     target_link.symlink_to(os.readlink(source_link), target_is_directory=True)
 
 
-def merge_lines(source: Path, target: Path) -> int:
-    """Append to ``target`` the lines of ``source`` it does not hold yet; returns how many."""
+def invocation_time(line: str) -> datetime:
+    """When an invocations.jsonl line was written (its ``time``); the earliest possible for a line without one."""
+    try:
+        return datetime.strptime(json.loads(line)["time"], "%Y-%m-%dT%H:%M:%S%z")
+    except (ValueError, KeyError, TypeError):
+        return datetime.min.replace(tzinfo=timezone.utc)
+
+
+def merge_invocations(source: Path, target: Path) -> int:
+    """``target`` rewritten with the lines of both files, each once, in time order (the later line about a run
+    wins in :func:`pipeline.experiment_invocations.recorded_links`); returns how many lines came from ``source``."""
     if not source.is_file():
         return 0
     held = target.read_text().splitlines() if target.is_file() else []
-    new = [line for line in source.read_text().splitlines() if line.strip() and line not in set(held)]
+    known = set(held)
+    new = [line for line in source.read_text().splitlines() if line.strip() and line not in known]
     if new:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("a") as handle:
-            handle.write("".join(f"{line}\n" for line in new))
+        merged = sorted(held + list(dict.fromkeys(new)), key=invocation_time)
+        staging = target.with_name(f".{target.name}.partial")
+        staging.write_text("".join(f"{line}\n" for line in merged))
+        staging.replace(target)
     return len(new)
 
 
@@ -112,10 +130,14 @@ def run_folders(root: Path) -> list[Path]:
                   if not entry.name.startswith(".") and (entry.is_symlink() or (entry / CONFIG_FILE).is_file()))
 
 
-def is_link_inside(link: Path, root: Path) -> bool:
-    """Whether ``link`` is a relative link to a run folder under ``root`` (a run reused from another experiment)."""
-    target = os.readlink(link)
-    return not os.path.isabs(target) and (link.parent / target).resolve().is_relative_to(root.resolve())
+def is_reuse_link(entry: Path, root: Path) -> bool:
+    """Whether ``entry`` is a link ``pipeline.experiments`` made to a run it reused (recorded in the experiment's
+    invocations.jsonl, relative, to a folder under ``root``), not a folder the user linked elsewhere."""
+    if not entry.is_symlink():
+        return False
+    target = os.readlink(entry)
+    return (recorded_links(entry.parent).get(entry.name) == target and not os.path.isabs(target)
+            and (entry.parent / target).resolve().is_relative_to(root.resolve()))
 
 
 @dataclass
@@ -127,11 +149,12 @@ class ArchiveReport:
     evaluated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)  # "<run>: why"
+    warnings: list[str] = field(default_factory=list)  # copied, but without something
 
     def lines(self, header: str) -> list[str]:
         return [f"{header}: {len(self.copied)} run(s) copied, {len(self.linked)} link(s) to reused runs, "
                 f"{len(self.unchanged)} already there, {len(self.evaluated)} evaluated on the test split now",
-                *(f"  left out {why}" for why in self.left_out)]
+                *(f"  left out {why}" for why in self.left_out), *(f"  warning: {why}" for why in self.warnings)]
 
 
 def ensure_evaluated(run_dir: Path, split: str, report: ArchiveReport, name: str) -> None:
@@ -142,7 +165,7 @@ def ensure_evaluated(run_dir: Path, split: str, report: ArchiveReport, name: str
     try:
         evaluate_best_model(run_dir, split)
     except ExperimentError as error:
-        report.left_out.append(f"{name}'s {split} evaluation: {error}")
+        report.warnings.append(f"{name} has no {split} evaluation: {error}")
         return
     report.evaluated.append(name)
 
@@ -151,12 +174,13 @@ def save_records(runs_dir: Path, archive_dir: Path, splits: tuple[str, ...] = ("
     """Copy the records of every finished run under ``runs_dir`` into ``archive_dir``, evaluating each on
     ``splits`` first where that is not recorded; links to reused runs are copied as links."""
     report = ArchiveReport()
+    remove_leftovers(archive_dir)
     for entry in run_folders(runs_dir):
         name = f"{entry.parent.name}/{entry.name}"
         target = archive_dir / name
-        if entry.is_symlink():
-            if not is_link_inside(entry, runs_dir) or not is_finished_run(entry):
-                report.left_out.append(f"{name}: a link to {os.readlink(entry)}, not a finished run under {runs_dir}")
+        if is_reuse_link(entry, runs_dir):
+            if not is_finished_run(entry):
+                report.left_out.append(f"{name}: a link to {os.readlink(entry)}, not a finished run")
                 continue
             if target.is_symlink() and os.readlink(target) == os.readlink(entry):
                 report.unchanged.append(name)
@@ -173,13 +197,14 @@ def save_records(runs_dir: Path, archive_dir: Path, splits: tuple[str, ...] = ("
         target.parent.mkdir(parents=True, exist_ok=True)
         copy_records(entry, target)
         report.copied.append(name)
-    merge_invocations(runs_dir, archive_dir)
+    merge_invocation_files(runs_dir, archive_dir)
     return report
 
 
 def restore_records(archive_dir: Path, runs_dir: Path) -> ArchiveReport:
     """Copy into ``runs_dir`` every archived run it has no folder for; a folder that exists is kept as it is."""
     report = ArchiveReport()
+    remove_leftovers(runs_dir)
     for entry in run_folders(archive_dir):
         name = f"{entry.parent.name}/{entry.name}"
         target = runs_dir / name
@@ -197,17 +222,17 @@ def restore_records(archive_dir: Path, runs_dir: Path) -> ArchiveReport:
         else:
             copy_records(entry, target)
             report.copied.append(name)
-    merge_invocations(archive_dir, runs_dir)
+    merge_invocation_files(archive_dir, runs_dir)
     return report
 
 
-def merge_invocations(source_root: Path, target_root: Path) -> None:
+def merge_invocation_files(source_root: Path, target_root: Path) -> None:
     """Each experiment's invocations.jsonl of ``source_root`` merged into ``target_root``'s, where that folder
     exists (an experiment with no finished run has nothing to trace yet)."""
     for source in sorted(source_root.glob(f"*/{INVOCATIONS_FILE}")):
         target_dir = target_root / source.parent.name
         if target_dir.is_dir():
-            merge_lines(source, target_dir / INVOCATIONS_FILE)
+            merge_invocations(source, target_dir / INVOCATIONS_FILE)
 
 
 def main(argv: list[str] | None = None) -> int:

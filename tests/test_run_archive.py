@@ -5,23 +5,33 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from pipeline.experiment_arms import ExperimentError
 from pipeline.experiment_runs import evaluate_best_model
-from pipeline.run_archive import is_finished_run, main, merge_lines, restore_records, run_folders, save_records
+from pipeline.run_archive import is_finished_run, main, merge_invocations, restore_records, run_folders, save_records
 from tests.test_experiment_status import arm_config, write_run
 
 
-def write_evaluation(run_dir: Path, epoch: int, mae: float, split: str = "test") -> None:
+def write_evaluation(run_dir: Path, epoch: int, mae: float, split: str = "test", own_datasets: bool = True) -> None:
+    """metrics.json as pipeline.evaluate writes it for best_model.pt (the keys the archive reads)."""
     folder = run_dir / "evaluation" / split
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(run_dir / "best_model.pt"), "epoch": epoch, "split": split,
-              "tasks": {"age": {"mae": mae, "count": 40, "note": "text is not a metric"}}}
+              "own_datasets": own_datasets, "tasks": {"age": {"mae": mae, "count": 40, "note": "text, not a metric"}}}
     (folder / "metrics.json").write_text(json.dumps(report))
     (folder / "metrics.md").write_text("| task | MAE |\n")
+
+
+def reuse(runs: Path, experiment: str, run: str, target: str) -> None:
+    """A link as pipeline.experiments makes it for a reused run, recorded in the experiment's invocations.jsonl."""
+    (runs / experiment).mkdir(exist_ok=True)
+    (runs / experiment / run).symlink_to(target, target_is_directory=True)
+    line = {"time": "2026-11-30T10:00:00+0000", "command": experiment, "reused_runs": {run: target}}
+    (runs / experiment / "invocations.jsonl").write_text(json.dumps(line) + "\n")
 
 
 def finished_run_with_weights(runs: Path, experiment: str, run: str) -> Path:
@@ -40,8 +50,7 @@ def test_save_keeps_finished_runs_records_without_weights_and_reused_runs_as_lin
     runs, archive = tmp_path / "runs", tmp_path / "records"
     early_freeze = finished_run_with_weights(runs, "freeze", "early-freeze-seed0")
     write_run(arm_config(runs / "freeze", "early-stop-seed0"), 4)  # partly trained: its checkpoints go on
-    (runs / "weighting").mkdir()
-    (runs / "weighting" / "learned-seed0").symlink_to("../freeze/early-freeze-seed0", target_is_directory=True)
+    reuse(runs, "weighting", "learned-seed0", "../freeze/early-freeze-seed0")
     (runs / "freeze" / "invocations.jsonl").write_text('{"command": "freeze"}\n')
 
     report = save_records(runs, archive, splits=("test",))
@@ -56,14 +65,23 @@ def test_save_keeps_finished_runs_records_without_weights_and_reused_runs_as_lin
     assert (saved / "metrics.parquet").read_bytes() == (early_freeze / "metrics.parquet").read_bytes()
     assert os.readlink(archive / "weighting" / "learned-seed0") == "../freeze/early-freeze-seed0"
     assert (archive / "freeze" / "invocations.jsonl").read_text() == '{"command": "freeze"}\n'
-    assert not (archive / "weighting" / "invocations.jsonl").exists()  # none to merge
+    assert "learned-seed0" in (archive / "weighting" / "invocations.jsonl").read_text()
+
+
+def test_a_folder_the_user_linked_is_saved_as_a_folder_and_a_link_not_recorded_is_not_reuse(tmp_path: Path) -> None:
+    runs, archive, scratch = tmp_path / "runs", tmp_path / "records", tmp_path / "scratch"
+    finished_run_with_weights(scratch, "freeze", "none-seed0")
+    (runs / "freeze").mkdir(parents=True)
+    (runs / "freeze" / "none-seed0").symlink_to(scratch / "freeze" / "none-seed0", target_is_directory=True)
+    report = save_records(runs, archive)
+    saved = archive / "freeze" / "none-seed0"
+    assert report.copied == ["freeze/none-seed0"] and not saved.is_symlink() and is_finished_run(saved)
 
 
 def test_restore_brings_back_finished_runs_an_experiment_then_skips_and_reports(tmp_path: Path) -> None:
     runs, archive = tmp_path / "runs", tmp_path / "records"
     finished_run_with_weights(runs, "freeze", "early-freeze-seed0")
-    (runs / "weighting").mkdir()
-    (runs / "weighting" / "learned-seed0").symlink_to("../freeze/early-freeze-seed0", target_is_directory=True)
+    reuse(runs, "weighting", "learned-seed0", "../freeze/early-freeze-seed0")
     save_records(runs, archive)
     fresh = tmp_path / "fresh-runs"
 
@@ -78,11 +96,12 @@ def test_restore_brings_back_finished_runs_an_experiment_then_skips_and_reports(
     assert restore_records(archive, fresh).unchanged == ["freeze/early-freeze-seed0", "weighting/learned-seed0"]
 
 
-def test_a_recorded_evaluation_of_another_epoch_is_not_the_best_models(tmp_path: Path) -> None:
+@pytest.mark.parametrize("epoch, own_datasets", [(6, True), (9, False)], ids=["another-epoch", "other-data"])
+def test_a_recorded_evaluation_of_another_epoch_or_other_data_is_not_the_runs_result(
+        tmp_path: Path, epoch: int, own_datasets: bool) -> None:
     run = finished_run_with_weights(tmp_path / "runs", "freeze", "none-seed0")
     (run / "best_model.pt").unlink()
-    (run / "evaluation" / "test" / "metrics.json").write_text(json.dumps(
-        {"checkpoint": str(run / "best_model.pt"), "epoch": 6, "tasks": {"age": {"mae": 5.0}}}))
+    write_evaluation(run, epoch, 5.0, own_datasets=own_datasets)
     with pytest.raises(ExperimentError, match="no best_model.pt .* and no test evaluation recorded for its best epoch"):
         evaluate_best_model(run, "test")
 
@@ -98,24 +117,42 @@ def test_restore_keeps_a_run_folder_that_exists_and_says_how_to_take_the_archive
     assert not is_finished_run(runs / "freeze" / "none-seed0")
 
 
-def test_an_interrupted_copy_is_not_a_run_and_the_next_save_replaces_the_old_records(tmp_path: Path) -> None:
+def test_an_interrupted_copy_keeps_the_old_records_and_the_next_save_clears_what_it_left(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runs, archive = tmp_path / "runs", tmp_path / "records"
     run = finished_run_with_weights(runs, "freeze", "none-seed0")
     save_records(runs, archive)
-    (archive / "freeze" / ".cumulative-seed0.partial").mkdir()  # a copy cut short: hidden, not a run folder
-    assert [path.name for path in run_folders(archive)] == ["none-seed0"]
+    old = (archive / "freeze" / "none-seed0" / "starts.jsonl").read_text()
     (run / "starts.jsonl").write_text('{"commit": "def"}\n')
+    copies, real_copy = [], shutil.copy2
+
+    def copy_then_fail(source, target):  # the disk fills after the first file
+        if copies:
+            raise OSError(28, "No space left on device")
+        copies.append(real_copy(source, target))
+
+    monkeypatch.setattr("pipeline.run_archive.shutil.copy2", copy_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_records(runs, archive)
+    assert (archive / "freeze" / ".none-seed0.partial" / "config.yaml").is_file()  # the half copy, hidden
+    assert [path.name for path in run_folders(archive)] == ["none-seed0"]
+    assert (archive / "freeze" / "none-seed0" / "starts.jsonl").read_text() == old
+    monkeypatch.undo()
     save_records(runs, archive)
     assert (archive / "freeze" / "none-seed0" / "starts.jsonl").read_text() == '{"commit": "def"}\n'
-    assert sorted(path.name for path in (archive / "freeze").iterdir()) == [".cumulative-seed0.partial", "none-seed0"]
+    assert [path.name for path in (archive / "freeze").iterdir()] == ["none-seed0"]
 
 
-def test_invocation_lines_are_merged_once_in_either_direction(tmp_path: Path) -> None:
+def test_invocation_lines_are_merged_once_and_in_time_order(tmp_path: Path) -> None:
+    def line(hour: int, link: str) -> str:
+        return json.dumps({"time": f"2026-11-30T{hour:02d}:00:00+0000", "reused_runs": {"learned-seed0": link}})
+
     ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
-    ours.write_text("a\nb\n")
-    theirs.write_text("b\nc\n\n")
-    assert merge_lines(theirs, ours) == 1 and ours.read_text() == "a\nb\nc\n"
-    assert merge_lines(theirs, ours) == 0 and merge_lines(tmp_path / "absent", ours) == 0
+    ours.write_text(f"{line(9, 'a')}\n{line(12, 'c')}\n")
+    theirs.write_text(f"{line(12, 'c')}\n{line(10, 'b')}\n\n")  # an older line the archive kept
+    assert merge_invocations(theirs, ours) == 1
+    assert ours.read_text() == f"{line(9, 'a')}\n{line(10, 'b')}\n{line(12, 'c')}\n"  # the newest link stays last
+    assert merge_invocations(theirs, ours) == 0 and merge_invocations(tmp_path / "absent", ours) == 0
 
 
 def test_the_command_line_says_what_it_copied_and_refuses_a_missing_folder(tmp_path: Path, capsys) -> None:
