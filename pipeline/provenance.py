@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 STARTS_FILE = "starts.jsonl"  # one line per start of a run: a resumed run may have run on other code
 PACKAGES = ("torch", "torchvision", "ray", "webdataset", "numpy", "simplejpeg")
@@ -41,12 +43,25 @@ def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
     return versions
 
 
+def cpu_description() -> dict[str, Any]:
+    """The CPU model, the instruction set torch's CPU kernels use and torch's thread count: the same config and
+    seed give other numbers on another CPU (other kernels, other rounding), so a result records which."""
+    model = platform.processor() or "unknown"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"model": model, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads()}
+
+
 def start_record(command: Sequence[str]) -> dict[str, Any]:
     """One start of a run: when, the exact command and the folder it ran in (its paths may be relative), the
-    commit, the host, Python and the packages."""
+    commit, the host, its CPU, Python and the packages."""
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command), "cwd": os.getcwd(),
-            "commit": git_commit(), "host": socket.gethostname(), "python": platform.python_version(),
-            "packages": package_versions()}
+            "commit": git_commit(), "host": socket.gethostname(), "cpu": cpu_description(),
+            "python": platform.python_version(), "packages": package_versions()}
 
 
 def record_start(run_dir: Path, command: Sequence[str]) -> None:

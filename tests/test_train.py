@@ -83,6 +83,8 @@ def test_local_run_writes_checkpoint_metrics_tensorboard_and_resumes(synthetic_s
     assert [start["command"].endswith("max_epochs=2 freeze.mode=none") for start in starts] == [True, False]
     assert "max_epochs=3" in starts[1]["command"]
     assert starts[1]["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert starts[1]["cpu"]["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert starts[1]["cpu"]["model"] not in ("", "unknown") and starts[1]["cpu"]["torch_threads"] >= 1
     assert all(len(start["commit"].removesuffix("+changes")) == 40 or start["commit"] == "unknown" for start in starts)
 
 
