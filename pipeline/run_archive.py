@@ -12,20 +12,27 @@ finished run's best_model.pt on the test split where that is not yet recorded fo
 layout ``<experiment>/<run>/``, copy the link of a run the experiment reused from another as that link (a
 folder the user linked, to a scratch disk say, is copied as a folder), and merge each experiment's
 ``invocations.jsonl`` (the lines of both, in time order). A partly trained run is not saved (its weights are what
-it needs to go on); a restored run never replaces a run folder that exists.
+it needs to go on); a restored run never replaces a run folder that exists. A config records absolute paths (its
+shards, weights and runs folder), which the experiments compare: ``restore --relocate OLD=NEW`` rewrites those under
+folder OLD to NEW in the restored copies, for a machine where they lie elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from pipeline.evaluate import EVALUATION_DIR, METRICS_JSON, METRICS_MARKDOWN
 from pipeline.experiment_arms import ExperimentError
@@ -73,15 +80,47 @@ def remove_leftovers(root: Path) -> None:
                 leftover.unlink(missing_ok=True)
 
 
-def copy_records(source_run: Path, target_run: Path) -> None:
-    """Replace ``target_run`` by the records of ``source_run``: written beside it, then renamed into place, so that
-    an interrupted copy never leaves a folder that looks like a whole run."""
+# The config keys that hold paths (``data.datasets`` a list of them), as ``--relocate`` rewrites them.
+PATH_KEYS = (("runs_dir",), ("data", "datasets"), ("data", "tasks_file"), ("model", "weights_path"),
+             ("model", "init_from"))
+
+
+def relocated(path: str, moves: Sequence[tuple[str, str]]) -> str:
+    """``path`` with the first of ``moves`` (old folder, new folder) that holds it applied."""
+    for old, new in moves:
+        if Path(path) == Path(old) or Path(path).is_relative_to(old):
+            return str(Path(new) / Path(path).relative_to(old))
+    return path
+
+
+def relocate_config(config: dict[str, Any], moves: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """A saved config (config.yaml's mapping) with every path under an old folder of ``moves`` moved to its new one."""
+    moved = copy.deepcopy(config)
+    for keys in PATH_KEYS:
+        *parents, last = keys
+        section = moved
+        for key in parents:
+            section = section.get(key) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or section.get(last) is None:
+            continue
+        value = section[last]
+        section[last] = [relocated(p, moves) for p in value] if isinstance(value, list) else relocated(value, moves)
+    return moved
+
+
+def copy_records(source_run: Path, target_run: Path, moves: Sequence[tuple[str, str]] = ()) -> None:
+    """Replace ``target_run`` by the records of ``source_run`` (its config's paths relocated by ``moves``): written
+    beside it, then renamed into place, so that an interrupted copy never leaves a folder that looks like a whole
+    run."""
     staging, replaced = (target_run.with_name(f".{target_run.name}{suffix}") for suffix in STAGING_SUFFIXES)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(replaced, ignore_errors=True)
     for name in record_files(source_run):
         (staging / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source_run / name, staging / name)
+    saved = read_saved_config(staging)
+    if moves and saved is not None:
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump(relocate_config(saved, moves), sort_keys=False))
     if target_run.is_symlink():
         target_run.unlink()
     if target_run.exists():
@@ -201,8 +240,9 @@ def save_records(runs_dir: Path, archive_dir: Path, splits: tuple[str, ...] = ("
     return report
 
 
-def restore_records(archive_dir: Path, runs_dir: Path) -> ArchiveReport:
-    """Copy into ``runs_dir`` every archived run it has no folder for; a folder that exists is kept as it is."""
+def restore_records(archive_dir: Path, runs_dir: Path, moves: Sequence[tuple[str, str]] = ()) -> ArchiveReport:
+    """Copy into ``runs_dir`` every archived run it has no folder for, the paths in its config moved by ``moves``
+    (old folder, new folder); a folder that exists is kept as it is."""
     report = ArchiveReport()
     remove_leftovers(runs_dir)
     for entry in run_folders(archive_dir):
@@ -220,7 +260,7 @@ def restore_records(archive_dir: Path, runs_dir: Path) -> ArchiveReport:
             copy_link(entry, target)
             report.linked.append(name)
         else:
-            copy_records(entry, target)
+            copy_records(entry, target, moves)
             report.copied.append(name)
     merge_invocation_files(archive_dir, runs_dir)
     return report
@@ -243,10 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     save.add_argument("archive_dir", type=Path, metavar="ARCHIVE_DIR")
     save.add_argument("--no-evaluate", action="store_true",
                       help="do not evaluate best_model.pt on the test split first (--split test then needs the run)")
+    save.set_defaults(relocate=[])
     restore = commands.add_parser("restore", help="copy the runs ARCHIVE_DIR holds and RUNS_DIR lacks into RUNS_DIR")
     restore.add_argument("archive_dir", type=Path, metavar="ARCHIVE_DIR")
     restore.add_argument("runs_dir", type=Path, metavar="RUNS_DIR")
+    restore.add_argument("--relocate", action="append", default=[], metavar="OLD=NEW",
+                         help="rewrite the restored configs' paths under folder OLD to NEW (shards, weights, runs "
+                              "elsewhere on this machine); may be repeated")
     args = parser.parse_args(argv)
+    moves = [tuple(move.split("=", 1)) for move in args.relocate]
+    if any(len(move) != 2 or not all(move) for move in moves):
+        parser.error("--relocate takes OLD=NEW, two folders")
     started = time.perf_counter()
     source = args.runs_dir if args.command == "save" else args.archive_dir
     if not source.is_dir():
@@ -257,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             report = save_records(args.runs_dir, args.archive_dir, () if args.no_evaluate else ("test",))
             lines = report.lines(f"saved into {args.archive_dir}")
         else:
-            report = restore_records(args.archive_dir, args.runs_dir)
+            report = restore_records(args.archive_dir, args.runs_dir, moves)
             lines = report.lines(f"restored into {args.runs_dir}")
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -3,15 +3,18 @@ experiment skips those runs and reports them (the end-to-end round trip is in te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
+from pipeline.config import load_config
 from pipeline.experiment_arms import ExperimentError
-from pipeline.experiment_runs import evaluate_best_model
+from pipeline.experiment_runs import check_run_folder, evaluate_best_model
 from pipeline.run_archive import is_finished_run, main, merge_invocations, restore_records, run_folders, save_records
 from tests.test_experiment_status import arm_config, write_run
 
@@ -163,3 +166,25 @@ def test_the_command_line_says_what_it_copied_and_refuses_a_missing_folder(tmp_p
             "test split now") in capsys.readouterr().out
     assert main(["restore", str(tmp_path / "nowhere"), str(runs)]) == 2
     assert "nowhere is not a folder" in capsys.readouterr().err
+
+
+def test_restore_relocates_the_configs_paths_so_the_experiment_takes_the_run_on_another_layout(tmp_path: Path) -> None:
+    def config(root: Path):
+        return load_config(None, [f"runs_dir={root}/runs/freeze", "name=none-seed0", "max_epochs=10", "data.tasks=[age]",
+                                  f"data.datasets=[{root}/shards/utk]", f"model.weights_path={root}/weights/w.pth"])
+
+    old, new, records = tmp_path / "old", tmp_path / "new", tmp_path / "records"
+    write_run(config(old), 10)
+    save_records(old / "runs", records, splits=())
+    assert main(["restore", str(records), str(new / "runs"), "--relocate", f"{old}={new}"]) == 0
+    restored = yaml.safe_load((new / "runs" / "freeze" / "none-seed0" / "config.yaml").read_text())
+    assert restored["data"]["datasets"] == [f"{new}/shards/utk"] and restored["model"]["weights_path"] == \
+        f"{new}/weights/w.pth"
+    check_run_folder(config(new))  # the arm's own run now: not refused
+    assert (records / "freeze" / "none-seed0" / "config.yaml").read_text() == (
+        old / "runs" / "freeze" / "none-seed0" / "config.yaml").read_text()  # the archive keeps what was trained
+
+    restore_records(records, tmp_path / "elsewhere" / "runs")  # no --relocate: the old paths, refused by name
+    moved = dataclasses.replace(config(new), runs_dir=str(tmp_path / "elsewhere" / "runs" / "freeze"))
+    with pytest.raises(ExperimentError, match=r"trained with another config \(data.datasets"):
+        check_run_folder(moved)
