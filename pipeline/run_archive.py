@@ -67,6 +67,13 @@ def record_files(run_dir: Path) -> list[Path]:
     return [name for name in names if (run_dir / name).is_file()]
 
 
+def same_records(run_a: Path, run_b: Path) -> bool:
+    """Whether two run folders hold the same record files with the same bytes (a save with nothing new to copy)."""
+    files = record_files(run_a)
+    return (not run_b.is_symlink() and files == record_files(run_b)
+            and all((run_a / name).read_bytes() == (run_b / name).read_bytes() for name in files))
+
+
 STAGING_SUFFIXES = (".partial", ".replaced")  # hidden folders of a copy in progress: never a run
 
 
@@ -233,6 +240,9 @@ def save_records(runs_dir: Path, archive_dir: Path, splits: tuple[str, ...] = ("
             continue
         for split in splits:
             ensure_evaluated(entry, split, report, name)
+        if same_records(entry, target):
+            report.unchanged.append(name)
+            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         copy_records(entry, target)
         report.copied.append(name)

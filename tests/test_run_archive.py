@@ -96,6 +96,7 @@ def test_restore_brings_back_finished_runs_an_experiment_then_skips_and_reports(
     assert not (restored / "best_model.pt").exists()
     # --split test of a restored run: the evaluation recorded for its best epoch, numbers only
     assert evaluate_best_model(restored, "test") == {"test/age/mae": 5.5, "test/age/count": 40}
+    assert save_records(runs, archive).unchanged == ["freeze/early-freeze-seed0", "weighting/learned-seed0"]
     assert restore_records(archive, fresh).unchanged == ["freeze/early-freeze-seed0", "weighting/learned-seed0"]
 
 
