@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.config import TrainConfig
 from pipeline.experiment_reuse import finished_same_runs, read_saved_config
 from pipeline.experiment_runs import read_rows, run_is_finished
+from pipeline.run_claims import claim_holder, describe_holder
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,14 @@ class RunState:
     seconds: float  # the epochs' own seconds (metrics.parquet's epoch_seconds), summed
     reuses: str | None = None  # the sibling experiment's run it links to, or would link to when run
     run_dir: Path | None = None  # where its records are: its own folder or the reused run; None when not started
+    training_by: str | None = None  # the process that holds its claim (pipeline.run_claims) and trains it now
 
     def describe(self) -> str:
         reused = f" = {self.reuses}" if self.reuses else ""
         if self.finished:
             return f"finished{reused} ({self.epochs_done} epoch(s), {self.seconds / 60:.1f} min)"
+        if self.training_by:
+            return f"{self.epochs_done} of {self.max_epochs} epochs, in training by {self.training_by}"
         if self.epochs_done:
             return f"{self.epochs_done} of {self.max_epochs} epochs, resumes from its last checkpoint"
         return "not started"
@@ -51,8 +55,9 @@ def run_state(config: TrainConfig, experiment_dir: Path, siblings: Mapping[Path,
     rows = read_rows(run_dir) if run_dir.exists() and read_saved_config(run_dir) is not None else []
     seconds = sum(float(row.get("epoch_seconds") or 0.0) for row in rows)
     finished = run_is_finished(rows, config.max_epochs)
+    holder = None if finished or reuses else claim_holder(config.run_dir)
     return RunState(config.run_dir.name, config.max_epochs, len(rows), finished, seconds, reuses,
-                    run_dir if rows else None)
+                    run_dir if rows else None, None if holder is None else describe_holder(holder))
 
 
 def epochs_left_line(states: Sequence[RunState]) -> str:
@@ -60,8 +65,11 @@ def epochs_left_line(states: Sequence[RunState]) -> str:
     of the epochs trained so far (every arm's, so an arm much slower than the rest makes it an underestimate)."""
     finished = sum(state.finished for state in states)
     partial = sum(not state.finished and state.epochs_done > 0 for state in states)
+    training = sum(state.training_by is not None for state in states)
     left = sum(state.max_epochs - state.epochs_done for state in states if not state.finished)
-    line = f"{finished} of {len(states)} run(s) finished, {partial} partly trained; at most {left} epoch(s) left"
+    line = f"{finished} of {len(states)} run(s) finished, {partial} partly trained"
+    line += f", {training} in training now" if training else ""
+    line += f"; at most {left} epoch(s) left"
     trained = [state for state in states if state.epochs_done and not state.reuses]
     epochs = sum(state.epochs_done for state in trained)
     seconds = sum(state.seconds for state in trained)

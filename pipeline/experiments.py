@@ -26,6 +26,10 @@ trained yet (a start that failed on a wrong path, say) starts again under the ar
 ``pipeline.train``. ``--status`` trains and writes nothing: it prints each arm x seed's state (finished, the
 epochs a partly trained run has, not started, the finished run it reuses or would), the epochs left with an
 estimate, and the validation table of the runs finished so far (a row short of seeds says how many it has).
+Several invocations of the same command can share an experiment (terminals, SLURM jobs on a shared runs folder):
+each run is claimed while it trains (:mod:`pipeline.run_claims`), another invocation skips it (``dwa-seed1: in
+training by pid 4242 on node3 since ...``) and trains the next, and ``--status`` names who trains what. An
+invocation that ends while a run it skipped is unfinished writes no table; the one that finishes the last run does.
 Where the runs folder is not kept between sessions, ``python -m pipeline.run_archive save|restore`` carries the
 finished runs' records (no weights) elsewhere and back; ``--split test`` reports a restored run from the test
 evaluation recorded for its best epoch.
@@ -105,6 +109,7 @@ from pipeline.experiment_tables import (
     PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, CellStats, delta_m_by_row, format_table, plot_comparison,
     split_file, summarize, write_results,
 )
+from pipeline.run_claims import claim_holder, claimed, describe_holder
 from pipeline.run_summary import chance_levels
 from pipeline.schema import TaskSpec, get_task
 from pipeline.train import check_init_from
@@ -126,22 +131,36 @@ def format_estimate(trained: Sequence[tuple[float, int]], remaining_runs: int, e
             f"epochs ({per_epoch / 60:.1f} min per epoch here)")
 
 
+class ArmOutcome(NamedTuple):
+    run_dir: Path
+    trained: tuple[float, int] | None  # seconds and epochs trained now; None when skipped
+    elsewhere: str | None = None  # the process training it now, where another one holds its claim
+
+
 def train_arm(config_path: Path | None, run_overrides: Sequence[str], config: TrainConfig,
-              local: bool) -> tuple[Path, tuple[float, int] | None]:
+              local: bool) -> ArmOutcome:
     """Train one arm x seed (``config``, the config file with ``run_overrides``) through ``pipeline.train`` unless
-    its run folder is finished; returns the run folder and the seconds and epochs it trained now (None when
-    skipped)."""
-    rows_before = read_rows(config.run_dir)
-    if run_is_finished(rows_before, config.max_epochs):
+    its run folder is finished or another process holds its claim (:mod:`pipeline.run_claims`)."""
+    if run_is_finished(read_rows(config.run_dir), config.max_epochs):
         print(f"{config.run_dir.name}: finished, skipped", flush=True)
-        return config.run_dir, None
-    started = time.perf_counter()
-    argv = [*(["--config", str(config_path)] if config_path else []), *run_overrides, *(["--local"] if local else [])]
-    code = train_main(argv)
+        return ArmOutcome(config.run_dir, None)
+    with claimed(config.run_dir) as mine:
+        if not mine:
+            holder = describe_holder(claim_holder(config.run_dir) or {})
+            print(f"{config.run_dir.name}: in training by {holder}, skipped here", flush=True)
+            return ArmOutcome(config.run_dir, None, holder)
+        rows_before = read_rows(config.run_dir)  # again: it may have finished while another process held it
+        if run_is_finished(rows_before, config.max_epochs):
+            print(f"{config.run_dir.name}: finished (by another process), skipped", flush=True)
+            return ArmOutcome(config.run_dir, None)
+        started = time.perf_counter()
+        argv = [*(["--config", str(config_path)] if config_path else []), *run_overrides,
+                *(["--local"] if local else [])]
+        code = train_main(argv)
     if code != 0:
         raise ExperimentError(f"training {config.run_dir} failed (exit {code}); its output is above. "
                               "Running the experiment again resumes it and skips the finished runs")
-    return config.run_dir, (time.perf_counter() - started, len(read_rows(config.run_dir)) - len(rows_before))
+    return ArmOutcome(config.run_dir, (time.perf_counter() - started, len(read_rows(config.run_dir)) - len(rows_before)))
 
 
 @dataclass
@@ -188,9 +207,11 @@ def plan_experiment(experiment: str, config_path: Path | None, overrides: Sequen
 def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
                    out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = (),
                    single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
-                   init_from: Path | None = None, reuse: bool = True) -> Path:
-    """Train every arm x seed (skipping finished runs and, when ``reuse``, linking to finished runs of the same
-    config in sibling experiment folders), then write the results, table and plot of ``split``."""
+                   init_from: Path | None = None, reuse: bool = True) -> tuple[Path, list[str]]:
+    """Train every arm x seed (skipping finished runs, runs another process is training and, when ``reuse``,
+    linking to finished runs of the same config in sibling experiment folders), then write the results, table and
+    plot of ``split``. Returns the experiment folder and the runs still training in other processes: where there
+    are any, nothing is written (the invocation that finishes last writes it)."""
     plan = plan_experiment(experiment, config_path, overrides, seeds, out_name, single_tasks, weightings, init_from)
     experiment_dir, runs, configs = plan.experiment_dir, plan.runs, plan.configs
     experiment_dir.mkdir(parents=True, exist_ok=True)
@@ -199,16 +220,27 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     record_invocation(experiment_dir, command, plan.shard_sets, plan.source, reused)  # links made are recorded as ours
     for config in configs:  # before anything trains: a folder of another config refuses the experiment
         check_run_folder(config)
-    records, durations, total = [], [], len(runs)
+    by_index, durations, total, elsewhere = {}, [], len(runs), []
     for number, ((arm, seed), run_overrides, config) in enumerate(zip(runs, plan.overrides_by_run, configs), start=1):
         print(f"\n[{number}/{total}] {arm.name}, seed {seed}", flush=True)
-        run_dir, trained = train_arm(config_path, run_overrides, config, local)
-        if trained is not None:
-            durations.append(trained)
+        outcome = train_arm(config_path, run_overrides, config, local)
+        if outcome.elsewhere is not None:
+            elsewhere.append(number - 1)
+            continue
+        if outcome.trained is not None:
+            durations.append(outcome.trained)
             remaining = sum(later.run_dir.name not in reused for later in configs[number:])
             estimate = format_estimate(durations, remaining, plan.base.max_epochs)
-            print(f"{run_dir.name}: trained {trained[1]} epoch(s) in {trained[0] / 60:.1f} min{estimate}", flush=True)
-        records.append(result_record(experiment, arm, seed, run_dir, split))
+            print(f"{outcome.run_dir.name}: trained {outcome.trained[1]} epoch(s) in "
+                  f"{outcome.trained[0] / 60:.1f} min{estimate}", flush=True)
+        by_index[number - 1] = result_record(experiment, arm, seed, outcome.run_dir, split)
+    for index in elsewhere:  # those another process trained: finished by now, or the last process writes the table
+        if run_is_finished(read_rows(configs[index].run_dir), configs[index].max_epochs):
+            by_index[index] = result_record(experiment, *runs[index], configs[index].run_dir, split)
+    still_training = [configs[index].run_dir.name for index in elsewhere if index not in by_index]
+    if still_training:
+        return experiment_dir, still_training
+    records = [by_index[index] for index in range(total)]
 
     table = results_table(experiment, plan, records, seeds, split)
     write_results(records, experiment_dir / split_file(RESULTS_FILE, split))
@@ -217,7 +249,7 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
                     f"{experiment} ({SPLIT_NAMES[split]}, {seeds} seed{'s' if seeds > 1 else ''})",
                     experiment_dir / split_file(PLOT_FILE, split))
     print(f"\n{table.markdown}")
-    return experiment_dir
+    return experiment_dir, []
 
 
 class ResultsTable(NamedTuple):
@@ -294,16 +326,21 @@ def main(argv: list[str] | None = None) -> int:
                                    comma_list(args.single_tasks), comma_list(args.weightings), args.init_from)
             show_status(args.experiment, plan, args.seeds, not args.no_reuse)
             return 0
-        experiment_dir = run_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name, args.local,
-                                        args.split, ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])],
-                                        comma_list(args.single_tasks), comma_list(args.weightings), args.init_from,
-                                        not args.no_reuse)
+        experiment_dir, still_training = run_experiment(
+            args.experiment, args.config, args.overrides, args.seeds, args.name, args.local, args.split,
+            ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])], comma_list(args.single_tasks),
+            comma_list(args.weightings), args.init_from, not args.no_reuse)
     except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ExperimentError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if still_training:
+        print(f"\nthis invocation's part done in {time.perf_counter() - started:.0f} s; not finished: "
+              f"{', '.join(still_training)}, which another process held (`--status` shows whether it still trains): "
+              f"the invocation that finishes the last run writes the table; or run this command again then")
+        return 0
     print(f"experiment done in {time.perf_counter() - started:.0f} s. Results in {experiment_dir}:")
     files = (split_file(name, args.split) for name in (TABLE_FILE, PLOT_FILE, RESULTS_FILE))
     print("  {}, {}, {} (one row per arm x seed), <arm>-seed<k>/ (the runs)".format(*files))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from pipeline.losses import WEIGHTINGS
 from pipeline.run_archive import main as archive_main
 from pipeline.schema import get_task
 from pipeline.train import main as train_main
+from tests.test_run_claims import hold_claim
 from tests.test_train import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,6 +314,61 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
 
     assert main([*argv[:-1], "optim.lr=0.01", "--local"]) == 1  # another config in the same folder: refused
     assert "trained with another config (optim.lr 0.001 -> 0.01)" in capsys.readouterr().err
+
+
+def test_invocations_share_an_experiment_each_training_the_runs_no_other_process_holds(
+        synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        one_torch_thread) -> None:
+    shards = {name: synthetic_shards[name] for name in ("utk", "celeba")}
+    overrides = tiny_overrides(shards, tmp_path, "unused", "data.tasks=[age,gender]", "max_epochs=1",
+                               "data.loader_workers=0")
+    argv = ["mtl-vs-single", "--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--name", "cmp", "--local"]
+    experiment = tmp_path / "cmp"
+    holder = hold_claim(experiment / "single-gender-seed0")  # another invocation is training it
+    try:
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert f"single-gender-seed0: in training by pid {holder.pid} on " in out
+        assert "not finished: single-gender-seed0, which another process held" in out
+        assert all((experiment / run / "metrics.parquet").exists() for run in ("single-age-seed0", "mtl-seed0"))
+        assert not (experiment / "single-gender-seed0").exists()
+        assert not (experiment / "table.md").exists()  # a table without that run would look whole
+        assert main([*argv, "--status"]) == 0
+        status = capsys.readouterr().out
+        assert re.search(rf"single-gender-seed0 +0 of 1 epochs, in training by pid {holder.pid} on ", status)
+        assert "2 of 3 run(s) finished, 0 partly trained, 1 in training now;" in status
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert main(argv) == 0  # the holder ended without finishing it: the next invocation trains it, then the table
+    out = capsys.readouterr().out
+    assert out.count("finished, skipped") == 2 and "single-gender-seed0: trained 1 epoch(s)" in out
+    table = (experiment / "table.md").read_text()
+    assert "| single-task | " in table and "(2 of 3 runs)" not in table
+
+    # A run another process holds and finishes while this one trains the rest: this one writes the whole table.
+    shutil.rmtree(experiment)
+    other = hold_claim(experiment / "single-age-seed0")
+    trainer = train_main
+
+    single_age = experiment_arms("mtl-vs-single", ["age"], {"age": [str(shards["utk"])]}, ["age"])[0]
+    other_argv = ["--config", str(REPO / "configs" / "demo.yaml"), *overrides,
+                  *arm_overrides(single_age, 0, experiment), "--local"]
+
+    def train_then_let_the_other_finish(train_argv: list[str]) -> int:
+        if 'name="mtl-seed0"' in train_argv:  # meanwhile the other process trained single-age-seed0 and ended
+            assert trainer(other_argv) == 0
+            other.stdin.close()
+            other.wait(timeout=30)
+        return trainer(train_argv)
+
+    monkeypatch.setattr("pipeline.experiments.train_main", train_then_let_the_other_finish)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "single-age-seed0: in training by pid" in out and "not finished" not in out
+    results = pq.read_table(experiment / "results.parquet").to_pylist()
+    assert [r["arm"] for r in results] == ["single-age", "single-gender", "mtl"]
+    assert results[0]["val/age/mae"] > 0
 
 
 def test_a_run_folder_where_nothing_was_trained_starts_again_under_the_new_config(tmp_path: Path, capsys) -> None:
