@@ -160,7 +160,8 @@ def train_arm(config_path: Path | None, run_overrides: Sequence[str], config: Tr
     if code != 0:
         raise ExperimentError(f"training {config.run_dir} failed (exit {code}); its output is above. "
                               "Running the experiment again resumes it and skips the finished runs")
-    return ArmOutcome(config.run_dir, (time.perf_counter() - started, len(read_rows(config.run_dir)) - len(rows_before)))
+    epochs = len(read_rows(config.run_dir)) - len(rows_before)
+    return ArmOutcome(config.run_dir, (time.perf_counter() - started, epochs))
 
 
 @dataclass

@@ -171,7 +171,8 @@ def test_the_command_line_says_what_it_copied_and_refuses_a_missing_folder(tmp_p
 
 def test_restore_relocates_the_configs_paths_so_the_experiment_takes_the_run_on_another_layout(tmp_path: Path) -> None:
     def config(root: Path):
-        return load_config(None, [f"runs_dir={root}/runs/freeze", "name=none-seed0", "max_epochs=10", "data.tasks=[age]",
+        return load_config(None, [f"runs_dir={root}/runs/freeze", "name=none-seed0", "max_epochs=10",
+                                  "data.tasks=[age]",
                                   f"data.datasets=[{root}/shards/utk]", f"model.weights_path={root}/weights/w.pth"])
 
     old, new, records = tmp_path / "old", tmp_path / "new", tmp_path / "records"
