@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pipeline.data import ShardSet
-from pipeline.provenance import git_commit, read_records, read_starts
+from pipeline.provenance import append_record, git_commit, read_records, read_starts
 from pipeline.run_records import BEST_MODEL_FILE, network_file_of
 
 INVOCATIONS_FILE = "invocations.jsonl"  # every command that ran this experiment, with commit and shard summaries
@@ -52,5 +52,4 @@ def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: 
              "shards": {str(s.root): json.loads((s.root / "summary.json").read_text()) for s in shard_sets},
              "reused_runs": dict(reused_runs or {}),
              **({"init_from": dict(source)} if source is not None else {})}
-    with (experiment_dir / INVOCATIONS_FILE).open("a") as handle:
-        handle.write(json.dumps(entry) + "\n")
+    append_record(experiment_dir / INVOCATIONS_FILE, entry)

@@ -86,7 +86,7 @@ def link_reused_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse
                 linked[run_dir.name] = link
                 print(f"{run_dir.name}: reuses {link} (finished), as linked before", flush=True)
                 continue
-            run_dir.unlink()  # only the link: the run it pointed to stays with its experiment
+            run_dir.unlink(missing_ok=True)  # only the link, not its run; missing: another invocation removed it
             why = "--no-reuse" if not reuse else "not a finished run of this config any more"
             print(f"{run_dir.name}: link to {link} removed ({why})", flush=True)
         if reuse and not run_dir.exists():
@@ -99,7 +99,11 @@ def link_reused_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse
         if not matches:
             continue
         links = [os.path.relpath(run_dir, experiment_dir.resolve()) for run_dir in matches]
-        config.run_dir.symlink_to(links[0], target_is_directory=True)
+        try:
+            config.run_dir.symlink_to(links[0], target_is_directory=True)
+        except FileExistsError:  # another invocation of the experiment got there first (pipeline.run_claims)
+            if not (config.run_dir.is_symlink() and os.readlink(config.run_dir) == links[0]):
+                continue  # it started the arm in a folder of its own: that is the arm's run now
         linked[config.run_dir.name] = links[0]
         print(reuse_line(config.run_dir.name, links), flush=True)
     return linked

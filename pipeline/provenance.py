@@ -11,7 +11,7 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -64,10 +64,16 @@ def start_record(command: Sequence[str]) -> dict[str, Any]:
             "python": platform.python_version(), "packages": package_versions()}
 
 
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line in one unbuffered ``write`` to a file opened for appending: the line is whole or
+    absent, and lines of processes appending at once (invocations sharing an experiment) never interleave."""
+    with path.open("ab", buffering=0) as handle:
+        handle.write((json.dumps(record) + "\n").encode())
+
+
 def record_start(run_dir: Path, command: Sequence[str]) -> None:
-    """Append this start to ``run_dir/starts.jsonl``; a line is whole or absent (one small append)."""
-    with (run_dir / STARTS_FILE).open("a") as handle:
-        handle.write(json.dumps(start_record(command)) + "\n")
+    """Append this start to ``run_dir/starts.jsonl``."""
+    append_record(run_dir / STARTS_FILE, start_record(command))
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

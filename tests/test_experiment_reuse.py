@@ -172,3 +172,32 @@ def test_weighting_reuses_the_finished_mtl_run_of_mtl_vs_single_and_no_reuse_tra
     assert load_config(mtl / CONFIG_FILE).name == "mtl-seed0"
     assert (mtl / METRICS_FILE).stat().st_mtime_ns == mtl_metrics_mtime
     assert json.loads((experiment / "invocations.jsonl").read_text().splitlines()[-1])["reused_runs"] == {}
+
+
+def test_two_invocations_starting_together_make_the_same_link_once_or_keep_the_others_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = tmp_path / "runs"
+    saved_run(runs, "mtl-vs-single", "mtl-seed0")
+    arm = run_config(runs, "weighting", "learned-seed0")
+    (runs / "weighting").mkdir()
+    import pipeline.experiment_reuse as reuse
+
+    siblings = reuse.sibling_run_configs
+
+    def another_invocation_first(experiment_dir: Path):  # between this one's look and its link
+        os.symlink("../mtl-vs-single/mtl-seed0", arm.run_dir)
+        return siblings(experiment_dir)
+
+    monkeypatch.setattr(reuse, "sibling_run_configs", another_invocation_first)
+    assert link_reused_runs([arm], runs / "weighting") == {"learned-seed0": "../mtl-vs-single/mtl-seed0"}
+    assert os.readlink(arm.run_dir) == "../mtl-vs-single/mtl-seed0"
+
+    os.unlink(arm.run_dir)
+
+    def another_invocation_trains_it(experiment_dir: Path):
+        arm.run_dir.mkdir()
+        return siblings(experiment_dir)
+
+    monkeypatch.setattr(reuse, "sibling_run_configs", another_invocation_trains_it)
+    assert link_reused_runs([arm], runs / "weighting") == {}
+    assert arm.run_dir.is_dir() and not arm.run_dir.is_symlink()

@@ -77,3 +77,16 @@ def test_a_claim_that_says_nothing_yet_names_another_process(tmp_path: Path, con
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
+
+
+def test_lines_appended_by_processes_at_once_stay_whole(tmp_path: Path) -> None:
+    """invocations.jsonl is appended by every invocation sharing an experiment: lines larger than any buffer
+    (a config of many tasks, many shard summaries) from four processes at once each stay one whole line."""
+    path = tmp_path / "invocations.jsonl"
+    script = ("import sys; from pathlib import Path; from pipeline.provenance import append_record\n"
+              "for k in range(40):\n"
+              "    append_record(Path(sys.argv[1]), {'writer': sys.argv[2], 'k': k, 'pad': 'x' * 300000})")
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(path), str(w)], cwd=REPO) for w in range(4)]
+    assert [writer.wait(timeout=120) for writer in writers] == [0] * 4
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted((r["writer"], r["k"]) for r in records) == sorted((str(w), k) for w in range(4) for k in range(40))
