@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -351,8 +352,11 @@ def describe_differences(saved: dict[str, Any], wanted: dict[str, Any], keys: ty
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
+    """Written whole or not at all: another invocation of an experiment may be reading it (pipeline.run_claims)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    os.replace(temporary, path)
 
 
 def with_absolute_paths(config: TrainConfig, base: Path | None = None) -> TrainConfig:

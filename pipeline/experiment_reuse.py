@@ -14,6 +14,7 @@ import yaml
 from pipeline.config import RESUMABLE_KEYS, TrainConfig, config_differences, to_dict
 from pipeline.experiment_invocations import recorded_links
 from pipeline.experiment_runs import read_rows, run_is_finished
+from pipeline.run_claims import claim_holder
 from pipeline.run_records import CONFIG_FILE
 
 # What a resume may change but the results do not; unlike resuming, max_epochs counts: 10 epochs are not 12.
@@ -89,7 +90,7 @@ def link_reused_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse
             run_dir.unlink(missing_ok=True)  # only the link, not its run; missing: another invocation removed it
             why = "--no-reuse" if not reuse else "not a finished run of this config any more"
             print(f"{run_dir.name}: link to {link} removed ({why})", flush=True)
-        if reuse and not run_dir.exists():
+        if reuse and not run_dir.exists() and claim_holder(run_dir) is None:  # held: another invocation starts it
             unlinked.append(config)
     if not unlinked:
         return linked

@@ -64,7 +64,7 @@ def epochs_left_line(states: Sequence[RunState]) -> str:
     """How many runs are finished, and the epochs left at most with the time they may take at the seconds per epoch
     of the epochs trained so far (every arm's, so an arm much slower than the rest makes it an underestimate)."""
     finished = sum(state.finished for state in states)
-    partial = sum(not state.finished and state.epochs_done > 0 for state in states)
+    partial = sum(not state.finished and state.epochs_done > 0 and not state.training_by for state in states)
     training = sum(state.training_by is not None for state in states)
     left = sum(state.max_epochs - state.epochs_done for state in states if not state.finished)
     line = f"{finished} of {len(states)} run(s) finished, {partial} partly trained"

@@ -28,8 +28,9 @@ epochs a partly trained run has, not started, the finished run it reuses or woul
 estimate, and the validation table of the runs finished so far (a row short of seeds says how many it has).
 Several invocations of the same command can share an experiment (terminals, SLURM jobs on a shared runs folder):
 each run is claimed while it trains (:mod:`pipeline.run_claims`), another invocation skips it (``dwa-seed1: in
-training by pid 4242 on node3 since ...``) and trains the next, and ``--status`` names who trains what. An
-invocation that ends while a run it skipped is unfinished writes no table; the one that finishes the last run does.
+training by pid 4242 on node3 since ...``), trains the next and, at its end, tries the runs it skipped again (their
+holder may have died); ``--status`` names who trains what. An invocation that ends while a run is unfinished
+writes no table; the one that finishes the last run does.
 Where the runs folder is not kept between sessions, ``python -m pipeline.run_archive save|restore`` carries the
 finished runs' records (no weights) elsewhere and back; ``--split test`` reports a restored run from the test
 evaluation recorded for its best epoch.
@@ -211,8 +212,9 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
                    init_from: Path | None = None, reuse: bool = True) -> tuple[Path, list[str]]:
     """Train every arm x seed (skipping finished runs, runs another process is training and, when ``reuse``,
     linking to finished runs of the same config in sibling experiment folders), then write the results, table and
-    plot of ``split``. Returns the experiment folder and the runs still training in other processes: where there
-    are any, nothing is written (the invocation that finishes last writes it)."""
+    plot of ``split``. A run found held is tried again at the end if its holder ended before finishing it. Returns
+    the experiment folder and the runs not finished then: where there are any, nothing is written (the invocation
+    that finishes the last run writes it; invocations finishing together write it once)."""
     plan = plan_experiment(experiment, config_path, overrides, seeds, out_name, single_tasks, weightings, init_from)
     experiment_dir, runs, configs = plan.experiment_dir, plan.runs, plan.configs
     experiment_dir.mkdir(parents=True, exist_ok=True)
@@ -221,28 +223,43 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     record_invocation(experiment_dir, command, plan.shard_sets, plan.source, reused)  # links made are recorded as ours
     for config in configs:  # before anything trains: a folder of another config refuses the experiment
         check_run_folder(config)
-    by_index, durations, total, elsewhere = {}, [], len(runs), []
-    for number, ((arm, seed), run_overrides, config) in enumerate(zip(runs, plan.overrides_by_run, configs), start=1):
-        print(f"\n[{number}/{total}] {arm.name}, seed {seed}", flush=True)
-        outcome = train_arm(config_path, run_overrides, config, local)
-        if outcome.elsewhere is not None:
-            elsewhere.append(number - 1)
-            continue
+    durations, total = [], len(runs)
+
+    def train(index: int) -> bool:
+        """Train run ``index`` unless it is finished; False where another process holds it."""
+        (arm, seed), config = runs[index], configs[index]
+        print(f"\n[{index + 1}/{total}] {arm.name}, seed {seed}", flush=True)
+        outcome = train_arm(config_path, plan.overrides_by_run[index], config, local)
         if outcome.trained is not None:
             durations.append(outcome.trained)
-            remaining = sum(later.run_dir.name not in reused for later in configs[number:])
+            remaining = sum(later.run_dir.name not in reused for later in configs[index + 1:])
             estimate = format_estimate(durations, remaining, plan.base.max_epochs)
             print(f"{outcome.run_dir.name}: trained {outcome.trained[1]} epoch(s) in "
                   f"{outcome.trained[0] / 60:.1f} min{estimate}", flush=True)
-        by_index[number - 1] = result_record(experiment, arm, seed, outcome.run_dir, split)
-    for index in elsewhere:  # those another process trained: finished by now, or the last process writes the table
-        if run_is_finished(read_rows(configs[index].run_dir), configs[index].max_epochs):
-            by_index[index] = result_record(experiment, *runs[index], configs[index].run_dir, split)
-    still_training = [configs[index].run_dir.name for index in elsewhere if index not in by_index]
-    if still_training:
-        return experiment_dir, still_training
-    records = [by_index[index] for index in range(total)]
+        return outcome.elsewhere is None
 
+    held = [index for index in range(total) if not train(index)]
+    for index in held:  # unfinished and free again: the process that held it ended (failed, killed) too soon
+        if not run_is_finished(read_rows(configs[index].run_dir), configs[index].max_epochs) \
+                and claim_holder(configs[index].run_dir) is None:
+            train(index)
+    unfinished = [config.run_dir.name for config in configs
+                  if not run_is_finished(read_rows(config.run_dir), config.max_epochs)]
+    if unfinished:
+        return experiment_dir, unfinished
+    with claimed(experiment_dir / "table") as mine:  # invocations finishing together: one writes
+        if not mine:
+            print(f"\nanother invocation is writing the table in {experiment_dir}", flush=True)
+            return experiment_dir, []
+        records = [result_record(experiment, arm, seed, config.run_dir, split)
+                   for (arm, seed), config in zip(runs, configs)]
+        write_table(experiment, plan, records, seeds, split)
+    return experiment_dir, []
+
+
+def write_table(experiment: str, plan: ExperimentPlan, records: Sequence[dict[str, Any]], seeds: int,
+                split: str) -> None:
+    experiment_dir = plan.experiment_dir
     table = results_table(experiment, plan, records, seeds, split)
     write_results(records, experiment_dir / split_file(RESULTS_FILE, split))
     (experiment_dir / split_file(TABLE_FILE, split)).write_text(table.markdown)
@@ -250,7 +267,6 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
                     f"{experiment} ({SPLIT_NAMES[split]}, {seeds} seed{'s' if seeds > 1 else ''})",
                     experiment_dir / split_file(PLOT_FILE, split))
     print(f"\n{table.markdown}")
-    return experiment_dir, []
 
 
 class ResultsTable(NamedTuple):
@@ -339,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if still_training:
         print(f"\nthis invocation's part done in {time.perf_counter() - started:.0f} s; not finished: "
-              f"{', '.join(still_training)}, which another process held (`--status` shows whether it still trains): "
-              f"the invocation that finishes the last run writes the table; or run this command again then")
+              f"{', '.join(still_training)}, held by another process (`--status` shows whether it still trains): the "
+              f"invocation that finishes the last run writes the table, else this command run again then")
         return 0
     print(f"experiment done in {time.perf_counter() - started:.0f} s. Results in {experiment_dir}:")
     files = (split_file(name, args.split) for name in (TABLE_FILE, PLOT_FILE, RESULTS_FILE))

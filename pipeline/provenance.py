@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -65,10 +66,14 @@ def start_record(command: Sequence[str]) -> dict[str, Any]:
 
 
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line in one unbuffered ``write`` to a file opened for appending: the line is whole or
-    absent, and lines of processes appending at once (invocations sharing an experiment) never interleave."""
+    """Append one JSON line under an exclusive ``flock``: lines of processes appending at once (invocations sharing
+    an experiment) never interleave, also on NFS, where O_APPEND alone does not make appends atomic."""
+    line = (json.dumps(record) + "\n").encode()
     with path.open("ab", buffering=0) as handle:
-        handle.write((json.dumps(record) + "\n").encode())
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        written = 0
+        while written < len(line):
+            written += handle.write(line[written:])
 
 
 def record_start(run_dir: Path, command: Sequence[str]) -> None:

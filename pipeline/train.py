@@ -142,7 +142,8 @@ def thread_environment() -> dict[str, str]:
 
 
 def connect_ray(min_cpus: int) -> None:
-    """Join ``RAY_ADDRESS`` when set, else start a local Ray with this machine's CPUs, at least ``min_cpus``."""
+    """Join ``RAY_ADDRESS`` when set, else start a local Ray with the CPUs this process may use (a SLURM task's
+    cores where SLURM binds them, else the machine's), at least ``min_cpus``."""
     import ray
 
     from pipeline.cluster import free_port
@@ -159,7 +160,7 @@ def connect_ray(min_cpus: int) -> None:
         # address="local": a new Ray here, never another job's `ray start` cluster on this machine, which a
         # plain ray.init() would join. With its dashboard, for the person watching (Ray prints its address).
         dashboard_port = free_port()
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_cpus), include_dashboard=True,
+        ray.init(address="local", num_cpus=max(len(os.sched_getaffinity(0)), min_cpus), include_dashboard=True,
                  dashboard_port=dashboard_port,
                  runtime_env={"env_vars": {**job_environment(dashboard_url=f"http://127.0.0.1:{dashboard_port}"),
                                            **thread_environment()}})

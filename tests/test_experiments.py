@@ -329,7 +329,7 @@ def test_invocations_share_an_experiment_each_training_the_runs_no_other_process
         assert main(argv) == 0
         out = capsys.readouterr().out
         assert f"single-gender-seed0: in training by pid {holder.pid} on " in out
-        assert "not finished: single-gender-seed0, which another process held" in out
+        assert "not finished: single-gender-seed0, held by another process" in out
         assert all((experiment / run / "metrics.parquet").exists() for run in ("single-age-seed0", "mtl-seed0"))
         assert not (experiment / "single-gender-seed0").exists()
         assert not (experiment / "table.md").exists()  # a table without that run would look whole
@@ -369,6 +369,23 @@ def test_invocations_share_an_experiment_each_training_the_runs_no_other_process
     results = pq.read_table(experiment / "results.parquet").to_pylist()
     assert [r["arm"] for r in results] == ["single-age", "single-gender", "mtl"]
     assert results[0]["val/age/mae"] > 0
+
+    # A holder that ends without finishing its run (failed, killed): this invocation trains it at the end.
+    shutil.rmtree(experiment)
+    failed = hold_claim(experiment / "single-gender-seed0")
+
+    def train_then_the_other_fails(train_argv: list[str]) -> int:
+        if 'name="mtl-seed0"' in train_argv:
+            failed.kill()
+            failed.wait(timeout=30)
+        return trainer(train_argv)
+
+    monkeypatch.setattr("pipeline.experiments.train_main", train_then_the_other_fails)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.index("single-gender-seed0: in training by pid") < out.index("[2/3] single-gender, seed 0\n",
+                                                                            out.index("mtl-seed0: trained"))
+    assert "single-gender-seed0: trained 1 epoch(s)" in out and (experiment / "table.md").exists()
 
 
 def test_a_run_folder_where_nothing_was_trained_starts_again_under_the_new_config(tmp_path: Path, capsys) -> None:

@@ -90,3 +90,23 @@ def test_lines_appended_by_processes_at_once_stay_whole(tmp_path: Path) -> None:
     assert [writer.wait(timeout=120) for writer in writers] == [0] * 4
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted((r["writer"], r["k"]) for r in records) == sorted((str(w), k) for w in range(4) for k in range(40))
+
+
+def test_a_forked_child_such_as_a_loader_worker_does_not_keep_its_parents_claim(tmp_path: Path) -> None:
+    run_dir = tmp_path / "dwa-seed0"
+    script = ("import os, sys, time; from pathlib import Path; from pipeline.run_claims import claimed\n"
+              "with claimed(Path(sys.argv[1])) as mine:\n"
+              "    child = os.fork()\n"
+              "    if child == 0:\n        time.sleep(60); os._exit(0)\n"
+              "    print(child, flush=True); sys.stdin.read()")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert claim_holder(run_dir)["pid"] == parent.pid
+        parent.kill()
+        parent.wait(timeout=30)
+        os.kill(child, 0)  # the child lives on
+        assert claim_holder(run_dir) is None
+    finally:
+        os.kill(child, signal.SIGKILL)
