@@ -7,6 +7,7 @@ restored without its weights by :mod:`pipeline.run_archive`).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -17,6 +18,7 @@ from pipeline.config import TrainConfig, config_differences, describe_difference
 from pipeline.evaluate import EVALUATION_DIR, METRICS_JSON, EvaluationError, evaluate_checkpoint
 from pipeline.experiment_arms import Arm, ExperimentError
 from pipeline.inference import CheckpointError
+from pipeline.provenance import read_starts
 from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE, has_records
 
 
@@ -126,3 +128,24 @@ def result_record(experiment: str, arm: Arm, seed: int, run_dir: Path, split: st
         metrics = evaluate_best_model(run_dir, split)
     return {"experiment": experiment, "arm": arm.name, "row": arm.row, "seed": seed, "run_dir": str(run_dir),
             "best_epoch": int(best["epoch"]), "epochs_run": len(rows), **metrics}
+
+
+def describe_cpu(cpu: Mapping[str, Any] | None) -> str:
+    if not cpu:
+        return "CPU not recorded"
+    return f"{cpu.get('model', 'unknown')} ({cpu.get('torch_capability', '?')})"
+
+
+def training_line(run_dirs: Sequence[Path]) -> str:
+    """How long the runs of a table trained (their epochs' seconds, summed) and on which CPUs, from starts.jsonl: the
+    same config and seed train along another path on another CPU, so a table whose runs come from several machines
+    says so. A run started on two machines counts under both."""
+    minutes = [sum(float(row.get("epoch_seconds") or 0.0) for row in read_rows(run_dir)) / 60 for run_dir in run_dirs]
+    if not minutes:
+        return ""
+    cpus: Counter[str] = Counter()
+    for run_dir in run_dirs:
+        cpus.update({describe_cpu(start.get("cpu")) for start in read_starts(run_dir)} or {describe_cpu(None)})
+    where = "; ".join(f"{cpu}: {count} run{'s' if count > 1 else ''}" for cpu, count in cpus.most_common())
+    return (f"Trained: {len(minutes)} run{'s' if len(minutes) > 1 else ''}, {sum(minutes) / 60:.1f} h of epochs in all "
+            f"({min(minutes):.0f}-{max(minutes):.0f} min a run). {where}.")

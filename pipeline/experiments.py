@@ -104,7 +104,7 @@ from pipeline.experiment_arms import (
 )
 from pipeline.experiment_invocations import describe_source, record_invocation
 from pipeline.experiment_reuse import link_reused_runs, sibling_run_configs
-from pipeline.experiment_runs import check_run_folder, read_rows, result_record, run_is_finished
+from pipeline.experiment_runs import check_run_folder, read_rows, result_record, run_is_finished, training_line
 from pipeline.experiment_status import format_status, partial_row_labels, run_state
 from pipeline.experiment_tables import (
     PLOT_FILE, RESULTS_FILE, SPLIT_NAMES, TABLE_FILE, CellStats, delta_m_by_row, format_table, plot_comparison,
@@ -286,7 +286,8 @@ def results_table(experiment: str, plan: ExperimentPlan, records: Sequence[dict[
     baseline = baseline_row(plan.arms)
     deltas = delta_m_by_row(records, summary, baseline, tasks, split)
     table = format_table(experiment, baseline, summary, deltas, tasks, chance, seeds, split, row_labels)
-    return ResultsTable(tasks, summary, chance, table)
+    trained = training_line([Path(record["run_dir"]) for record in records])
+    return ResultsTable(tasks, summary, chance, f"{table}\n{trained}\n" if trained else table)
 
 
 def show_status(experiment: str, plan: ExperimentPlan, seeds: int, reuse: bool) -> None:

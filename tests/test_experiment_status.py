@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,3 +93,20 @@ def test_a_run_another_process_trains_says_by_whom() -> None:
     assert state.describe() == "3 of 10 epochs, in training by pid 7 on node1 since 2026-12-01 01:00:00"
     assert epochs_left_line([state, RunState("rlw-seed0", 10, 0, False, 0.0)]).startswith(
         "0 of 2 run(s) finished, 0 partly trained, 1 in training now; at most 17 epoch(s) left")
+
+
+def test_a_tables_training_line_sums_the_epochs_and_names_each_runs_cpu(tmp_path: Path) -> None:
+    from pipeline.experiment_runs import training_line
+
+    xeon = {"model": "Intel Xeon", "torch_capability": "AVX512", "torch_threads": 1}
+    runs = []
+    for name, epochs, starts in [("a", 10, [xeon]), ("b", 4, [xeon, {"model": "AMD EPYC", "torch_capability": "AVX2"}]),
+                                 ("c", 2, [])]:
+        config = arm_config(tmp_path, name)
+        write_run(config, epochs, seconds_per_epoch=90.0)
+        (config.run_dir / "starts.jsonl").write_text("".join(json.dumps({"cpu": cpu}) + "\n" for cpu in starts))
+        runs.append(config.run_dir)
+    # 16 epochs x 90 s = 24 min; b was resumed on another machine, c records no CPU (started before it was kept)
+    assert training_line(runs) == ("Trained: 3 runs, 0.4 h of epochs in all (3-15 min a run). Intel Xeon (AVX512): "
+                                   "2 runs; AMD EPYC (AVX2): 1 run; CPU not recorded: 1 run.")
+    assert training_line([]) == ""
