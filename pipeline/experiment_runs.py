@@ -43,6 +43,11 @@ def run_is_finished(rows: Sequence[Mapping[str, Any]], max_epochs: int) -> bool:
     return bool(tasks) and tasks <= set(json.loads(done) if isinstance(done, str) else done)
 
 
+def trained_seconds(rows: Sequence[Mapping[str, Any]]) -> float:
+    """The epochs' own seconds (metrics.parquet's ``epoch_seconds``), summed."""
+    return sum(float(row.get("epoch_seconds") or 0.0) for row in rows)
+
+
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     return pq.read_table(path).to_pylist() if path.exists() else []
@@ -140,7 +145,7 @@ def training_line(run_dirs: Sequence[Path]) -> str:
     """How long the runs of a table trained (their epochs' seconds, summed) and on which CPUs, from starts.jsonl: the
     same config and seed train along another path on another CPU, so a table whose runs come from several machines
     says so. A run started on two machines counts under both."""
-    minutes = [sum(float(row.get("epoch_seconds") or 0.0) for row in read_rows(run_dir)) / 60 for run_dir in run_dirs]
+    minutes = [trained_seconds(read_rows(run_dir)) / 60 for run_dir in run_dirs]
     if not minutes:
         return ""
     cpus: Counter[str] = Counter()

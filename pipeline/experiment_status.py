@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.config import TrainConfig
 from pipeline.experiment_reuse import finished_same_runs, read_saved_config
-from pipeline.experiment_runs import read_rows, run_is_finished
+from pipeline.experiment_runs import read_rows, run_is_finished, trained_seconds
 from pipeline.run_claims import claim_holder, describe_holder
 
 
@@ -53,7 +53,7 @@ def run_state(config: TrainConfig, experiment_dir: Path, siblings: Mapping[Path,
             run_dir = matches[0]
             reuses = os.path.relpath(run_dir, experiment_dir.resolve()) + " (when run)"
     rows = read_rows(run_dir) if run_dir.exists() and read_saved_config(run_dir) is not None else []
-    seconds = sum(float(row.get("epoch_seconds") or 0.0) for row in rows)
+    seconds = trained_seconds(rows)
     finished = run_is_finished(rows, config.max_epochs)
     holder = None if finished or reuses else claim_holder(config.run_dir)
     return RunState(config.run_dir.name, config.max_epochs, len(rows), finished, seconds, reuses,

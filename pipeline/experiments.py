@@ -135,7 +135,7 @@ def format_estimate(trained: Sequence[tuple[float, int]], remaining_runs: int, e
 class ArmOutcome(NamedTuple):
     run_dir: Path
     trained: tuple[float, int] | None  # seconds and epochs trained now; None when skipped
-    elsewhere: str | None = None  # the process training it now, where another one holds its claim
+    held_elsewhere: bool = False  # another process holds its claim (and trains it)
 
 
 def train_arm(config_path: Path | None, run_overrides: Sequence[str], config: TrainConfig,
@@ -149,7 +149,7 @@ def train_arm(config_path: Path | None, run_overrides: Sequence[str], config: Tr
         if not mine:
             holder = describe_holder(claim_holder(config.run_dir) or {})
             print(f"{config.run_dir.name}: in training by {holder}, skipped here", flush=True)
-            return ArmOutcome(config.run_dir, None, holder)
+            return ArmOutcome(config.run_dir, None, held_elsewhere=True)
         rows_before = read_rows(config.run_dir)  # again: it may have finished while another process held it
         if run_is_finished(rows_before, config.max_epochs):
             print(f"{config.run_dir.name}: finished (by another process), skipped", flush=True)
@@ -236,7 +236,7 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
             estimate = format_estimate(durations, remaining, plan.base.max_epochs)
             print(f"{outcome.run_dir.name}: trained {outcome.trained[1]} epoch(s) in "
                   f"{outcome.trained[0] / 60:.1f} min{estimate}", flush=True)
-        return outcome.elsewhere is None
+        return not outcome.held_elsewhere
 
     held = [index for index in range(total) if not train(index)]
     for index in held:  # unfinished and free again: the process that held it ended (failed, killed) too soon
