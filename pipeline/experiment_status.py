@@ -5,6 +5,7 @@ each arm x seed's state, the epochs left with a time estimate, and the validatio
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ class RunState:
     reuses: str | None = None  # the sibling experiment's run it links to, or would link to when run
     run_dir: Path | None = None  # where its records are: its own folder or the reused run; None when not started
     training_by: str | None = None  # the process that holds its claim (pipeline.run_claims) and trains it now
+
+    @property
+    def arm(self) -> str:
+        """The arm this run is a seed of: its name without ``-seed<k>``."""
+        return re.sub(r"-seed\d+$", "", self.name)
 
     def describe(self) -> str:
         reused = f" = {self.reuses}" if self.reuses else ""
@@ -61,8 +67,9 @@ def run_state(config: TrainConfig, experiment_dir: Path, siblings: Mapping[Path,
 
 
 def epochs_left_line(states: Sequence[RunState]) -> str:
-    """How many runs are finished, and the epochs left at most with the time they may take at the seconds per epoch
-    of the epochs trained so far (every arm's, so an arm much slower than the rest makes it an underestimate)."""
+    """How many runs are finished, and the epochs left at most with the time they may take, each run's epochs at
+    its arm's seconds per epoch so far (a gradient-level weighting's epoch costs several of a loss-level one's);
+    an arm with no epoch trained yet is counted at the mean of the others, which the line says."""
     finished = sum(state.finished for state in states)
     partial = sum(not state.finished and state.epochs_done > 0 and not state.training_by for state in states)
     training = sum(state.training_by is not None for state in states)
@@ -70,13 +77,44 @@ def epochs_left_line(states: Sequence[RunState]) -> str:
     line = f"{finished} of {len(states)} run(s) finished, {partial} partly trained"
     line += f", {training} in training now" if training else ""
     line += f"; at most {left} epoch(s) left"
-    trained = [state for state in states if state.epochs_done and not state.reuses]
-    epochs = sum(state.epochs_done for state in trained)
-    seconds = sum(state.seconds for state in trained)
-    if left and epochs and seconds > 0:
-        line += (f", about {seconds / epochs * left / 3600:.1f} h at this experiment's "
-                 f"{seconds / epochs / 60:.1f} min per epoch so far")
+    rates = arm_seconds_per_epoch(states)
+    if not left or not rates:
+        return line
+    mean = mean_seconds_per_epoch(states)
+    unfinished = [state for state in states if not state.finished]
+    seconds = sum((state.max_epochs - state.epochs_done) * rates.get(state.arm, mean) for state in unfinished)
+    line += f", about {seconds / 3600:.1f} h at "
+    if len(rates) == 1:
+        line += f"this experiment's {mean / 60:.1f} min per epoch so far"
+    else:
+        line += (f"each arm's own min per epoch so far ({min(rates.values()) / 60:.1f}-"
+                 f"{max(rates.values()) / 60:.1f})")
+    unmeasured = list(dict.fromkeys(state.arm for state in unfinished if state.arm not in rates))
+    if unmeasured:
+        line += (f"; {len(unmeasured)} arm(s) not begun ({', '.join(unmeasured)}) at the mean, {mean / 60:.1f} min, "
+                 "an underestimate if they are slower")
     return line
+
+
+def trained_here(states: Sequence[RunState]) -> list[RunState]:
+    """The runs with epochs trained in this experiment (a reused run's time is another experiment's)."""
+    return [state for state in states if state.epochs_done and not state.reuses and state.seconds > 0]
+
+
+def arm_seconds_per_epoch(states: Sequence[RunState]) -> dict[str, float]:
+    """Arm -> the seconds per epoch of its epochs trained here, for the arms with any."""
+    totals: dict[str, list[float]] = {}
+    for state in trained_here(states):
+        total = totals.setdefault(state.arm, [0.0, 0.0])
+        total[0] += state.seconds
+        total[1] += state.epochs_done
+    return {arm: seconds / epochs for arm, (seconds, epochs) in totals.items()}
+
+
+def mean_seconds_per_epoch(states: Sequence[RunState]) -> float:
+    """The seconds per epoch of every epoch trained here, all arms together."""
+    trained = trained_here(states)
+    return sum(state.seconds for state in trained) / sum(state.epochs_done for state in trained)
 
 
 def format_status(experiment: str, experiment_dir: Path, states: Sequence[RunState]) -> str:

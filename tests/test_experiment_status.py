@@ -58,12 +58,22 @@ def test_epochs_left_and_the_time_they_may_take() -> None:
     states = [RunState("equal-seed0", 10, 10, True, 1200.0),
               RunState("learned-seed0", 10, 10, True, 9999.0, reuses="../mtl-vs-single/mtl-seed0"),
               RunState("dwa-seed0", 10, 5, False, 600.0), RunState("rlw-seed0", 10, 0, False, 0.0)]
-    # 15 epochs left at the 1800 s / 15 epochs trained here (a reused run's time is another experiment's)
-    assert epochs_left_line(states) == ("2 of 4 run(s) finished, 1 partly trained; at most 15 epoch(s) left, "
-                                        "about 0.5 h at this experiment's 2.0 min per epoch so far")
+    # dwa's 5 epochs left at its own 2 min, rlw's 10 at the mean of the epochs trained here (1800 s / 15: a reused
+    # run's time is another experiment's)
+    assert epochs_left_line(states) == (
+        "2 of 4 run(s) finished, 1 partly trained; at most 15 epoch(s) left, about 0.5 h at each arm's own min per "
+        "epoch so far (2.0-2.0); 1 arm(s) not begun (rlw) at the mean, 2.0 min, an underestimate if they are slower")
     assert epochs_left_line(states[:2]) == "2 of 2 run(s) finished, 0 partly trained; at most 0 epoch(s) left"
     text = format_status("weighting", Path("runs/w"), states)
     assert text.splitlines()[3] == "  dwa-seed0      5 of 10 epochs, resumes from its last checkpoint"
+
+
+def test_each_arm_left_is_estimated_at_its_own_epochs_cost() -> None:
+    states = [RunState("equal-seed0", 10, 10, True, 600.0), RunState("equal-seed1", 10, 0, False, 0.0),
+              RunState("pcgrad-seed0", 10, 2, False, 360.0), RunState("pcgrad-seed1", 10, 0, False, 0.0)]
+    # equal: 10 epochs at 60 s; pcgrad: 8 + 10 at 180 s = 600 + 3240 s, not 28 epochs at the mean 80 s (0.6 h)
+    assert epochs_left_line(states).endswith("about 1.1 h at each arm's own min per epoch so far (1.0-3.0)")
+    assert epochs_left_line(states[:2]).endswith("about 0.2 h at this experiment's 1.0 min per epoch so far")
 
 
 def test_rows_with_fewer_finished_seeds_say_how_many() -> None:
