@@ -15,7 +15,7 @@ COMMAND's status. ``jobs/train_mtl.sh`` and ``tune.search --cluster slurm`` both
 - SIGTERM (scancel, preemption) stops COMMAND and Ray; USR1 (``#SBATCH --signal=B:USR1@120``, before the
   time limit) does the same and requeues the job, whose command then resumes from its last checkpoint.
 
-Also here: what a run needs against what the cluster has (``fits``), checked before training starts.
+Also here: what a run needs against what the cluster has (:func:`check_fits`), checked before training starts.
 """
 
 from __future__ import annotations

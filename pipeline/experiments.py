@@ -63,7 +63,8 @@ The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipe
   ``learned`` (eq. 3.5), ``uncertainty``, ``dwa``, ``rlw``, ``famo``, ``gradnorm``, ``dbmtl``, ``pcgrad``,
   ``alignedmtl``; ``--weightings`` chooses some (``equal`` always runs).
 - ``freeze``: ``early-freeze`` (Algorithm 1), ``early-stop`` (converged tasks stop; the thesis' Table 5.4
-  baseline), ``none``, and ``early-freeze`` with Algorithm 1's cumulative counter.
+  baseline), ``none``, ``early-freeze`` with Algorithm 1's cumulative counter, and (with 2+ tasks)
+  ``early-freeze`` with ``freeze.trunk_quorum=2``.
 - ``lambda``: λ of the learned weighting over the thesis' grid {0.001, 0.01, 0.1, 1} (Table 5.5).
 - ``transfer`` (the lab notes' pretrain, then fine-tune): the config from its own start (the baseline, row
   "ImageNet start" with ``model.weights_path``, else "random start") and from the network of the run
