@@ -153,6 +153,6 @@ def training_line(run_dirs: Sequence[Path]) -> str:
         cpus.update({describe_cpu(start.get("cpu")) for start in read_starts(run_dir)} or {describe_cpu(None)})
     where = "; ".join(f"{cpu}: {count} run{'s' if count > 1 else ''}" for cpu, count in cpus.most_common())
     if sum(cpus.values()) > len(run_dirs):
-        where += " (a run resumed on another CPU counts under each)"
+        where += " (a run whose starts name two of these counts under each)"
     return (f"Trained: {len(minutes)} run{'s' if len(minutes) > 1 else ''}, {sum(minutes) / 60:.1f} h of epochs in all "
             f"({min(minutes):.0f}-{max(minutes):.0f} min a run). {where}.")

@@ -119,6 +119,6 @@ def test_a_tables_training_line_sums_the_epochs_and_names_each_runs_cpu(tmp_path
     # 16 epochs x 90 s = 24 min; b was resumed on another machine, c records no CPU (started before it was kept)
     assert training_line(runs) == ("Trained: 3 runs, 0.4 h of epochs in all (3-15 min a run). Intel Xeon (AVX512): "
                                    "2 runs; AMD EPYC (AVX2): 1 run; CPU not recorded: 1 run "
-                                   "(a run resumed on another CPU counts under each).")
+                                   "(a run whose starts name two of these counts under each).")
     assert training_line(runs[::2]).endswith("Intel Xeon (AVX512): 1 run; CPU not recorded: 1 run.")
     assert training_line([]) == ""
