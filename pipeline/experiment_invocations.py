@@ -53,3 +53,11 @@ def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: 
              "reused_runs": dict(reused_runs or {}),
              **({"init_from": dict(source)} if source is not None else {})}
     append_record(experiment_dir / INVOCATIONS_FILE, entry)
+
+
+def record_late_links(experiment_dir: Path, command: Sequence[str], reused_runs: Mapping[str, str]) -> None:
+    """A line for the links an invocation made at its end (a sibling's run it waited for finished meanwhile), so
+    that they are reuse's like those of its first line (:func:`recorded_links`)."""
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command), "cwd": os.getcwd(),
+             "commit": git_commit(), "reused_runs": dict(reused_runs), "linked_at_end": True}
+    append_record(experiment_dir / INVOCATIONS_FILE, entry)

@@ -1,5 +1,7 @@
 """Runs an experiment shares with another: an arm x seed whose config equals a finished run in a sibling experiment
-folder (``runs_dir/<other experiment>/<run>/``) links its run folder to that run instead of training it again.
+folder (``runs_dir/<other experiment>/<run>/``) links its run folder to that run instead of training it again; one
+whose config equals a run another process is training there now (its claim is held, :mod:`pipeline.run_claims`)
+waits for it instead of training it a second time beside it.
 """
 
 from __future__ import annotations
@@ -108,3 +110,28 @@ def link_reused_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse
         linked[config.run_dir.name] = links[0]
         print(reuse_line(config.run_dir.name, links), flush=True)
     return linked
+
+
+def sibling_in_training(config: TrainConfig, saved_by_run: Mapping[Path, Mapping[str, Any]]) -> Path | None:
+    """The first (by path) of :func:`same_runs` of ``config`` that is unfinished and held by a process training
+    it now, or None."""
+    for run_dir in same_runs(to_dict(config), saved_by_run):
+        if not run_is_finished(read_rows(run_dir), config.max_epochs) and claim_holder(run_dir) is not None:
+            return run_dir
+    return None
+
+
+def awaited_sibling_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse: bool = True) -> dict[str, str]:
+    """Run name -> link (relative to ``experiment_dir``) of each arm x seed without a folder of its own whose config
+    equals a run of a sibling experiment that another process is training now: not to be trained here as well,
+    but linked once that run has finished (:func:`link_reused_runs`). Empty without ``reuse``."""
+    waiting = [config for config in configs if not config.run_dir.exists() and not config.run_dir.is_symlink()]
+    if not reuse or not waiting:
+        return {}
+    saved_by_run = sibling_run_configs(experiment_dir)
+    awaited = {}
+    for config in waiting:
+        run_dir = sibling_in_training(config, saved_by_run)
+        if run_dir is not None:
+            awaited[config.run_dir.name] = os.path.relpath(run_dir, experiment_dir.resolve())
+    return awaited

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrainConfig
-from pipeline.experiment_reuse import finished_same_runs, read_saved_config
+from pipeline.experiment_reuse import finished_same_runs, read_saved_config, sibling_in_training
 from pipeline.experiment_runs import read_rows, run_is_finished, trained_seconds
 from pipeline.run_claims import claim_holder, describe_holder
 
@@ -40,7 +40,8 @@ class RunState:
         if self.finished:
             return f"finished{reused} ({self.epochs_done} epoch(s), {self.seconds / 60:.1f} min)"
         if self.training_by:
-            return f"{self.epochs_done} of {self.max_epochs} epochs, in training by {self.training_by}"
+            where = f" as {self.reuses}" if self.reuses else ""  # a sibling experiment's run this arm waits for
+            return f"{self.epochs_done} of {self.max_epochs} epochs{where}, in training by {self.training_by}"
         if self.epochs_done:
             return f"{self.epochs_done} of {self.max_epochs} epochs, resumes from its last checkpoint"
         return "not started"
@@ -58,6 +59,11 @@ def run_state(config: TrainConfig, experiment_dir: Path, siblings: Mapping[Path,
         if matches:
             run_dir = matches[0]
             reuses = os.path.relpath(run_dir, experiment_dir.resolve()) + " (when run)"
+        elif (training := sibling_in_training(config, siblings)) is not None:
+            rows = read_rows(training)
+            return RunState(config.run_dir.name, config.max_epochs, len(rows), False, trained_seconds(rows),
+                            os.path.relpath(training, experiment_dir.resolve()), None,
+                            describe_holder(claim_holder(training) or {}))
     rows = read_rows(run_dir) if run_dir.exists() and read_saved_config(run_dir) is not None else []
     seconds = trained_seconds(rows)
     finished = run_is_finished(rows, config.max_epochs)

@@ -44,8 +44,11 @@ a line says which (``learned-seed0: same config as ../mtl-vs-single/mtl-seed0 (f
 the first by path where several match) and the experiment uses it as its own finished run (results, table,
 ``--split test``, whose report then lands in the linked folder). ``invocations.jsonl`` records the links
 (``reused_runs``). Later invocations keep a link while it points to a finished run of the arm's config, and
-remove it (never its target) otherwise. Unfinished runs are not reused; ``--no-reuse`` removes the links and
-trains every arm in this experiment's folder. Only links recorded in ``invocations.jsonl`` are reuse's: a run
+remove it (never its target) otherwise. An unfinished run is not reused, but one that another process is training
+now (``freeze`` and ``lambda`` started together, say) is not trained a second time: the arm waits for it, is linked
+at the invocation's end if it has finished by then, and is otherwise left out (no table yet; the same command later
+links it), or trained here if that process ended without finishing it. ``--no-reuse`` removes the links and trains
+every arm in this experiment's folder. Only links recorded in ``invocations.jsonl`` are reuse's: a run
 folder the user linked (to a scratch disk, say) is resumed like any other.
 
 The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipeline.config):
@@ -103,8 +106,8 @@ from pipeline.data import DataConfigError, ShardSet, open_shard_set, resolve_tas
 from pipeline.experiment_arms import (
     EXPERIMENTS, Arm, ExperimentError, arm_overrides, baseline_row, check_transfer_source, experiment_arms,
 )
-from pipeline.experiment_invocations import describe_source, record_invocation
-from pipeline.experiment_reuse import link_reused_runs, sibling_run_configs
+from pipeline.experiment_invocations import describe_source, record_invocation, record_late_links
+from pipeline.experiment_reuse import awaited_sibling_runs, link_reused_runs, sibling_run_configs
 from pipeline.experiment_runs import check_run_folder, read_rows, result_record, run_is_finished, training_line
 from pipeline.experiment_status import format_status, partial_row_labels, run_state
 from pipeline.experiment_tables import (
@@ -221,6 +224,7 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     experiment_dir.mkdir(parents=True, exist_ok=True)
     print(f"experiment {experiment}: {len(plan.arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
     reused = link_reused_runs(configs, experiment_dir, reuse)  # first: a stale link is removed, not refused below
+    awaited = awaited_sibling_runs(configs, experiment_dir, reuse)  # being trained in another experiment now
     record_invocation(experiment_dir, command, plan.shard_sets, plan.source, reused)  # links made are recorded as ours
     for config in configs:  # before anything trains: a folder of another config refuses the experiment
         check_run_folder(config)
@@ -230,6 +234,10 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
         """Train run ``index`` unless it is finished; False where another process holds it."""
         (arm, seed), config = runs[index], configs[index]
         print(f"\n[{index + 1}/{total}] {arm.name}, seed {seed}", flush=True)
+        if config.run_dir.name in awaited and not config.run_dir.exists():
+            print(f"{config.run_dir.name}: same config as {awaited[config.run_dir.name]}, which another process is "
+                  "training: not trained here too (linked at the end if it has finished by then)", flush=True)
+            return False
         outcome = train_arm(config_path, plan.overrides_by_run[index], config, local)
         if outcome.trained is not None:
             durations.append(outcome.trained)
@@ -240,9 +248,18 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
         return not outcome.held_elsewhere
 
     held = [index for index in range(total) if not train(index)]
-    for index in held:  # unfinished and free again: the process that held it ended (failed, killed) too soon
-        if not run_is_finished(read_rows(configs[index].run_dir), configs[index].max_epochs) \
-                and claim_holder(configs[index].run_dir) is None:
+    for index in held:
+        config = configs[index]
+        if config.run_dir.name in awaited and not config.run_dir.exists():
+            late = link_reused_runs([config], experiment_dir, reuse)  # the other experiment's run finished meanwhile
+            if late:
+                record_late_links(experiment_dir, command, late)
+                continue
+            if awaited_sibling_runs([config], experiment_dir, reuse):
+                continue  # still in training there
+            del awaited[config.run_dir.name]  # its process ended without finishing it: trained here
+        # unfinished and free again: the process that held it ended (failed, killed) too soon
+        if not run_is_finished(read_rows(config.run_dir), config.max_epochs) and claim_holder(config.run_dir) is None:
             train(index)
     unfinished = [config.run_dir.name for config in configs
                   if not run_is_finished(read_rows(config.run_dir), config.max_epochs)]
