@@ -1,11 +1,13 @@
 """Runs an experiment shares with another: an arm x seed whose config equals a finished run in a sibling experiment
-folder (``runs_dir/<other experiment>/<run>/``) links its run folder to that run instead of training it again; one
-whose config equals a run another process is training there now (its claim is held, :mod:`pipeline.run_claims`)
-waits for it instead of training it a second time beside it.
+folder (``runs_dir/<other experiment>/<run>/``) links its run folder to that run instead of training it again. While
+an invocation trains a run it also claims the run's config (:func:`config_claim_path`), so that an arm of the same
+config in another experiment is not trained a second time beside it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import RESUMABLE_KEYS, TrainConfig, config_differences, to_dict
+from pipeline.config import RESUMABLE_KEYS, TrainConfig, config_differences, flatten_with_defaults, to_dict
 from pipeline.experiment_invocations import recorded_links
 from pipeline.experiment_runs import read_rows, run_is_finished
 from pipeline.run_claims import claim_holder
@@ -112,26 +114,30 @@ def link_reused_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse
     return linked
 
 
-def sibling_in_training(config: TrainConfig, saved_by_run: Mapping[Path, Mapping[str, Any]]) -> Path | None:
-    """The first (by path) of :func:`same_runs` of ``config`` that is unfinished and held by a process training
-    it now, or None."""
-    for run_dir in same_runs(to_dict(config), saved_by_run):
-        if not run_is_finished(read_rows(run_dir), config.max_epochs) and claim_holder(run_dir) is not None:
-            return run_dir
-    return None
+
+def config_key(config: TrainConfig) -> str:
+    """A digest of what makes ``config``'s run that run (every key but :data:`REUSE_IGNORED_KEYS`, defaults filled
+    in as :func:`is_same_run` compares them): equal for the arms of two experiments that are one run."""
+    flat = {key: value for key, value in flatten_with_defaults(to_dict(config)).items()
+            if key not in REUSE_IGNORED_KEYS}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def awaited_sibling_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse: bool = True) -> dict[str, str]:
-    """Run name -> link (relative to ``experiment_dir``) of each arm x seed without a folder of its own whose config
-    equals a run of a sibling experiment that another process is training now: not to be trained here as well,
-    but linked once that run has finished (:func:`link_reused_runs`). Empty without ``reuse``."""
-    waiting = [config for config in configs if not config.run_dir.exists() and not config.run_dir.is_symlink()]
-    if not reuse or not waiting:
-        return {}
-    saved_by_run = sibling_run_configs(experiment_dir)
-    awaited = {}
-    for config in waiting:
-        run_dir = sibling_in_training(config, saved_by_run)
-        if run_dir is not None:
-            awaited[config.run_dir.name] = os.path.relpath(run_dir, experiment_dir.resolve())
-    return awaited
+def config_claim_path(experiment_dir: Path, config: TrainConfig) -> Path:
+    """What an invocation claims (:func:`pipeline.run_claims.claimed`) while it trains ``config``'s run, whichever
+    experiment folder the run is in: one per config under the experiments' common ``runs_dir``, so that two
+    experiments sharing a run (``freeze`` and ``lambda`` started together) do not both train it."""
+    return experiment_dir.parent / ".config-claims" / config_key(config)
+
+
+def sibling_in_training(config: TrainConfig, experiment_dir: Path,
+                        saved_by_run: Mapping[Path, Mapping[str, Any]]) -> tuple[Path | None, dict[str, object]] | None:
+    """Where ``config``'s run is in training now by another invocation, from its config claim: (the first unfinished
+    run of the same config in a sibling experiment, or None where its folder says nothing yet; the claim's holder),
+    or None where no one trains it."""
+    holder = claim_holder(config_claim_path(experiment_dir, config))
+    if holder is None:
+        return None
+    unfinished = [run_dir for run_dir in same_runs(to_dict(config), saved_by_run)
+                  if not run_is_finished(read_rows(run_dir), config.max_epochs)]
+    return (unfinished[0] if unfinished else None), holder

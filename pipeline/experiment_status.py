@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrainConfig
+from pipeline.experiment_invocations import recorded_links
 from pipeline.experiment_reuse import finished_same_runs, read_saved_config, sibling_in_training
 from pipeline.experiment_runs import read_rows, run_is_finished, trained_seconds
 from pipeline.run_claims import claim_holder, describe_holder
@@ -52,18 +53,19 @@ def run_state(config: TrainConfig, experiment_dir: Path, siblings: Mapping[Path,
     """The state of ``config``'s run. ``siblings`` (run folder -> saved config of the other experiments' runs, or
     None without reuse) decides which finished run an arm without a folder would link to."""
     run_dir, reuses = config.run_dir, None
-    if run_dir.is_symlink():
-        reuses = os.readlink(run_dir)
+    if run_dir.is_symlink() and recorded_links(experiment_dir).get(run_dir.name) == os.readlink(run_dir):
+        reuses = os.readlink(run_dir)  # a link the user made is a run folder like any other
     elif not run_dir.exists() and siblings is not None:
         matches = finished_same_runs(config, siblings)
         if matches:
             run_dir = matches[0]
             reuses = os.path.relpath(run_dir, experiment_dir.resolve()) + " (when run)"
-        elif (training := sibling_in_training(config, siblings)) is not None:
-            rows = read_rows(training)
+        elif (training := sibling_in_training(config, experiment_dir, siblings)) is not None:
+            where, holder = training
+            rows = read_rows(where) if where is not None else []
             return RunState(config.run_dir.name, config.max_epochs, len(rows), False, trained_seconds(rows),
-                            os.path.relpath(training, experiment_dir.resolve()), None,
-                            describe_holder(claim_holder(training) or {}))
+                            None if where is None else os.path.relpath(where, experiment_dir.resolve()), None,
+                            f"{describe_holder(holder)} (a run of this config)")
     rows = read_rows(run_dir) if run_dir.exists() and read_saved_config(run_dir) is not None else []
     seconds = trained_seconds(rows)
     finished = run_is_finished(rows, config.max_epochs)
@@ -90,21 +92,24 @@ def epochs_left_line(states: Sequence[RunState]) -> str:
     unfinished = [state for state in states if not state.finished]
     seconds = sum((state.max_epochs - state.epochs_done) * rates.get(state.arm, mean) for state in unfinished)
     line += f", about {seconds / 3600:.1f} h at "
+    fastest, slowest = min(rates.values()) / 60, max(rates.values()) / 60
     if len(rates) == 1:
         line += f"this experiment's {mean / 60:.1f} min per epoch so far"
     else:
-        line += (f"each arm's own min per epoch so far ({min(rates.values()) / 60:.1f}-"
-                 f"{max(rates.values()) / 60:.1f})")
+        spread = f"{fastest:.1f}" if f"{fastest:.1f}" == f"{slowest:.1f}" else f"{fastest:.1f}-{slowest:.1f}"
+        line += f"each arm's own min per epoch so far ({spread})"
     unmeasured = list(dict.fromkeys(state.arm for state in unfinished if state.arm not in rates))
     if unmeasured:
-        line += (f"; {len(unmeasured)} arm(s) not begun ({', '.join(unmeasured)}) at the mean, {mean / 60:.1f} min, "
-                 "an underestimate if they are slower")
+        line += (f"; {len(unmeasured)} arm(s) not measured yet ({', '.join(unmeasured)}) at the mean, "
+                 f"{mean / 60:.1f} min per epoch, an underestimate if they are slower")
     return line
 
 
 def trained_here(states: Sequence[RunState]) -> list[RunState]:
-    """The runs with epochs trained in this experiment (a reused run's time is another experiment's)."""
-    return [state for state in states if state.epochs_done and not state.reuses and state.seconds > 0]
+    """The runs whose epochs measure this experiment's pace: those trained in its folders and those of its configs
+    in training elsewhere now, not finished runs it reuses (trained before, perhaps on another machine)."""
+    return [state for state in states
+            if state.epochs_done and state.seconds > 0 and (not state.reuses or state.training_by)]
 
 
 def arm_seconds_per_epoch(states: Sequence[RunState]) -> dict[str, float]:

@@ -44,9 +44,11 @@ a line says which (``learned-seed0: same config as ../mtl-vs-single/mtl-seed0 (f
 the first by path where several match) and the experiment uses it as its own finished run (results, table,
 ``--split test``, whose report then lands in the linked folder). ``invocations.jsonl`` records the links
 (``reused_runs``). Later invocations keep a link while it points to a finished run of the arm's config, and
-remove it (never its target) otherwise. An unfinished run is not reused, but one that another process is training
-now (``freeze`` and ``lambda`` started together, say) is not trained a second time: the arm waits for it, is linked
-at the invocation's end if it has finished by then, and is otherwise left out (no table yet; the same command later
+remove it (never its target) otherwise. An unfinished run is not reused, but one that another invocation is training
+now (``freeze`` and ``lambda`` started together, say) is not trained a second time: an invocation claims a run's config
+too while it trains it (``runs_dir/.config-claims/``, :func:`pipeline.experiment_reuse.config_claim_path`), so an arm
+whose config is claimed is left to that invocation, linked at this one's end if the run has finished by then
+(``invocations.jsonl`` gets a line with ``linked_at_end``), otherwise left out (no table yet; the same command later
 links it), or trained here if that process ended without finishing it. ``--no-reuse`` removes the links and trains
 every arm in this experiment's folder. Only links recorded in ``invocations.jsonl`` are reuse's: a run
 folder the user linked (to a scratch disk, say) is resumed like any other.
@@ -97,6 +99,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -107,7 +110,7 @@ from pipeline.experiment_arms import (
     EXPERIMENTS, Arm, ExperimentError, arm_overrides, baseline_row, check_transfer_source, experiment_arms,
 )
 from pipeline.experiment_invocations import describe_source, record_invocation, record_late_links
-from pipeline.experiment_reuse import awaited_sibling_runs, link_reused_runs, sibling_run_configs
+from pipeline.experiment_reuse import config_claim_path, link_reused_runs, sibling_run_configs
 from pipeline.experiment_runs import check_run_folder, read_rows, result_record, run_is_finished, training_line
 from pipeline.experiment_status import format_status, partial_row_labels, run_state
 from pipeline.experiment_tables import (
@@ -210,35 +213,58 @@ def plan_experiment(experiment: str, config_path: Path | None, overrides: Sequen
     return ExperimentPlan(base, shard_sets, task_names, arms, experiment_dir, runs, overrides_by_run, configs, source)
 
 
+class ExperimentOutcome(NamedTuple):
+    experiment_dir: Path
+    unfinished: list[str]  # runs not finished when this invocation ended; then no table was written
+    awaited: dict[str, str]  # of those, the runs whose config another experiment was training: who trained it
+
+
 def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
                    out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = (),
                    single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
-                   init_from: Path | None = None, reuse: bool = True) -> tuple[Path, list[str]]:
-    """Train every arm x seed (skipping finished runs, runs another process is training and, when ``reuse``,
-    linking to finished runs of the same config in sibling experiment folders), then write the results, table and
-    plot of ``split``. A run found held is tried again at the end if its holder ended before finishing it. Returns
-    the experiment folder and the runs not finished then: where there are any, nothing is written (the invocation
-    that finishes the last run writes it; invocations finishing together write it once)."""
+                   init_from: Path | None = None, reuse: bool = True) -> ExperimentOutcome:
+    """Train every arm x seed (skipping finished runs and runs another process is training; with ``reuse``, linking
+    to a finished run of the same config in a sibling experiment folder, and leaving an arm whose config another
+    invocation trains now to that one), then write the results, table and plot of ``split``. Runs found held are
+    tried again at the end (linked if their config's run finished meanwhile, trained if their holder ended before
+    finishing it). Where runs are unfinished then, nothing is written: the invocation of this experiment that
+    finishes the last run writes it (once where several finish together), or, where another experiment trained
+    it, this command run again."""
     plan = plan_experiment(experiment, config_path, overrides, seeds, out_name, single_tasks, weightings, init_from)
     experiment_dir, runs, configs = plan.experiment_dir, plan.runs, plan.configs
     experiment_dir.mkdir(parents=True, exist_ok=True)
     print(f"experiment {experiment}: {len(plan.arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
     reused = link_reused_runs(configs, experiment_dir, reuse)  # first: a stale link is removed, not refused below
-    awaited = awaited_sibling_runs(configs, experiment_dir, reuse)  # being trained in another experiment now
     record_invocation(experiment_dir, command, plan.shard_sets, plan.source, reused)  # links made are recorded as ours
     for config in configs:  # before anything trains: a folder of another config refuses the experiment
         check_run_folder(config)
-    durations, total = [], len(runs)
+    durations, total, awaited = [], len(runs), {}
 
     def train(index: int) -> bool:
-        """Train run ``index`` unless it is finished; False where another process holds it."""
+        """Train run ``index`` unless it is finished or, with ``reuse``, a finished run of its config is found now;
+        False where another process holds it or its config."""
         (arm, seed), config = runs[index], configs[index]
+        name = config.run_dir.name
         print(f"\n[{index + 1}/{total}] {arm.name}, seed {seed}", flush=True)
-        if config.run_dir.name in awaited and not config.run_dir.exists():
-            print(f"{config.run_dir.name}: same config as {awaited[config.run_dir.name]}, which another process is "
-                  "training: not trained here too (linked at the end if it has finished by then)", flush=True)
-            return False
-        outcome = train_arm(config_path, plan.overrides_by_run[index], config, local)
+        config_claim = claimed(config_claim_path(experiment_dir, config)) if reuse else nullcontext(True)
+        with config_claim as mine:
+            if not mine and claim_holder(config.run_dir) is not None:  # this experiment's other invocation
+                print(f"{name}: in training by {describe_holder(claim_holder(config.run_dir) or {})}, skipped here",
+                      flush=True)
+                return False
+            if not mine:  # another experiment's invocation trains a run of this config
+                awaited[name] = describe_holder(claim_holder(config_claim_path(experiment_dir, config)) or {})
+                print(f"{name}: a run of this config is in training by {awaited[name]}: not trained here too",
+                      flush=True)
+                return False
+            awaited.pop(name, None)
+            if reuse and not config.run_dir.exists() and not config.run_dir.is_symlink():
+                late = link_reused_runs([config], experiment_dir)  # finished since this invocation began
+                if late:
+                    reused.update(late)
+                    record_late_links(experiment_dir, command, late)
+                    return True
+            outcome = train_arm(config_path, plan.overrides_by_run[index], config, local)
         if outcome.trained is not None:
             durations.append(outcome.trained)
             remaining = sum(later.run_dir.name not in reused for later in configs[index + 1:])
@@ -248,31 +274,27 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
         return not outcome.held_elsewhere
 
     held = [index for index in range(total) if not train(index)]
-    for index in held:
+    # Tried again once: a run whose holder ended too soon is trained here, one whose config's run finished is linked.
+    # Those held by this experiment's own invocations first: training them takes a while, for the rest to finish.
+    for index in sorted(held, key=lambda index: configs[index].run_dir.name in awaited):
         config = configs[index]
-        if config.run_dir.name in awaited and not config.run_dir.exists():
-            late = link_reused_runs([config], experiment_dir, reuse)  # the other experiment's run finished meanwhile
-            if late:
-                record_late_links(experiment_dir, command, late)
-                continue
-            if awaited_sibling_runs([config], experiment_dir, reuse):
-                continue  # still in training there
-            del awaited[config.run_dir.name]  # its process ended without finishing it: trained here
-        # unfinished and free again: the process that held it ended (failed, killed) too soon
         if not run_is_finished(read_rows(config.run_dir), config.max_epochs) and claim_holder(config.run_dir) is None:
             train(index)
     unfinished = [config.run_dir.name for config in configs
                   if not run_is_finished(read_rows(config.run_dir), config.max_epochs)]
     if unfinished:
-        return experiment_dir, unfinished
+        others = {config.run_dir.name: awaited[config.run_dir.name] for config in configs
+                  if config.run_dir.name in unfinished and config.run_dir.name in awaited
+                  and claim_holder(config.run_dir) is None}  # else this experiment's other invocation has it now
+        return ExperimentOutcome(experiment_dir, unfinished, others)
     with claimed(experiment_dir / "table") as mine:  # invocations finishing together: one writes
         if not mine:
             print(f"\nanother invocation is writing the table in {experiment_dir}", flush=True)
-            return experiment_dir, []
+            return ExperimentOutcome(experiment_dir, [], {})
         records = [result_record(experiment, arm, seed, config.run_dir, split)
                    for (arm, seed), config in zip(runs, configs)]
         write_table(experiment, plan, records, seeds, split)
-    return experiment_dir, []
+    return ExperimentOutcome(experiment_dir, [], {})
 
 
 def write_table(experiment: str, plan: ExperimentPlan, records: Sequence[dict[str, Any]], seeds: int,
@@ -362,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                                    comma_list(args.single_tasks), comma_list(args.weightings), args.init_from)
             show_status(args.experiment, plan, args.seeds, not args.no_reuse)
             return 0
-        experiment_dir, still_training = run_experiment(
+        outcome = run_experiment(
             args.experiment, args.config, args.overrides, args.seeds, args.name, args.local, args.split,
             ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])], comma_list(args.single_tasks),
             comma_list(args.weightings), args.init_from, not args.no_reuse)
@@ -372,10 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if still_training:
+    experiment_dir = outcome.experiment_dir
+    if outcome.unfinished:
         print(f"\nthis invocation's part done in {time.perf_counter() - started:.0f} s; not finished: "
-              f"{', '.join(still_training)}, held by another process (`--status` shows whether it still trains): the "
-              f"invocation that finishes the last run writes the table, else this command run again then")
+              f"{', '.join(outcome.unfinished)}, held by another process (`--status` shows whether it still trains)")
+        held_here = [name for name in outcome.unfinished if name not in outcome.awaited]
+        if held_here:
+            print(f"  {', '.join(held_here)}: the invocation of this experiment that finishes the last run writes the "
+                  "table, else this command run again then")
+        for name, holder in outcome.awaited.items():
+            print(f"  {name}: a run of its config is in training by {holder}, perhaps in another experiment; run this "
+                  "command again once it has finished: it links that run and writes the table")
         return 0
     print(f"experiment done in {time.perf_counter() - started:.0f} s. Results in {experiment_dir}:")
     files = (split_file(name, args.split) for name in (TABLE_FILE, PLOT_FILE, RESULTS_FILE))

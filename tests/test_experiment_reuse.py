@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import TrainConfig, load_config, save_config, to_dict, with_absolute_paths
-from pipeline.experiment_reuse import awaited_sibling_runs, is_same_run, link_reused_runs, sibling_run_configs
+from pipeline.experiment_reuse import (config_claim_path, is_same_run, link_reused_runs, sibling_in_training,
+                                      sibling_run_configs)
 from pipeline.experiment_status import run_state
 from pipeline.experiments import main
 from pipeline.run_records import CONFIG_FILE, METRICS_FILE
@@ -114,28 +115,29 @@ def test_a_link_the_user_made_is_a_run_folder_like_any_other_not_reuses_to_remov
         assert os.readlink(experiment / "learned-seed0") == str(scratch)
 
 
-def test_an_arm_waits_for_a_run_of_its_config_another_process_is_training_in_another_experiment(
-        tmp_path: Path) -> None:
+def test_arms_of_one_config_share_a_config_claim_and_status_names_who_trains_it(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     training = saved_run(runs, "freeze", "early-freeze-seed0", epochs_run=1)  # 1 of 2 epochs so far
-    saved_run(runs, "freeze", "early-freeze-seed1", "seed=1", epochs_run=1)  # unfinished and nobody trains it
     experiment = runs / "lambda"
     arms = [run_config(runs, "lambda", f"lambda-0.1-seed{seed}", f"seed={seed}") for seed in (0, 1)]
-    assert awaited_sibling_runs(arms, experiment) == {}  # unfinished runs nobody holds are not waited for
-    holder = hold_claim(training)
+    early_freeze = load_config(training / CONFIG_FILE)
+    assert config_claim_path(experiment, arms[0]) == config_claim_path(runs / "freeze", early_freeze)
+    assert config_claim_path(experiment, arms[0]) != config_claim_path(experiment, arms[1])
+    assert sibling_in_training(arms[0], experiment, sibling_run_configs(experiment)) is None  # nobody holds it
+    holder = hold_claim(config_claim_path(runs / "freeze", early_freeze))  # freeze's invocation trains it
     try:
-        assert awaited_sibling_runs(arms, experiment) == {"lambda-0.1-seed0": "../freeze/early-freeze-seed0"}
-        assert awaited_sibling_runs(arms, experiment, reuse=False) == {}
-        assert link_reused_runs(arms, experiment) == {}  # not finished: nothing to link yet
+        where, held_by = sibling_in_training(arms[0], experiment, sibling_run_configs(experiment))
+        assert where == training.resolve() and held_by["pid"] == holder.pid
         state = run_state(arms[0], experiment, sibling_run_configs(experiment))  # what --status shows
         assert state.describe().startswith(f"1 of 2 epochs as ../freeze/early-freeze-seed0, in training by pid "
-                                           f"{holder.pid} on ")
-        assert not state.finished and state.training_by
+                                           f"{holder.pid} on ") and state.describe().endswith("(a run of this config)")
+        assert not state.finished
         assert run_state(arms[0], experiment, siblings=None).describe() == "not started"  # --no-reuse
+        assert link_reused_runs(arms, experiment) == {}  # not finished: nothing to link yet
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
-    assert awaited_sibling_runs(arms, experiment) == {}  # its process ended without finishing it
+    assert sibling_in_training(arms[0], experiment, sibling_run_configs(experiment)) is None
 
 
 @pytest.mark.slow
@@ -232,66 +234,86 @@ def test_two_invocations_starting_together_make_the_same_link_once_or_keep_the_o
 
 
 @pytest.mark.slow
-def test_weighting_waits_for_the_mtl_run_another_process_trains_and_links_it_or_trains_it_when_that_one_fails(
+def test_weighting_leaves_the_run_another_experiment_trains_to_it_then_links_it_or_trains_it_when_that_one_fails(
         synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         one_torch_thread) -> None:
+    import shutil
+
     from pipeline.experiment_arms import arm_overrides, experiment_arms
     from pipeline.train import main as train_main
 
     overrides = tiny_overrides({"utk": synthetic_shards["utk"]}, tmp_path, "unused", "data.tasks=[age,gender]",
                                "max_epochs=1", "data.loader_workers=0")
     config_path = str(REPO / "configs" / "demo.yaml")
-    weighting = ["weighting", "--config", config_path, *overrides, "--local", "--weightings", "learned"]
+    weighting = ["weighting", "--config", config_path, *overrides, "--local", "--weightings", "learned,dwa"]
     (mtl_arm,) = [arm for arm in experiment_arms("mtl-vs-single", ["age", "gender"], {"age": []}, ["age"])
                   if arm.name == "mtl"]
     mtl_argv = ["--config", config_path, *overrides, *arm_overrides(mtl_arm, 0, tmp_path / "mtl-vs-single"), "--local"]
-    mtl = tmp_path / "mtl-vs-single" / "mtl-seed0"
+    mtl_config = with_absolute_paths(load_config(config_path, mtl_argv[2:-1]))
+    mtl = mtl_config.run_dir
     experiment, learned = tmp_path / "weighting", tmp_path / "weighting" / "learned-seed0"
+    holder: list[subprocess.Popen] = []
 
-    def mtl_vs_single_starts_training() -> subprocess.Popen:  # its config.yaml written, its run claimed
-        config = with_absolute_paths(load_config(config_path, mtl_argv[2:-1]))
-        save_config(config, mtl / CONFIG_FILE)
-        return hold_claim(mtl)
+    def mtl_vs_single_starts_training() -> None:  # as its invocation does: the config claimed, config.yaml written
+        holder.append(hold_claim(config_claim_path(tmp_path / "mtl-vs-single", mtl_config)))
+        save_config(mtl_config, mtl / CONFIG_FILE)
 
-    # It finishes while this invocation trains equal-seed0: linked at the end, the table written.
-    holder = mtl_vs_single_starts_training()
+    def when_training(arm: str, then) -> None:  # ``then`` happens as this invocation starts training ``arm``
+        def train(argv: list[str]) -> int:
+            if f'name="{arm}-seed0"' in argv:
+                then()
+            return train_main(argv)
+        monkeypatch.setattr("pipeline.experiments.train_main", train)
 
-    def train_while_the_other_finishes(argv: list[str]) -> int:
+    def mtl_finishes() -> None:
         assert train_main(mtl_argv) == 0
-        holder.stdin.close()
-        holder.wait(timeout=30)
-        return train_main(argv)
+        holder[-1].stdin.close()
+        holder[-1].wait(timeout=30)
 
-    monkeypatch.setattr("pipeline.experiments.train_main", train_while_the_other_finishes)
+    # mtl-vs-single starts its MTL run after this invocation began (while equal trains) and finishes it while dwa
+    # trains: learned, between them, is left to it and linked at the end; the table is written.
+    def start_now_and_finish_at_dwa() -> None:
+        mtl_vs_single_starts_training()
+        when_training("dwa", mtl_finishes)
+
+    when_training("equal", start_now_and_finish_at_dwa)
     assert main(weighting) == 0
     out = capsys.readouterr().out
-    assert ("learned-seed0: same config as ../mtl-vs-single/mtl-seed0, which another process is training: not "
-            "trained here too") in out
+    assert f"learned-seed0: a run of this config is in training by pid {holder[-1].pid} on " in out
     assert "learned-seed0: same config as ../mtl-vs-single/mtl-seed0 (finished): reused, not trained" in out
+    assert out.index("dwa-seed0: trained") < out.index("reused, not trained")
     assert learned.is_symlink() and learned.resolve() == mtl.resolve() and (experiment / "table.md").exists()
     late = json.loads((experiment / "invocations.jsonl").read_text().splitlines()[-1])
     assert late["linked_at_end"] and late["reused_runs"] == {"learned-seed0": "../mtl-vs-single/mtl-seed0"}
     assert main(weighting) == 0 and "reuses ../mtl-vs-single/mtl-seed0 (finished), as linked before" in \
         capsys.readouterr().out  # a later invocation keeps the link recorded at the end
 
-    # Still in training at this invocation's end: left out, no table; when its process fails, trained here.
+    # Still in training when this invocation ends: left out, no table, and the command says what to do.
     monkeypatch.undo()
-    import shutil
     shutil.rmtree(experiment)
     shutil.rmtree(mtl)
-    holder = mtl_vs_single_starts_training()
+    mtl_vs_single_starts_training()
     try:
         assert main(weighting) == 0
         out = capsys.readouterr().out
         assert "not finished: learned-seed0, held by another process" in out and "learned-seed0: trained" not in out
+        assert (f"learned-seed0: a run of its config is in training by pid {holder[-1].pid} on ") in out
+        assert "run this command again once it has finished" in out
         assert not learned.exists() and not (experiment / "table.md").exists()
         assert main([*weighting, "--status"]) == 0
         assert re.search(rf"learned-seed0 +0 of 1 epochs as ../mtl-vs-single/mtl-seed0, in training by pid "
-                         rf"{holder.pid} on ", capsys.readouterr().out)
+                         rf"{holder[-1].pid} on .+ \(a run of this config\)", capsys.readouterr().out)
     finally:
-        holder.kill()
-        holder.wait(timeout=30)
+        holder[-1].kill()
+        holder[-1].wait(timeout=30)
+
+    # Its process fails while this invocation trains: learned is trained here at the end, in its own folder.
+    shutil.rmtree(experiment)
+    mtl_vs_single_starts_training()
+    when_training("dwa", lambda: (holder[-1].kill(), holder[-1].wait(timeout=30)))
     assert main(weighting) == 0
     out = capsys.readouterr().out
-    assert "learned-seed0: trained 1 epoch(s)" in out and (experiment / "table.md").exists()
-    assert not learned.is_symlink() and (learned / METRICS_FILE).exists() and not (mtl / METRICS_FILE).exists()
+    assert out.index("learned-seed0: a run of this config is in training") < out.index("dwa-seed0: trained")
+    assert out.index("dwa-seed0: trained") < out.index("learned-seed0: trained 1 epoch(s)")
+    assert (experiment / "table.md").exists() and not (mtl / METRICS_FILE).exists()
+    assert not learned.is_symlink() and (learned / METRICS_FILE).exists()

@@ -62,7 +62,8 @@ def test_epochs_left_and_the_time_they_may_take() -> None:
     # run's time is another experiment's)
     assert epochs_left_line(states) == (
         "2 of 4 run(s) finished, 1 partly trained; at most 15 epoch(s) left, about 0.5 h at each arm's own min per "
-        "epoch so far (2.0-2.0); 1 arm(s) not begun (rlw) at the mean, 2.0 min, an underestimate if they are slower")
+        "epoch so far (2.0); 1 arm(s) not measured yet (rlw) at the mean, 2.0 min per epoch, an underestimate if "
+        "they are slower")
     assert epochs_left_line(states[:2]) == "2 of 2 run(s) finished, 0 partly trained; at most 0 epoch(s) left"
     text = format_status("weighting", Path("runs/w"), states)
     assert text.splitlines()[3] == "  dwa-seed0      5 of 10 epochs, resumes from its last checkpoint"
