@@ -246,8 +246,8 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
         (arm, seed), config = runs[index], configs[index]
         name = config.run_dir.name
         print(f"\n[{index + 1}/{total}] {arm.name}, seed {seed}", flush=True)
-        unfinished = not run_is_finished(read_rows(config.run_dir), config.max_epochs)
-        config_claim = claimed(config_claim_path(experiment_dir, config)) if reuse and unfinished else nullcontext(True)
+        left = not run_is_finished(read_rows(config.run_dir), config.max_epochs)
+        config_claim = claimed(config_claim_path(experiment_dir, config)) if reuse and left else nullcontext(True)
         with config_claim as mine:
             if not mine and claim_holder(config.run_dir) is not None:  # this experiment's other invocation
                 print(f"{name}: in training by {describe_holder(claim_holder(config.run_dir) or {})}, skipped here",
