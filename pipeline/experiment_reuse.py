@@ -114,7 +114,6 @@ def link_reused_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse
     return linked
 
 
-
 def config_key(config: TrainConfig) -> str:
     """A digest of what makes ``config``'s run that run (every key but :data:`REUSE_IGNORED_KEYS`, defaults filled
     in as :func:`is_same_run` compares them): equal for the arms of two experiments that are one run."""
