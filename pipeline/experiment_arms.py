@@ -22,6 +22,10 @@ COMPARED_WEIGHTINGS = ("equal", *(name for name in WEIGHTINGS if name not in ("e
 LAMBDA_GRID = (0.001, 0.01, 0.1, 1.0)  # thesis Table 5.5
 BASELINE_LAMBDA = 0.1  # the config default and the thesis' best λ
 TRUNK_QUORUM = 2  # the freeze experiment's quorum arm, for configs of at least that many tasks
+# Weightings whose authors learn the loss weights with the network's optimizer (Kendall et al.'s log-variances,
+# GradNorm's w): at the configs' optim.weighting_lr, the thesis' 3e-5 for its own layer, they would hardly move
+# in a short run and train as `equal` does. Their arms take the network's lr (0 = optim.lr).
+AT_NETWORK_LR = ("uncertainty", "gradnorm")
 
 
 class ExperimentError(Exception):
@@ -89,8 +93,9 @@ def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Map
         if unknown:
             raise ExperimentError(f"--weightings names {', '.join(unknown)}; known: {', '.join(COMPARED_WEIGHTINGS)}")
         chosen = [name for name in COMPARED_WEIGHTINGS if name == "equal" or name in weightings or not weightings]
-        return [Arm(weighting, weighting, {"loss.weighting": weighting}, baseline=weighting == "equal")
-                for weighting in chosen]
+        return [Arm(weighting, weighting, {"loss.weighting": weighting,
+                                           **({"optim.weighting_lr": 0.0} if weighting in AT_NETWORK_LR else {})},
+                    baseline=weighting == "equal") for weighting in chosen]
     if experiment == "freeze":
         # Algorithm 1 resets the whole trunk to the first stalled task's best epoch; the quorum arm (ours, not the
         # thesis') asks whether waiting for a second task keeps what the trunk learned for the others.

@@ -66,7 +66,8 @@ The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipe
   ``data.steps_per_epoch: 0`` a single-task epoch covers its own datasets' training samples once.
 - ``weighting``: every registered strategy but ``fixed``: ``equal`` (the thesis' "average loss", the baseline),
   ``learned`` (eq. 3.5), ``uncertainty``, ``dwa``, ``rlw``, ``famo``, ``gradnorm``, ``dbmtl``, ``pcgrad``,
-  ``alignedmtl``; ``--weightings`` chooses some (``equal`` always runs).
+  ``alignedmtl``; ``--weightings`` chooses some (``equal`` always runs). ``uncertainty`` and ``gradnorm`` learn their
+  weights at the network's lr (``optim.weighting_lr=0``), as their authors do; ``learned`` at the config's.
 - ``freeze``: ``early-freeze`` (Algorithm 1), ``early-stop`` (converged tasks stop; the thesis' Table 5.4
   baseline), ``none``, ``early-freeze`` with Algorithm 1's cumulative counter, and (with 2+ tasks)
   ``early-freeze`` with ``freeze.trunk_quorum=2``.

@@ -58,12 +58,19 @@ def test_single_task_arms_restrict_tasks_and_datasets_and_use_one_hot_fixed_weig
     assert config.seed == 2 and config.run_dir == Path("/runs/exp/single-gender-seed2")
 
 
-def test_weighting_freeze_and_lambda_arms_vary_one_key() -> None:
+def test_weighting_freeze_and_lambda_arms_vary_their_keys() -> None:
     weighting = experiment_arms("weighting", ["age"], {})
     assert [(a.row, dict(a.overrides)) for a in weighting][:6] == [
         ("equal", {"loss.weighting": "equal"}), ("learned", {"loss.weighting": "learned"}),
-        ("uncertainty", {"loss.weighting": "uncertainty"}), ("dwa", {"loss.weighting": "dwa"}),
+        ("uncertainty", {"loss.weighting": "uncertainty", "optim.weighting_lr": 0.0}),
+        ("dwa", {"loss.weighting": "dwa"}),
         ("rlw", {"loss.weighting": "rlw"}), ("famo", {"loss.weighting": "famo"})]
+    # the methods whose authors learn their weights with the network's optimizer get its lr, not the thesis' 3e-5
+    gradnorm = next(arm for arm in weighting if arm.name == "gradnorm")
+    assert gradnorm.overrides == {"loss.weighting": "gradnorm", "optim.weighting_lr": 0.0}
+    config = load_config(REPO / "configs" / "utkface.yaml", arm_overrides(gradnorm, 0, Path("/runs/x")))
+    assert config.optim.weighting_lr == 0.0
+    assert load_config(REPO / "configs" / "utkface.yaml").optim.weighting_lr == 3e-5
     assert {a.name for a in weighting} == set(WEIGHTINGS) - {"fixed"}
     chosen = experiment_arms("weighting", ["age"], {}, weightings=["pcgrad", "learned"])
     assert [a.name for a in chosen] == ["equal", "learned", "pcgrad"]  # registry order; the baseline always
