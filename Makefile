@@ -25,7 +25,7 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(PYTEST) $(PYTEST_ARGS)
 
-# The inner loop: everything but the end-to-end tests marked slow (about 2 minutes on 2 cores).
+# The inner loop: everything but the end-to-end tests marked slow (1-2 minutes on 2 cores).
 test-fast: $(INSTALLED)
 	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
