@@ -7,6 +7,7 @@ order, each marked baseline or not; nothing here reads a file or trains.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -121,6 +122,11 @@ def baseline_row(arms: Sequence[Arm]) -> str:
 
 def run_name(arm: Arm, seed: int) -> str:
     return f"{arm.name}-seed{seed}"
+
+
+def arm_name_of(run: str) -> str:
+    """The arm a run folder name (:func:`run_name`) is a seed of."""
+    return re.sub(r"-seed\d+$", "", run)
 
 
 def arm_overrides(arm: Arm, seed: int, experiment_dir: Path) -> list[str]:

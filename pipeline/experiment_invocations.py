@@ -41,14 +41,19 @@ def describe_source(init_from: Path) -> dict[str, Any]:
             "starts": read_starts(run_dir)}
 
 
+def invocation_line(command: Sequence[str]) -> dict[str, Any]:
+    """What every invocations.jsonl line says of the invocation: when, the exact command, where, the code's commit."""
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command), "cwd": os.getcwd(),
+            "commit": git_commit()}
+
+
 def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: Sequence[ShardSet],
                       source: Mapping[str, Any] | None = None, reused_runs: Mapping[str, str] | None = None) -> None:
     """One line per invocation in ``invocations.jsonl``: the exact command, the code's commit, the summary of
     every shard folder, the runs of other experiments it reuses (``reused_runs``: run name -> link, relative to
     the experiment folder) and the pretrained ``source`` (:func:`describe_source`), so that a table can be traced
     to what made it."""
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command), "cwd": os.getcwd(),
-             "commit": git_commit(),
+    entry = {**invocation_line(command),
              "shards": {str(s.root): json.loads((s.root / "summary.json").read_text()) for s in shard_sets},
              "reused_runs": dict(reused_runs or {}),
              **({"init_from": dict(source)} if source is not None else {})}
@@ -58,6 +63,5 @@ def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: 
 def record_late_links(experiment_dir: Path, command: Sequence[str], reused_runs: Mapping[str, str]) -> None:
     """A line for the links an invocation made at its end (a sibling's run it waited for finished meanwhile), so
     that they are reuse's like those of its first line (:func:`recorded_links`)."""
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command), "cwd": os.getcwd(),
-             "commit": git_commit(), "reused_runs": dict(reused_runs), "linked_at_end": True}
+    entry = {**invocation_line(command), "reused_runs": dict(reused_runs), "linked_at_end": True}
     append_record(experiment_dir / INVOCATIONS_FILE, entry)

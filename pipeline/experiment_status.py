@@ -5,13 +5,13 @@ each arm x seed's state, the epochs left with a time estimate, and the validatio
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrainConfig
+from pipeline.experiment_arms import arm_name_of
 from pipeline.experiment_invocations import recorded_links
 from pipeline.experiment_reuse import finished_same_runs, read_saved_config, sibling_in_training
 from pipeline.experiment_runs import read_rows, run_is_finished, trained_seconds
@@ -34,7 +34,7 @@ class RunState:
     @property
     def arm(self) -> str:
         """The arm this run is a seed of: its name without ``-seed<k>``."""
-        return re.sub(r"-seed\d+$", "", self.name)
+        return arm_name_of(self.name)
 
     def describe(self) -> str:
         reused = f" = {self.reuses}" if self.reuses else ""

@@ -250,9 +250,9 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
         left = not run_is_finished(read_rows(config.run_dir), config.max_epochs)
         config_claim = claimed(config_claim_path(experiment_dir, config)) if reuse and left else nullcontext(True)
         with config_claim as mine:
-            if not mine and claim_holder(config.run_dir) is not None:  # this experiment's other invocation
-                print(f"{name}: in training by {describe_holder(claim_holder(config.run_dir) or {})}, skipped here",
-                      flush=True)
+            run_holder = None if mine else claim_holder(config.run_dir)
+            if run_holder is not None:  # this experiment's other invocation
+                print(f"{name}: in training by {describe_holder(run_holder)}, skipped here", flush=True)
                 return False
             if not mine:  # another experiment's invocation trains a run of this config
                 awaited[name] = describe_holder(claim_holder(config_claim_path(experiment_dir, config)) or {})

@@ -37,12 +37,13 @@ def plot(experiment_dir: Path, out: Path, seed: int) -> None:
     figure = Figure(figsize=(3.2 * len(runs), 3.0), layout="constrained")
     for index, run_dir in enumerate(runs):
         axes = figure.add_subplot(1, len(runs), index + 1, sharey=figure.axes[0] if index else None)
-        for task, shares in weight_shares(run_dir).items():
+        shares_by_task = weight_shares(run_dir)
+        for task, shares in shares_by_task.items():
             axes.plot(range(len(shares)), shares, marker=".", label=task)
         axes.set_title(run_dir.name.removesuffix(f"-seed{seed}"))
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.axhline(1 / len(weight_shares(run_dir)), color="grey", linewidth=0.5, linestyle=":")
+        axes.axhline(1 / len(shares_by_task), color="grey", linewidth=0.5, linestyle=":")
     figure.axes[0].set_ylabel("share of the loss weights")
     figure.axes[-1].legend(fontsize="small")
     FigureCanvasAgg(figure).print_png(str(out))
