@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import TrainConfig, config_differences, describe_differences, to_dict
+from pipeline.data import SUMMARY_FILE
 from pipeline.evaluate import EVALUATION_DIR, METRICS_JSON, EvaluationError, evaluate_checkpoint
 from pipeline.experiment_arms import Arm, ExperimentError
 from pipeline.inference import CheckpointError
@@ -102,15 +103,31 @@ def evaluation_is_current(run_dir: Path, split: str) -> bool:
             and report.get("epoch") == int(best_epoch_row(rows)["epoch"]))
 
 
-def evaluate_best_model(run_dir: Path, split: str) -> dict[str, int | float]:
-    """The run's best_model.pt on ``split`` of its own datasets (report in <run>/evaluation/<split>/); a run
-    restored from its records (pipeline.run_archive: no best_model.pt) gives the evaluation recorded for its best
-    epoch."""
+def evaluation_is_fresh(run_dir: Path, split: str) -> bool:
+    """Whether a current ``split`` evaluation (:func:`evaluation_is_current`) was written after best_model.pt and
+    after the summary of every shard set it read: a best_model.pt saved again, or shards made again, since then
+    make it stale."""
+    if not evaluation_is_current(run_dir, split):
+        return False
+    written = (run_dir / EVALUATION_DIR / split / METRICS_JSON).stat().st_mtime
+    report = recorded_evaluation(run_dir, split) or {}
+    inputs = [run_dir / BEST_MODEL_FILE, *(Path(dataset["path"]) / SUMMARY_FILE for dataset in report.get("datasets", ()))]
+    return all(path.exists() and path.stat().st_mtime <= written for path in inputs)
+
+
+def evaluate_best_model(run_dir: Path, split: str, reevaluate: bool = False) -> dict[str, int | float]:
+    """The run's best_model.pt on ``split`` of its own datasets (report in <run>/evaluation/<split>/), evaluated
+    unless a fresh evaluation of it is recorded there (or ``reevaluate``); a run restored from its records
+    (pipeline.run_archive: no best_model.pt) gives the evaluation recorded for its best epoch."""
     if not (run_dir / BEST_MODEL_FILE).exists():
         if not evaluation_is_current(run_dir, split):
             raise ExperimentError(f"cannot evaluate {run_dir} on {split}: it has no {BEST_MODEL_FILE} (restored from "
                                   f"records?) and no {split} evaluation recorded for its best epoch")
         print(f"{run_dir.name}: {split} split as recorded ({BEST_MODEL_FILE} is not in this folder)", flush=True)
+        return split_metrics(recorded_evaluation(run_dir, split), split)
+    if not reevaluate and evaluation_is_fresh(run_dir, split):
+        print(f"{run_dir.name}: {split} split as evaluated before, of this {BEST_MODEL_FILE} and these shards "
+              f"(--reevaluate evaluates it again)", flush=True)
         return split_metrics(recorded_evaluation(run_dir, split), split)
     try:
         report, out_dir = evaluate_checkpoint(run_dir / BEST_MODEL_FILE, split, loader_workers=1, log=lambda line: None)
@@ -120,9 +137,10 @@ def evaluate_best_model(run_dir: Path, split: str) -> dict[str, int | float]:
     return split_metrics(report, split)
 
 
-def result_record(experiment: str, arm: Arm, seed: int, run_dir: Path, split: str = "val") -> dict[str, Any]:
+def result_record(experiment: str, arm: Arm, seed: int, run_dir: Path, split: str = "val",
+                  reevaluate: bool = False) -> dict[str, Any]:
     """One results row: the arm, the seed and every metric of the run's best epoch on ``split`` (validation:
-    from metrics.parquet; another split: best_model.pt evaluated on it)."""
+    from metrics.parquet; another split: best_model.pt evaluated on it, see :func:`evaluate_best_model`)."""
     rows = read_rows(run_dir)
     if not rows:
         raise ExperimentError(f"{run_dir / METRICS_FILE} is missing or empty after training")
@@ -130,7 +148,7 @@ def result_record(experiment: str, arm: Arm, seed: int, run_dir: Path, split: st
     if split == "val":
         metrics = {key: value for key, value in best.items() if key.startswith("val/")}
     else:
-        metrics = evaluate_best_model(run_dir, split)
+        metrics = evaluate_best_model(run_dir, split, reevaluate)
     return {"experiment": experiment, "arm": arm.name, "row": arm.row, "seed": seed, "run_dir": str(run_dir),
             "best_epoch": int(best["epoch"]), "epochs_run": len(rows), **metrics}
 

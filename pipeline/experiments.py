@@ -16,7 +16,9 @@ seeds 0..N-1 through ``pipeline.train`` (Ray Train on a local Ray or the cluster
     plot.png           one bar chart per task, one bar per row, error bars = std over seeds
     results-test.parquet, table-test.md, plot-test.png
                        the same on the test split (``--split test``): each run's best_model.pt evaluated
-                       by pipeline.evaluate, whose report lands in <arm>-seed<k>/evaluation/test/
+                       by pipeline.evaluate, whose report lands in <arm>-seed<k>/evaluation/test/; a report
+                       written there after best_model.pt and its shards is used as it is (``--reevaluate``:
+                       evaluate again)
 
 Running the same command again skips finished runs (metrics.parquet reached ``max_epochs`` or every task
 froze/stopped), resumes unfinished ones and refuses a run folder whose saved config differs from the
@@ -223,7 +225,7 @@ class ExperimentOutcome(NamedTuple):
 def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
                    out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = (),
                    single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
-                   init_from: Path | None = None, reuse: bool = True) -> ExperimentOutcome:
+                   init_from: Path | None = None, reuse: bool = True, reevaluate: bool = False) -> ExperimentOutcome:
     """Train every arm x seed (skipping finished runs and runs another process is training; with ``reuse``, linking
     to a finished run of the same config in a sibling experiment folder, and leaving an arm whose config another
     invocation trains now to that one), then write the results, table and plot of ``split``. Runs found held are
@@ -293,7 +295,7 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
         if not mine:
             print(f"\nanother invocation is writing the table in {experiment_dir}", flush=True)
             return ExperimentOutcome(experiment_dir, [], {})
-        records = [result_record(experiment, arm, seed, config.run_dir, split)
+        records = [result_record(experiment, arm, seed, config.run_dir, split, reevaluate)
                    for (arm, seed), config in zip(runs, configs)]
         write_table(experiment, plan, records, seeds, split)
     return ExperimentOutcome(experiment_dir, [], {})
@@ -360,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="experiment folder under runs_dir (default: NAME)")
     parser.add_argument("--local", action="store_true", help="train in this process, no Ray")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="val",
-                        help="split the table reports: val (from the runs' records) or test (best_model.pt evaluated)")
+                        help="split the table reports: val (from the runs' records) or test (best_model.pt evaluated, "
+                             "or its evaluation recorded since it and its shards were last written)")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="with --split test: evaluate every best_model.pt again, even where its evaluation is "
+                             "recorded (after a change to the evaluation code, say)")
     parser.add_argument("--single-tasks", default="",
                         help="mtl-vs-single: the tasks that get a single-task model, e.g. Smiling,Male,landmarks "
                              "(default all)")
@@ -389,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_experiment(
             args.experiment, args.config, args.overrides, args.seeds, args.name, args.local, args.split,
             ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])], comma_list(args.single_tasks),
-            comma_list(args.weightings), args.init_from, not args.no_reuse)
+            comma_list(args.weightings), args.init_from, not args.no_reuse, args.reevaluate)
     except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

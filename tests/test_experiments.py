@@ -304,6 +304,12 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
             assert record[f"test/{task}/{metric}"] == pytest.approx(report["tasks"][task][metric])
             assert record[f"test/{task}/count"] == report["tasks"][task]["count"] > 0
     assert test_results[2]["test/age/mae"] != results[2]["val/age/mae"]
+    assert main([*argv, "--split", "test"]) == 0  # the reports written above are of these models: used as they are
+    assert capsys.readouterr().out.count("test split as evaluated before") == 3
+    assert (experiment / "table-test.md").read_text() == test_table
+    assert main([*argv, "--split", "test", "--reevaluate"]) == 0
+    assert capsys.readouterr().out.count("test split evaluated in") == 3
+    assert (experiment / "table-test.md").read_text() == test_table
 
     # The tables outlive the run folders: records saved without weights (a missing test evaluation is made
     # first), the folders deleted, restored; the same command then trains nothing and reports the same tables.
@@ -319,7 +325,7 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
     assert out.count("finished, skipped") == 3 and out.count("test split as recorded") == 3
     assert (experiment / "table-test.md").read_text() == test_table
     assert main(argv) == 0 and (experiment / "table.md").read_text() == table
-    assert len((experiment / "invocations.jsonl").read_text().splitlines()) == 5  # 3 before, 2 since
+    assert len((experiment / "invocations.jsonl").read_text().splitlines()) == 7  # 5 before, 2 since
 
     assert main([*argv[:-1], "optim.lr=0.01", "--local"]) == 1  # another config in the same folder: refused
     assert "trained with another config (optim.lr 0.001 -> 0.01)" in capsys.readouterr().err

@@ -100,6 +100,33 @@ def test_restore_brings_back_finished_runs_an_experiment_then_skips_and_reports(
     assert restore_records(archive, fresh).unchanged == ["freeze/early-freeze-seed0", "weighting/learned-seed0"]
 
 
+def test_a_fresh_evaluation_of_best_model_is_used_and_a_newer_model_or_shard_set_is_evaluated_again(
+        tmp_path: Path, capsys) -> None:
+    run = finished_run_with_weights(tmp_path / "runs", "freeze", "none-seed0")  # best_model.pt is no checkpoint
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "summary.json").write_text("{}")
+    report_path = run / "evaluation" / "test" / "metrics.json"
+    report = json.loads(report_path.read_text())
+    report_path.write_text(json.dumps({**report, "datasets": [{"name": "utkface", "path": str(shards)}]}))
+    written = report_path.stat().st_mtime
+    for path in (run / "best_model.pt", shards / "summary.json"):
+        os.utime(path, (written - 60, written - 60))
+
+    assert evaluate_best_model(run, "test") == {"test/age/mae": 5.5, "test/age/count": 40}  # not evaluated again
+    assert "none-seed0: test split as evaluated before" in capsys.readouterr().out
+    with pytest.raises(ExperimentError, match="cannot evaluate .* on test"):  # evaluating reads the bytes
+        evaluate_best_model(run, "test", reevaluate=True)
+    for newer in (run / "best_model.pt", shards / "summary.json"):
+        os.utime(newer, (written + 60, written + 60))
+        with pytest.raises(ExperimentError, match="cannot evaluate .* on test"):
+            evaluate_best_model(run, "test")
+        os.utime(newer, (written - 60, written - 60))
+    (shards / "summary.json").unlink()  # its shards are gone: nothing says the report is of them
+    with pytest.raises(ExperimentError, match="cannot evaluate .* on test"):
+        evaluate_best_model(run, "test")
+
+
 @pytest.mark.parametrize("epoch, own_datasets", [(6, True), (9, False)], ids=["another-epoch", "other-data"])
 def test_a_recorded_evaluation_of_another_epoch_or_other_data_is_not_the_runs_result(
         tmp_path: Path, epoch: int, own_datasets: bool) -> None:
