@@ -17,6 +17,8 @@ from pipeline.experiment_reuse import finished_same_runs, read_saved_config, sib
 from pipeline.experiment_runs import read_rows, run_is_finished, trained_seconds
 from pipeline.run_claims import claim_holder, describe_holder
 
+SIBLING_HOLDER = " (a run of this config)"  # training_by of an arm whose config another experiment trains now
+
 
 @dataclass(frozen=True)
 class RunState:
@@ -65,7 +67,7 @@ def run_state(config: TrainConfig, experiment_dir: Path, siblings: Mapping[Path,
             rows = read_rows(where) if where is not None else []
             return RunState(config.run_dir.name, config.max_epochs, len(rows), False, trained_seconds(rows),
                             None if where is None else os.path.relpath(where, experiment_dir.resolve()), None,
-                            f"{describe_holder(holder)} (a run of this config)")
+                            describe_holder(holder) + SIBLING_HOLDER)
     rows = read_rows(run_dir) if run_dir.exists() and read_saved_config(run_dir) is not None else []
     seconds = trained_seconds(rows)
     finished = run_is_finished(rows, config.max_epochs)
@@ -77,7 +79,8 @@ def run_state(config: TrainConfig, experiment_dir: Path, siblings: Mapping[Path,
 def epochs_left_line(states: Sequence[RunState]) -> str:
     """How many runs are finished, and the epochs left at most with the time they may take, each run's epochs at
     its arm's seconds per epoch so far (a gradient-level weighting's epoch costs several of a loss-level one's);
-    an arm with no epoch trained yet is counted at the mean of the others, which the line says."""
+    an arm with no epoch trained yet is counted at the mean of the others, which the line says. Where several
+    processes train now, the hours they share are said too."""
     finished = sum(state.finished for state in states)
     partial = sum(not state.finished and state.epochs_done > 0 and not state.training_by for state in states)
     training = sum(state.training_by is not None for state in states)
@@ -91,7 +94,11 @@ def epochs_left_line(states: Sequence[RunState]) -> str:
     mean = mean_seconds_per_epoch(states)
     unfinished = [state for state in states if not state.finished]
     seconds = sum((state.max_epochs - state.epochs_done) * rates.get(state.arm, mean) for state in unfinished)
-    line += f", about {seconds / 3600:.1f} h at "
+    processes = len({state.training_by.removesuffix(SIBLING_HOLDER) for state in unfinished if state.training_by})
+    line += f", about {seconds / 3600:.1f} h"
+    if processes > 1:  # the epochs were timed as they trained, beside each other
+        line += f" of one process ({seconds / 3600 / processes:.1f} h while the {processes} training now go on)"
+    line += " at "
     fastest, slowest = min(rates.values()) / 60, max(rates.values()) / 60
     if len(rates) == 1:
         line += f"this experiment's {mean / 60:.1f} min per epoch so far"

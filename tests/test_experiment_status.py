@@ -103,7 +103,20 @@ def test_a_run_another_process_trains_says_by_whom() -> None:
     state = RunState("dwa-seed0", 10, 3, False, 90.0, training_by="pid 7 on node1 since 2026-12-01 01:00:00")
     assert state.describe() == "3 of 10 epochs, in training by pid 7 on node1 since 2026-12-01 01:00:00"
     assert epochs_left_line([state, RunState("rlw-seed0", 10, 0, False, 0.0)]).startswith(
-        "0 of 2 run(s) finished, 0 partly trained, 1 in training now; at most 17 epoch(s) left")
+        "0 of 2 run(s) finished, 0 partly trained, 1 in training now; at most 17 epoch(s) left, about 0.1 h at")  # one process: no share
+
+
+def test_the_hours_left_are_shared_by_the_processes_training_now() -> None:
+    one, two = "pid 7 on node1 since 2026-12-01 01:00:00", "pid 8 on node2 since 2026-12-01 01:05:00"
+    states = [RunState("dwa-seed0", 10, 4, False, 480.0, training_by=one),
+              RunState("dwa-seed1", 10, 4, False, 480.0, training_by=two),
+              RunState("learned-seed0", 10, 2, False, 240.0, reuses="../freeze/early-freeze-seed0",
+                       training_by=one + " (a run of this config)"),  # the same process, in another experiment
+              RunState("dwa-seed2", 10, 0, False, 0.0)]
+    # 6 + 6 + 8 + 10 epochs at 2 min: 1.0 h of one process, 0.5 h for the two processes at work
+    assert epochs_left_line(states) == (
+        "0 of 4 run(s) finished, 0 partly trained, 3 in training now; at most 30 epoch(s) left, about 1.0 h of one "
+        "process (0.5 h while the 2 training now go on) at each arm's own min per epoch so far (2.0)")
 
 
 def test_a_tables_training_line_sums_the_epochs_and_names_each_runs_cpu(tmp_path: Path) -> None:
