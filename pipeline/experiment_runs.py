@@ -111,7 +111,8 @@ def evaluation_is_fresh(run_dir: Path, split: str) -> bool:
         return False
     written = (run_dir / EVALUATION_DIR / split / METRICS_JSON).stat().st_mtime
     report = recorded_evaluation(run_dir, split) or {}
-    inputs = [run_dir / BEST_MODEL_FILE, *(Path(dataset["path"]) / SUMMARY_FILE for dataset in report.get("datasets", ()))]
+    shard_sets = [Path(dataset["path"]) for dataset in report.get("datasets", ())]
+    inputs = [run_dir / BEST_MODEL_FILE, *(shards / SUMMARY_FILE for shards in shard_sets)]
     return all(path.exists() and path.stat().st_mtime <= written for path in inputs)
 
 

@@ -102,8 +102,8 @@ def test_a_table_of_the_finished_runs_labels_the_rows_short_of_seeds() -> None:
 def test_a_run_another_process_trains_says_by_whom() -> None:
     state = RunState("dwa-seed0", 10, 3, False, 90.0, training_by="pid 7 on node1 since 2026-12-01 01:00:00")
     assert state.describe() == "3 of 10 epochs, in training by pid 7 on node1 since 2026-12-01 01:00:00"
-    assert epochs_left_line([state, RunState("rlw-seed0", 10, 0, False, 0.0)]).startswith(
-        "0 of 2 run(s) finished, 0 partly trained, 1 in training now; at most 17 epoch(s) left, about 0.1 h at")  # one process: no share
+    assert epochs_left_line([state, RunState("rlw-seed0", 10, 0, False, 0.0)]).startswith(  # one process: no share
+        "0 of 2 run(s) finished, 0 partly trained, 1 in training now; at most 17 epoch(s) left, about 0.1 h at")
 
 
 def test_the_hours_left_are_shared_by_the_processes_training_now() -> None:
