@@ -71,7 +71,8 @@ class LossConfig:
     famo_weight_decay: float = 0.01  # γ, FAMO's decay on its logits (its authors' default)
     gradnorm_alpha: float = 1.5  # α of GradNorm, the restoring force towards equal training rates (Chen et al. 2018)
     dbmtl_beta: float = 0.9  # β of DB-MTL's moving average of task gradients (Lin et al. 2023)
-    dbmtl_beta_sigma: float = 0.5  # the average's β decays as β / step^σ (DB-MTL's schedule)
+    # σ > 0 decays the average's β as β / step^σ; its authors' code (LibMTL's DB_beta_sigma) keeps it constant
+    dbmtl_beta_sigma: float = 0.0
     age_scale: float = 100.0  # age target and prediction are divided by this (thesis 3.3.2)
     regression_loss: str = "mse"  # mse | l1
 
@@ -312,6 +313,20 @@ def _plain(value: Any) -> Any:
 # Keys a resumed run may change: they say how long to run and where, not what is computed.
 RESUMABLE_KEYS = frozenset({"max_epochs", "keep_checkpoints", "name", "runs_dir"})
 
+# The loss keys one weighting alone reads (pipeline.loop.weighting_options): under another weighting they change
+# nothing, so a run is the same run whatever they hold (a default changed later does not orphan finished runs).
+WEIGHTING_ONLY_KEYS = {
+    "learned": ("loss.lam",), "fixed": ("loss.fixed_weights",), "dwa": ("loss.dwa_temperature",),
+    "famo": ("loss.famo_lr", "loss.famo_weight_decay"), "gradnorm": ("loss.gradnorm_alpha",),
+    "dbmtl": ("loss.dbmtl_beta", "loss.dbmtl_beta_sigma"),
+}
+
+
+def unread_keys(keys: typing.Iterable[str], weightings: typing.Collection[str | None]) -> set[str]:
+    """Those of the flattened ``keys`` that belong to a weighting not in ``weightings`` (:data:`WEIGHTING_ONLY_KEYS`)."""
+    owned = [prefix for owner, prefixes in WEIGHTING_ONLY_KEYS.items() if owner not in weightings for prefix in prefixes]
+    return {key for key in keys if any(key == prefix or key.startswith(f"{prefix}.") for prefix in owned)}
+
 
 def flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
@@ -327,9 +342,13 @@ def flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any],
                        ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
     """Dotted keys outside ``ignore`` whose values differ between two config mappings: a run resumed under
-    such a config would no longer be the run it continues."""
+    such a config would no longer be the run it continues. A key that neither config's weighting reads is no
+    difference (:data:`WEIGHTING_ONLY_KEYS`)."""
     before, after = flatten_with_defaults(saved), flatten_with_defaults(wanted)
-    return [key for key in sorted(set(before) | set(after)) if key not in ignore and before.get(key) != after.get(key)]
+    keys = set(before) | set(after)
+    unread = unread_keys(keys, {before.get("loss.weighting"), after.get("loss.weighting")})
+    return [key for key in sorted(keys)
+            if key not in ignore and key not in unread and before.get(key) != after.get(key)]
 
 
 def flatten_with_defaults(document: dict[str, Any]) -> dict[str, Any]:

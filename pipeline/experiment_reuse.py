@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import RESUMABLE_KEYS, TrainConfig, config_differences, flatten_with_defaults, to_dict
+from pipeline.config import (
+    RESUMABLE_KEYS, TrainConfig, config_differences, flatten_with_defaults, to_dict, unread_keys,
+)
 from pipeline.experiment_invocations import recorded_links
 from pipeline.experiment_runs import read_rows, run_is_finished
 from pipeline.run_claims import claim_holder
@@ -117,8 +119,9 @@ def link_reused_runs(configs: Sequence[TrainConfig], experiment_dir: Path, reuse
 def config_key(config: TrainConfig) -> str:
     """A digest of what makes ``config``'s run that run (every key but :data:`REUSE_IGNORED_KEYS`, defaults filled
     in as :func:`is_same_run` compares them): equal for the arms of two experiments that are one run."""
-    flat = {key: value for key, value in flatten_with_defaults(to_dict(config)).items()
-            if key not in REUSE_IGNORED_KEYS}
+    flat = flatten_with_defaults(to_dict(config))
+    unread = unread_keys(flat, {flat.get("loss.weighting")})
+    flat = {key: value for key, value in flat.items() if key not in REUSE_IGNORED_KEYS | unread}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -78,7 +78,7 @@ def balance_magnitudes(gradients: Tensor, epsilon: float = 1e-8) -> Tensor:
 
 
 def moving_averages(averages: Tensor, gradients: Tensor, updates: Tensor, beta: float, beta_sigma: float) -> Tensor:
-    """DB-MTL's moving average of each task's gradient (Algorithm 1, with the authors' decaying beta):
+    """DB-MTL's moving average of each task's gradient (Algorithm 1; beta_sigma > 0 lets beta decay):
     g_avg <- g + beta_t (g_avg - g), beta_t = beta / t^sigma, t = the row's count of updates including this one.
 
     ``averages``, ``gradients``: (K, P); ``updates``: (K,) counts t; returns the new (K, P) averages.

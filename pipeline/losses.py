@@ -543,8 +543,9 @@ class AlignedMultiTask(GradientWeighting):
 
 class DualBalancing(GradientWeighting):
     """Lin et al. (2023), DB-MTL (Algorithm 1): tasks train on log(L_i + 1e-8) (loss-scale balancing); each
-    task's gradient of the shared parameters enters a moving average g_avg,i (beta_t = beta / t^sigma), and the
-    shared parameters get max_j |g_avg,j| sum_i g_avg,i / |g_avg,i| (gradient-magnitude balancing).
+    task's gradient of the shared parameters enters a moving average g_avg,i (beta_t = beta / t^sigma; sigma 0, a
+    constant beta, is its authors' code's default), and the shared parameters get max_j |g_avg,j| sum_i g_avg,i /
+    |g_avg,i| (gradient-magnitude balancing).
 
     t counts each task's own updates: an absent or frozen task's average and count stay as they were. The
     averages (tasks x shared parameters, e.g. 6 x 11.3M floats for ResNet-18) are in the state_dict, so a
@@ -553,7 +554,7 @@ class DualBalancing(GradientWeighting):
 
     EPSILON = 1e-8
 
-    def __init__(self, task_names: Sequence[str], beta: float = 0.9, beta_sigma: float = 0.5) -> None:
+    def __init__(self, task_names: Sequence[str], beta: float = 0.9, beta_sigma: float = 0.0) -> None:
         if not 0 <= beta < 1 or beta_sigma < 0:
             raise ValueError(f"DB-MTL needs 0 <= beta < 1 and beta_sigma >= 0, got {beta=}, {beta_sigma=}")
         super().__init__(task_names)

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import TrainConfig, load_config, save_config, to_dict, with_absolute_paths
-from pipeline.experiment_reuse import (config_claim_path, is_same_run, link_reused_runs, sibling_in_training,
-                                      sibling_run_configs)
+from pipeline.experiment_reuse import (config_claim_path, config_key, is_same_run, link_reused_runs,
+                                      sibling_in_training, sibling_run_configs)
 from pipeline.experiment_status import run_state
 from pipeline.experiments import main
 from pipeline.run_records import CONFIG_FILE, METRICS_FILE
@@ -54,6 +54,19 @@ def test_same_run_means_the_same_config_wherever_the_run_lives() -> None:
                        wanted)
     for other in ("seed=1", "loss.weighting=equal", "max_epochs=10", "data.datasets=[/s/celeba]"):
         assert not is_same_run(to_dict(load_config(None, [*UTKFACE_LIKE, other])), wanted), other
+
+
+def test_a_key_only_another_weighting_reads_does_not_make_another_run() -> None:
+    learned = [*UTKFACE_LIKE, "loss.dbmtl_beta_sigma=0.5", "loss.famo_lr=0.1", "loss.fixed_weights={age: 1.0}"]
+    saved = to_dict(load_config(None, learned))  # DB-MTL's, FAMO's and fixed's keys: unread by learned
+    assert is_same_run(saved, to_dict(load_config(None, UTKFACE_LIKE)))
+    assert config_key(load_config(None, learned)) == config_key(load_config(None, UTKFACE_LIKE))
+    assert not is_same_run(saved, to_dict(load_config(None, [*UTKFACE_LIKE, "loss.lam=1"])))  # learned reads λ
+    dbmtl = [*UTKFACE_LIKE, "loss.weighting=dbmtl"]
+    assert not is_same_run(to_dict(load_config(None, [*dbmtl, "loss.dbmtl_beta_sigma=0.5"])),
+                           to_dict(load_config(None, dbmtl)))
+    assert config_key(load_config(None, [*dbmtl, "loss.dbmtl_beta_sigma=0.5"])) != config_key(load_config(None, dbmtl))
+    assert is_same_run(to_dict(load_config(None, [*dbmtl, "loss.lam=1"])), to_dict(load_config(None, dbmtl)))
 
 
 def test_an_arm_links_to_the_first_finished_run_of_its_config_in_another_experiment(

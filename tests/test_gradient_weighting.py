@@ -128,8 +128,20 @@ def test_an_aligned_mtl_step_with_an_absent_task_uses_the_present_tasks_alone() 
     assert model.heads["absent"].grad is None
 
 
+def test_dbmtl_keeps_beta_constant_by_default_as_its_authors_code_does() -> None:
+    weighting = dbmtl_weighting()  # beta 0.9, sigma 0
+    model = TinyModel()
+    directions = {"a": (1.0, 0.0), "b": (0.0, 2.0)}  # L = exp(d . theta + h): grad log L = (d, 1), whatever theta
+    model.step(weighting, directions, lr=1.0)
+    model.step(weighting, directions, lr=1.0)
+    # t = 1 as below: theta = (-0.2, -0.2). t = 2, beta still 0.9: g_avg = g + 0.9 (0.1 g - g) = 0.19 g: (0.19, 0),
+    # (0, 0.38); both scaled to 0.38: theta -= (0.38, 0.38).
+    assert model.theta.tolist() == pytest.approx([-0.58, -0.58], rel=1e-5)
+    assert weighting.gradient_averages[0].tolist() == pytest.approx([0.19, 0.0], rel=1e-5)
+
+
 def test_two_dbmtl_steps_follow_the_moving_average_and_max_norm_rule_and_leave_the_absent_task_untouched() -> None:
-    weighting = dbmtl_weighting()  # beta 0.9, sigma 0.5
+    weighting = dbmtl_weighting(beta_sigma=0.5)  # beta 0.9, decaying as 0.9 / sqrt(t)
     model = TinyModel()
     directions = {"a": (1.0, 0.0), "b": (0.0, 2.0)}  # L = exp(d . theta + h): grad log L = (d, 1), whatever theta
     model.step(weighting, directions, lr=1.0)
