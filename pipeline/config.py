@@ -68,7 +68,9 @@ class LossConfig:
     fixed_weights: dict[str, float] = field(default_factory=dict)  # for weighting=fixed; one-hot = single task
     dwa_temperature: float = 2.0  # T of DWA's softmax over epoch loss ratios (Liu et al. 2019)
     famo_lr: float = 0.025  # Adam lr of FAMO's task logits (its authors' default)
-    famo_weight_decay: float = 0.01  # γ, FAMO's decay on its logits (its authors' default)
+    # γ, FAMO's decay on its logits: its authors' class default and Cityscapes setting; their CelebA and NYUv2
+    # runs (and LibMTL) use 0.001, which lets the logits drift further from equal
+    famo_weight_decay: float = 0.01
     gradnorm_alpha: float = 1.5  # α of GradNorm, the restoring force towards equal training rates (Chen et al. 2018)
     dbmtl_beta: float = 0.9  # β of DB-MTL's moving average of task gradients (Lin et al. 2023)
     # σ > 0 decays the average's β as β / step^σ; its authors' code (LibMTL's DB_beta_sigma) keeps it constant
