@@ -330,3 +330,19 @@ def test_weighting_leaves_the_run_another_experiment_trains_to_it_then_links_it_
     assert out.index("dwa-seed0: trained") < out.index("learned-seed0: trained 1 epoch(s)")
     assert (experiment / "table.md").exists() and not (mtl / METRICS_FILE).exists()
     assert not learned.is_symlink() and (learned / METRICS_FILE).exists()
+
+
+def test_the_keys_owned_by_one_weighting_are_the_ones_only_it_reads() -> None:
+    from pipeline.config import WEIGHTING_ONLY_KEYS
+    from pipeline.losses import WEIGHTINGS
+    from pipeline.loop import weighting_options
+
+    values = {"loss.lam": "0.5", "loss.fixed_weights": "{age: 1.0}", "loss.dwa_temperature": "3.0",
+              "loss.famo_lr": "0.5", "loss.famo_weight_decay": "0.5", "loss.gradnorm_alpha": "0.5",
+              "loss.dbmtl_beta": "0.5", "loss.dbmtl_beta_sigma": "0.5"}
+    assert set(values) == {key for keys in WEIGHTING_ONLY_KEYS.values() for key in keys}
+    for weighting in WEIGHTINGS:
+        base = weighting_options(load_config(None, [f"loss.weighting={weighting}"]))
+        for key, value in values.items():
+            reads = weighting_options(load_config(None, [f"loss.weighting={weighting}", f"{key}={value}"])) != base
+            assert reads == (key in WEIGHTING_ONLY_KEYS.get(weighting, ())), (weighting, key)
