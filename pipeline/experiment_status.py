@@ -17,8 +17,6 @@ from pipeline.experiment_reuse import finished_same_runs, read_saved_config, sib
 from pipeline.experiment_runs import read_rows, run_is_finished, trained_seconds
 from pipeline.run_claims import claim_holder, describe_holder
 
-SIBLING_HOLDER = " (a run of this config)"  # training_by of an arm whose config another experiment trains now
-
 
 @dataclass(frozen=True)
 class RunState:
@@ -32,6 +30,7 @@ class RunState:
     reuses: str | None = None  # the sibling experiment's run it links to, or would link to when run
     run_dir: Path | None = None  # where its records are: its own folder or the reused run; None when not started
     training_by: str | None = None  # the process that holds its claim (pipeline.run_claims) and trains it now
+    by_config: bool = False  # training_by holds the claim on its config: another experiment trains that run
 
     @property
     def arm(self) -> str:
@@ -44,7 +43,8 @@ class RunState:
             return f"finished{reused} ({self.epochs_done} epoch(s), {self.seconds / 60:.1f} min)"
         if self.training_by:
             where = f" as {self.reuses}" if self.reuses else ""  # a sibling experiment's run this arm waits for
-            return f"{self.epochs_done} of {self.max_epochs} epochs{where}, in training by {self.training_by}"
+            config = " (a run of this config)" if self.by_config else ""
+            return f"{self.epochs_done} of {self.max_epochs} epochs{where}, in training by {self.training_by}{config}"
         if self.epochs_done:
             return f"{self.epochs_done} of {self.max_epochs} epochs, resumes from its last checkpoint"
         return "not started"
@@ -67,7 +67,7 @@ def run_state(config: TrainConfig, experiment_dir: Path, siblings: Mapping[Path,
             rows = read_rows(where) if where is not None else []
             return RunState(config.run_dir.name, config.max_epochs, len(rows), False, trained_seconds(rows),
                             None if where is None else os.path.relpath(where, experiment_dir.resolve()), None,
-                            describe_holder(holder) + SIBLING_HOLDER)
+                            describe_holder(holder), by_config=True)
     rows = read_rows(run_dir) if run_dir.exists() and read_saved_config(run_dir) is not None else []
     seconds = trained_seconds(rows)
     finished = run_is_finished(rows, config.max_epochs)
@@ -94,7 +94,7 @@ def epochs_left_line(states: Sequence[RunState]) -> str:
     mean = mean_seconds_per_epoch(states)
     unfinished = [state for state in states if not state.finished]
     seconds = sum((state.max_epochs - state.epochs_done) * rates.get(state.arm, mean) for state in unfinished)
-    processes = len({state.training_by.removesuffix(SIBLING_HOLDER) for state in unfinished if state.training_by})
+    processes = len({state.training_by for state in unfinished if state.training_by})
     line += f", about {seconds / 3600:.1f} h"
     if processes > 1:  # the epochs were timed as they trained, beside each other
         line += f" of one process ({seconds / 3600 / processes:.1f} h while the {processes} training now go on)"

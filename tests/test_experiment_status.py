@@ -111,7 +111,7 @@ def test_the_hours_left_are_shared_by_the_processes_training_now() -> None:
     states = [RunState("dwa-seed0", 10, 4, False, 480.0, training_by=one),
               RunState("dwa-seed1", 10, 4, False, 480.0, training_by=two),
               RunState("learned-seed0", 10, 2, False, 240.0, reuses="../freeze/early-freeze-seed0",
-                       training_by=one + " (a run of this config)"),  # the same process, in another experiment
+                       training_by=one, by_config=True),  # the same process, in another experiment
               RunState("dwa-seed2", 10, 0, False, 0.0)]
     # 6 + 6 + 8 + 10 epochs at 2 min: 1.0 h of one process, 0.5 h for the two processes at work
     assert epochs_left_line(states) == (
