@@ -97,11 +97,13 @@ def test_a_forked_child_such_as_a_loader_worker_does_not_keep_its_parents_claim(
     script = ("import os, sys, time; from pathlib import Path; from pipeline.run_claims import claimed\n"
               "with claimed(Path(sys.argv[1])) as mine:\n"
               "    child = os.fork()\n"
-              "    if child == 0:\n        time.sleep(60); os._exit(0)\n"
+              "    if child == 0:\n        print('forked', flush=True); time.sleep(60); os._exit(0)\n"
               "    print(child, flush=True); sys.stdin.read()")
     parent = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=REPO, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
-    child = int(parent.stdout.readline())
+    # both lines, in either order: the child prints once its at-fork hook has run
+    lines = {parent.stdout.readline().strip() for _ in range(2)}
+    child = int((lines - {"forked"}).pop())
     try:
         assert claim_holder(run_dir)["pid"] == parent.pid
         parent.kill()
