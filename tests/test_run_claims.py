@@ -97,8 +97,8 @@ def test_a_forked_child_such_as_a_loader_worker_does_not_keep_its_parents_claim(
     script = ("import os, sys, time; from pathlib import Path; from pipeline.run_claims import claimed\n"
               "with claimed(Path(sys.argv[1])) as mine:\n"
               "    child = os.fork()\n"
-              "    if child == 0:\n        print('forked', flush=True); time.sleep(60); os._exit(0)\n"
-              "    print(child, flush=True); sys.stdin.read()")
+              "    if child == 0:\n        os.write(1, b'forked\\n'); time.sleep(60); os._exit(0)\n"
+              "    os.write(1, f'{child}\\n'.encode()); sys.stdin.read()")  # one write each: lines never interleave
     parent = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=REPO, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     # both lines, in either order: the child prints once its at-fork hook has run
