@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,9 +42,11 @@ def describe_source(init_from: Path) -> dict[str, Any]:
 
 
 def invocation_line(command: Sequence[str]) -> dict[str, Any]:
-    """What every invocations.jsonl line says of the invocation: when, the exact command, where, the code's commit."""
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(command), "cwd": os.getcwd(),
-            "commit": git_commit()}
+    """What every invocations.jsonl line says of the invocation: when, the exact command, where, the code's commit.
+    The time is to the microsecond: records merge identical lines as one (pipeline.run_archive), and the same
+    command run twice within a second is two invocations."""
+    return {"time": datetime.now().astimezone().isoformat(timespec="microseconds"), "command": shlex.join(command),
+            "cwd": os.getcwd(), "commit": git_commit()}
 
 
 def record_invocation(experiment_dir: Path, command: Sequence[str], shard_sets: Sequence[ShardSet],

@@ -148,9 +148,10 @@ def copy_link(source_link: Path, target_link: Path) -> None:
 def invocation_time(line: str) -> datetime:
     """When an invocations.jsonl line was written (its ``time``); the earliest possible for a line without one."""
     try:
-        return datetime.strptime(json.loads(line)["time"], "%Y-%m-%dT%H:%M:%S%z")
+        written = datetime.fromisoformat(json.loads(line)["time"])
     except (ValueError, KeyError, TypeError):
         return datetime.min.replace(tzinfo=timezone.utc)
+    return written if written.tzinfo is not None else written.replace(tzinfo=timezone.utc)
 
 
 def merge_invocations(source: Path, target: Path) -> int:

@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.experiment_arms import ExperimentError
+from pipeline.experiment_invocations import record_late_links
 from pipeline.experiment_runs import check_run_folder, evaluate_best_model
 from pipeline.run_archive import is_finished_run, main, merge_invocations, restore_records, run_folders, save_records
 from tests.test_experiment_status import arm_config, write_run
@@ -184,6 +185,18 @@ def test_invocation_lines_are_merged_once_and_in_time_order(tmp_path: Path) -> N
     assert merge_invocations(theirs, ours) == 1
     assert ours.read_text() == f"{line(9, 'a')}\n{line(10, 'b')}\n{line(12, 'c')}\n"  # the newest link stays last
     assert merge_invocations(theirs, ours) == 0 and merge_invocations(tmp_path / "absent", ours) == 0
+
+
+def test_the_same_command_twice_within_a_second_stays_two_invocations_in_the_records(tmp_path: Path) -> None:
+    experiment = tmp_path / "runs" / "weighting"
+    experiment.mkdir(parents=True)
+    for _ in range(2):
+        record_late_links(experiment, ["python", "-m", "pipeline.experiments", "weighting"], {"dwa-seed0": "../x"})
+    archive = tmp_path / "records" / "weighting" / "invocations.jsonl"
+    archive.parent.mkdir(parents=True)
+    assert merge_invocations(experiment / "invocations.jsonl", archive) == 2
+    assert merge_invocations(experiment / "invocations.jsonl", archive) == 0  # saved again: nothing new
+    assert len(archive.read_text().splitlines()) == 2
 
 
 def test_the_command_line_says_what_it_copied_and_refuses_a_missing_folder(tmp_path: Path, capsys) -> None:
