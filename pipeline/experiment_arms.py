@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -112,6 +112,20 @@ def experiment_arms(experiment: str, tasks: Sequence[str], datasets_by_task: Map
     if experiment == "transfer":
         return transfer_arms(init_from, backbone_weights)
     raise ValueError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
+
+
+def chosen_arms(experiment: str, arms: Sequence[Arm], names: Sequence[str] = (), baseline: str | None = None
+                ) -> list[Arm]:
+    """``arms`` restricted to those ``names`` lists (``--arms``; default every arm) and the baseline, which always
+    runs; ``baseline`` (``--baseline``) names the arm every row is measured against, in place of the experiment's
+    own (``freeze --arms none --baseline early-freeze``: Algorithm 1 against no freezing, two arms)."""
+    known = [arm.name for arm in arms]
+    unknown = [name for name in (*names, *([baseline] if baseline else [])) if name not in known]
+    if unknown:
+        raise ExperimentError(f"{experiment} has no arm {', '.join(unknown)}; its arms: {', '.join(known)}")
+    if baseline:
+        arms = [replace(arm, baseline=arm.name == baseline) for arm in arms]
+    return [arm for arm in arms if arm.baseline or not names or arm.name in names]
 
 
 def baseline_row(arms: Sequence[Arm]) -> str:

@@ -82,6 +82,11 @@ The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipe
   ``--init-from``; the path, the file read and the config its weights were trained with go into
   ``invocations.jsonl``.
 
+``--arms`` trains some arms only, by their run folders' names (the baseline always runs), and ``--baseline`` names
+the arm every row is measured against in place of the experiment's own: ``freeze --arms none --baseline
+early-freeze`` is Algorithm 1 against no freezing, two arms, where ``freeze`` alone measures five against
+``early-stop``.
+
 Metrics are those of each run's best epoch (lowest val/total_loss, the epoch saved as best_model.pt): with
 ``--split val`` (the default) its validation metrics, read from its metrics.parquet; with ``--split test``
 best_model.pt evaluated on the test split (:func:`pipeline.evaluate.evaluate_checkpoint`), the numbers a
@@ -110,7 +115,8 @@ from typing import Any, NamedTuple, Sequence
 from pipeline.config import ConfigError, TrainConfig, load_config, with_absolute_paths
 from pipeline.data import DataConfigError, ShardSet, open_shard_set, resolve_tasks
 from pipeline.experiment_arms import (
-    EXPERIMENTS, Arm, ExperimentError, arm_overrides, baseline_row, check_transfer_source, experiment_arms,
+    EXPERIMENTS, Arm, ExperimentError, arm_overrides, baseline_row, check_transfer_source, chosen_arms,
+    experiment_arms,
 )
 from pipeline.experiment_invocations import describe_source, record_invocation, record_late_links
 from pipeline.experiment_reuse import config_claim_path, link_reused_runs, sibling_run_configs
@@ -192,9 +198,11 @@ class ExperimentPlan:
 
 def plan_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
                     out_name: str | None, single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
-                    init_from: Path | None = None) -> ExperimentPlan:
-    """The arms, seeds and configs of an experiment, its shards opened and its ``--init-from`` checked; nothing is
-    created on disk (``--status`` reads only)."""
+                    init_from: Path | None = None, arm_names: Sequence[str] = (),
+                    baseline: str | None = None) -> ExperimentPlan:
+    """The arms (those ``arm_names`` lists and the baseline, ``baseline`` where given: :func:`chosen_arms`), seeds
+    and configs of an experiment, its shards opened and its ``--init-from`` checked; nothing is created on disk
+    (``--status`` reads only)."""
     base = with_absolute_paths(load_config(config_path, overrides))
     shard_sets = [open_shard_set(path) for path in base.data.datasets]
     declare_config_tasks(base)
@@ -202,8 +210,8 @@ def plan_experiment(experiment: str, config_path: Path | None, overrides: Sequen
     datasets_by_task = {task: [path for path, s in zip(base.data.datasets, shard_sets) if s.labelled_fraction(task) > 0]
                         for task in task_names}
     init_from = init_from.resolve() if init_from else None  # absolute: a run's saved config must not depend on cwd
-    arms = experiment_arms(experiment, task_names, datasets_by_task, single_tasks, weightings, init_from,
-                           base.model.weights_path)
+    arms = chosen_arms(experiment, experiment_arms(experiment, task_names, datasets_by_task, single_tasks, weightings,
+                                                   init_from, base.model.weights_path), arm_names, baseline)
     source = None
     if init_from is not None:
         check_init_from(init_from)
@@ -225,7 +233,8 @@ class ExperimentOutcome(NamedTuple):
 def run_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
                    out_name: str | None, local: bool, split: str = "val", command: Sequence[str] = (),
                    single_tasks: Sequence[str] = (), weightings: Sequence[str] = (),
-                   init_from: Path | None = None, reuse: bool = True, reevaluate: bool = False) -> ExperimentOutcome:
+                   init_from: Path | None = None, reuse: bool = True, reevaluate: bool = False,
+                   arm_names: Sequence[str] = (), baseline: str | None = None) -> ExperimentOutcome:
     """Train every arm x seed (skipping finished runs and runs another process is training; with ``reuse``, linking
     to a finished run of the same config in a sibling experiment folder, and leaving an arm whose config another
     invocation trains now to that one), then write the results, table and plot of ``split``. Runs found held are
@@ -233,7 +242,8 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     finishing it). Where runs are unfinished then, nothing is written: the invocation of this experiment that
     finishes the last run writes it (once where several finish together), or, where another experiment trained
     it, this command run again."""
-    plan = plan_experiment(experiment, config_path, overrides, seeds, out_name, single_tasks, weightings, init_from)
+    plan = plan_experiment(experiment, config_path, overrides, seeds, out_name, single_tasks, weightings, init_from,
+                           arm_names, baseline)
     experiment_dir, runs, configs = plan.experiment_dir, plan.runs, plan.configs
     experiment_dir.mkdir(parents=True, exist_ok=True)
     print(f"experiment {experiment}: {len(plan.arms)} arm(s) x {seeds} seed(s) -> {experiment_dir}", flush=True)
@@ -373,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weightings", default="",
                         help="weighting: the methods compared, e.g. learned,pcgrad (default every registered one but "
                              "fixed; equal, the baseline, is always run)")
+    parser.add_argument("--arms", default="",
+                        help="the arms trained, by their run folders' names, e.g. freeze --arms none (default all; the "
+                             "baseline always runs)")
+    parser.add_argument("--baseline",
+                        help="the arm every row is measured against (Δm, † marks) in place of the experiment's own, "
+                             "e.g. freeze --baseline early-freeze")
     parser.add_argument("--no-reuse", action="store_true",
                         help="train every arm in this experiment's folder, even one whose config equals a finished "
                              "run of another experiment under runs_dir (default: link to that run)")
@@ -389,13 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.status:
             plan = plan_experiment(args.experiment, args.config, args.overrides, args.seeds, args.name,
-                                   comma_list(args.single_tasks), comma_list(args.weightings), args.init_from)
+                                   comma_list(args.single_tasks), comma_list(args.weightings), args.init_from,
+                                   comma_list(args.arms), args.baseline)
             show_status(args.experiment, plan, args.seeds, not args.no_reuse)
             return 0
         outcome = run_experiment(
             args.experiment, args.config, args.overrides, args.seeds, args.name, args.local, args.split,
             ["python", "-m", "pipeline.experiments", *(argv or sys.argv[1:])], comma_list(args.single_tasks),
-            comma_list(args.weightings), args.init_from, not args.no_reuse, args.reevaluate)
+            comma_list(args.weightings), args.init_from, not args.no_reuse, args.reevaluate, comma_list(args.arms),
+            args.baseline)
     except (ConfigError, DataConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.config import config_differences, load_config, save_config, to_dict
 from pipeline.experiment_arms import (COMPARED_WEIGHTINGS, Arm, ExperimentError, arm_overrides, baseline_row,
-                                      experiment_arms)
+                                      chosen_arms, experiment_arms)
 from pipeline.experiment_runs import best_epoch_row, check_run_folder, run_is_finished
 from pipeline.experiment_tables import (
     CellStats, beyond_seed_spread, delta_m_by_row, format_table, mean_and_std, summarize,
@@ -116,6 +116,21 @@ def test_init_from_is_required_by_transfer_and_refused_by_the_other_experiments(
     for experiment in ("mtl-vs-single", "weighting", "freeze", "lambda"):
         with pytest.raises(ExperimentError, match=f"--init-from is for the transfer experiment; {experiment} does not"):
             experiment_arms(experiment, ["age"], {"age": ["/s/utk"]}, init_from=Path("/runs/pre"))
+
+
+def test_arms_chosen_by_name_keep_the_baseline_and_another_baseline_moves_the_reference() -> None:
+    freeze = experiment_arms("freeze", ["age", "gender"], {})
+    assert chosen_arms("freeze", freeze) == freeze
+    assert [a.name for a in chosen_arms("freeze", freeze, ["none"])] == ["early-stop", "none"]  # table order
+    thesis = chosen_arms("freeze", freeze, ["none"], baseline="early-freeze")
+    assert [(a.name, a.baseline) for a in thesis] == [("early-freeze", True), ("none", False)]
+    assert baseline_row(thesis) == "early-freeze" and thesis[0].overrides == freeze[0].overrides
+    assert [a.name for a in chosen_arms("freeze", freeze, baseline="none")] == [a.name for a in freeze]
+    assert [a.name for a in chosen_arms("freeze", freeze, ["none"], baseline="none")] == ["none"]
+    singles = experiment_arms("mtl-vs-single", ["age", "gender"], DATASETS_BY_TASK)
+    assert [a.name for a in chosen_arms("mtl-vs-single", singles, ["mtl"])] == ["single-age", "single-gender", "mtl"]
+    with pytest.raises(ExperimentError, match="freeze has no arm nofreeze, early-freze; its arms: early-freeze, "):
+        chosen_arms("freeze", freeze, ["none", "nofreeze"], baseline="early-freze")
 
 
 def test_an_option_of_another_experiment_is_refused_not_ignored() -> None:
