@@ -128,6 +128,18 @@ def chosen_arms(experiment: str, arms: Sequence[Arm], names: Sequence[str] = (),
     return [arm for arm in arms if arm.baseline or not names or arm.name in names]
 
 
+def selection_name(arms: Sequence[Arm], chosen: Sequence[Arm]) -> str:
+    """'' where ``chosen`` (:func:`chosen_arms`) is every arm of ``arms`` against the experiment's own baseline,
+    else a folder name for the selection, e.g. ``none-vs-early-freeze``: its table is kept apart from the full one."""
+    if [(arm.name, arm.baseline) for arm in chosen] == [(arm.name, arm.baseline) for arm in arms]:
+        return ""
+    against = "+".join(arm.name for arm in chosen if arm.baseline)
+    if {arm.name for arm in chosen} == {arm.name for arm in arms}:
+        return f"vs-{against}"
+    others = [arm.name for arm in chosen if not arm.baseline]
+    return f"{'+'.join(others)}-vs-{against}" if others else against
+
+
 def baseline_row(arms: Sequence[Arm]) -> str:
     """The row every other row's Δm is measured against: the one row of the arms marked ``baseline``."""
     (row,) = {arm.row for arm in arms if arm.baseline}

@@ -150,7 +150,7 @@ def format_table(experiment: str, baseline: str, summary: Mapping[str, Mapping[s
 
 
 def plot_comparison(summary: Mapping[str, Mapping[str, CellStats]], tasks: Sequence[TaskSpec],
-                    chance: Mapping[str, float], title: str, path: Path) -> Path:
+                    chance: Mapping[str, float], baseline: str, title: str, path: Path) -> Path:
     """One bar chart per task, one bar per row with the std over seeds as error bar, chance as a dashed line."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -158,7 +158,7 @@ def plot_comparison(summary: Mapping[str, Mapping[str, CellStats]], tasks: Seque
 
     rows = list(summary)
     if len(tasks) > PLOTTED_TASKS_MAX:
-        with_baseline = [task for task in tasks if any(summary[row][task.name].count for row in rows[:-1])]
+        with_baseline = [task for task in tasks if summary[baseline][task.name].count]
         tasks = (with_baseline or list(tasks))[:PLOTTED_TASKS_MAX]
     figure = Figure(figsize=(0.6 + 3.0 * len(tasks), 3.8), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)

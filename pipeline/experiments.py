@@ -19,6 +19,10 @@ seeds 0..N-1 through ``pipeline.train`` (Ray Train on a local Ray or the cluster
                        by pipeline.evaluate, whose report lands in <arm>-seed<k>/evaluation/test/; a report
                        written there after best_model.pt and its shards is used as it is (``--reevaluate``:
                        evaluate again)
+    selections/<selection>/
+                       the same files for a selection of arms (``--arms``, ``--baseline``, below), e.g.
+                       selections/none-vs-early-freeze/: the full experiment's table is never replaced by one
+                       of fewer arms or another reference
 
 Running the same command again skips finished runs (metrics.parquet reached ``max_epochs`` or every task
 froze/stopped), resumes unfinished ones and refuses a run folder whose saved config differs from the
@@ -32,7 +36,7 @@ Several invocations of the same command can share an experiment (terminals, SLUR
 each run is claimed while it trains (:mod:`pipeline.run_claims`), another invocation skips it (``dwa-seed1: in
 training by pid 4242 on node3 since ...``), trains the next and, at its end, tries the runs it skipped again (their
 holder may have died); ``--status`` names who trains what. An invocation that ends while a run is unfinished
-writes no table; the one that finishes the last run does.
+writes no table; the one of the same command that finishes the last run does.
 Where the runs folder is not kept between sessions, ``python -m pipeline.run_archive save|restore`` carries the
 finished runs' records (no weights) elsewhere and back; ``--split test`` reports a restored run from the test
 evaluation recorded for its best epoch.
@@ -82,10 +86,12 @@ The experiments (``freeze.mode`` and ``loss.weighting`` values are those of pipe
   ``--init-from``; the path, the file read and the config its weights were trained with go into
   ``invocations.jsonl``.
 
-``--arms`` trains some arms only, by their run folders' names (the baseline always runs), and ``--baseline`` names
-the arm every row is measured against in place of the experiment's own: ``freeze --arms none --baseline
-early-freeze`` is Algorithm 1 against no freezing, two arms, where ``freeze`` alone measures five against
-``early-stop``.
+``--arms`` trains some arms only, by arm name (``none``, not ``none-seed0``; the baseline always runs), and
+``--baseline`` names the arm every row is measured against in place of the experiment's own: ``freeze --arms none
+--baseline early-freeze`` is Algorithm 1 against no freezing, two arms, while ``freeze`` alone measures all of its
+arms against ``early-stop``. The runs are the experiment's own (a selection trains only those it lacks); its table,
+plot and results go to ``selections/<selection>/`` (here ``none-vs-early-freeze``), written by the invocation of
+that selection that finishes its last run.
 
 Metrics are those of each run's best epoch (lowest val/total_loss, the epoch saved as best_model.pt): with
 ``--split val`` (the default) its validation metrics, read from its metrics.parquet; with ``--split test``
@@ -116,7 +122,7 @@ from pipeline.config import ConfigError, TrainConfig, load_config, with_absolute
 from pipeline.data import DataConfigError, ShardSet, open_shard_set, resolve_tasks
 from pipeline.experiment_arms import (
     EXPERIMENTS, Arm, ExperimentError, arm_overrides, baseline_row, check_transfer_source, chosen_arms,
-    experiment_arms,
+    experiment_arms, selection_name,
 )
 from pipeline.experiment_invocations import describe_source, record_invocation, record_late_links
 from pipeline.experiment_reuse import config_claim_path, link_reused_runs, sibling_run_configs
@@ -134,6 +140,7 @@ from pipeline.train import main as train_main
 from pipeline.training_setup import declare_config_tasks
 
 SPLIT_CHOICES = ("val", "test")
+SELECTIONS_DIR = "selections"  # the tables of --arms/--baseline selections, one folder each
 
 
 def format_estimate(trained: Sequence[tuple[float, int]], remaining_runs: int, epochs_per_run: int) -> str:
@@ -194,6 +201,7 @@ class ExperimentPlan:
     overrides_by_run: list[list[str]]
     configs: list[TrainConfig]
     source: dict[str, Any] | None  # the --init-from run, described
+    output_dir: Path  # where the table, plot and results go: experiment_dir, or a folder of the --arms/--baseline selection
 
 
 def plan_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
@@ -210,22 +218,25 @@ def plan_experiment(experiment: str, config_path: Path | None, overrides: Sequen
     datasets_by_task = {task: [path for path, s in zip(base.data.datasets, shard_sets) if s.labelled_fraction(task) > 0]
                         for task in task_names}
     init_from = init_from.resolve() if init_from else None  # absolute: a run's saved config must not depend on cwd
-    arms = chosen_arms(experiment, experiment_arms(experiment, task_names, datasets_by_task, single_tasks, weightings,
-                                                   init_from, base.model.weights_path), arm_names, baseline)
+    every_arm = experiment_arms(experiment, task_names, datasets_by_task, single_tasks, weightings, init_from,
+                                base.model.weights_path)
+    arms = chosen_arms(experiment, every_arm, arm_names, baseline)
     source = None
     if init_from is not None:
         check_init_from(init_from)
         source = describe_source(init_from)
         check_transfer_source(source["config"], base)
     experiment_dir = Path(base.runs_dir) / (out_name or experiment)
+    selection = selection_name(every_arm, arms)
     runs = [(arm, seed) for arm in arms for seed in range(seeds)]
     overrides_by_run = [[*overrides, *arm_overrides(arm, seed, experiment_dir)] for arm, seed in runs]
     configs = [with_absolute_paths(load_config(config_path, run_overrides)) for run_overrides in overrides_by_run]
-    return ExperimentPlan(base, shard_sets, task_names, arms, experiment_dir, runs, overrides_by_run, configs, source)
+    return ExperimentPlan(base, shard_sets, task_names, arms, experiment_dir, runs, overrides_by_run, configs, source,
+                          experiment_dir / SELECTIONS_DIR / selection if selection else experiment_dir)
 
 
 class ExperimentOutcome(NamedTuple):
-    experiment_dir: Path
+    output_dir: Path  # the plan's: where the table went, or would have
     unfinished: list[str]  # runs not finished when this invocation ended; then no table was written
     awaited: dict[str, str]  # of those, the runs whose config another experiment was training: who trained it
 
@@ -300,26 +311,27 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
         others = {config.run_dir.name: awaited[config.run_dir.name] for config in configs
                   if config.run_dir.name in unfinished and config.run_dir.name in awaited
                   and claim_holder(config.run_dir) is None}  # else this experiment's other invocation has it now
-        return ExperimentOutcome(experiment_dir, unfinished, others)
-    with claimed(experiment_dir / "table") as mine:  # invocations finishing together: one writes
+        return ExperimentOutcome(plan.output_dir, unfinished, others)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    with claimed(plan.output_dir / "table") as mine:  # invocations finishing together: one writes
         if not mine:
-            print(f"\nanother invocation is writing the table in {experiment_dir}", flush=True)
-            return ExperimentOutcome(experiment_dir, [], {})
+            print(f"\nanother invocation is writing the table in {plan.output_dir}", flush=True)
+            return ExperimentOutcome(plan.output_dir, [], {})
         records = [result_record(experiment, arm, seed, config.run_dir, split, reevaluate)
                    for (arm, seed), config in zip(runs, configs)]
         write_table(experiment, plan, records, seeds, split)
-    return ExperimentOutcome(experiment_dir, [], {})
+    return ExperimentOutcome(plan.output_dir, [], {})
 
 
 def write_table(experiment: str, plan: ExperimentPlan, records: Sequence[dict[str, Any]], seeds: int,
                 split: str) -> None:
-    experiment_dir = plan.experiment_dir
+    output_dir = plan.output_dir
     table = results_table(experiment, plan, records, seeds, split)
-    write_results(records, experiment_dir / split_file(RESULTS_FILE, split))
-    (experiment_dir / split_file(TABLE_FILE, split)).write_text(table.markdown)
-    plot_comparison(table.summary, table.tasks, table.chance,
+    write_results(records, output_dir / split_file(RESULTS_FILE, split))
+    (output_dir / split_file(TABLE_FILE, split)).write_text(table.markdown)
+    plot_comparison(table.summary, table.tasks, table.chance, baseline_row(plan.arms),
                     f"{experiment} ({SPLIT_NAMES[split]}, {seeds} seed{'s' if seeds > 1 else ''})",
-                    experiment_dir / split_file(PLOT_FILE, split))
+                    output_dir / split_file(PLOT_FILE, split))
     print(f"\n{table.markdown}")
 
 
@@ -420,19 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    experiment_dir = outcome.experiment_dir
     if outcome.unfinished:
         print(f"\nthis invocation's part done in {time.perf_counter() - started:.0f} s; not finished: "
               f"{', '.join(outcome.unfinished)}, held by another process (`--status` shows whether it still trains)")
         held_here = [name for name in outcome.unfinished if name not in outcome.awaited]
         if held_here:
-            print(f"  {', '.join(held_here)}: the invocation of this experiment that finishes the last run writes the "
+            print(f"  {', '.join(held_here)}: the invocation of this command that finishes the last run writes the "
                   "table, else this command run again then")
         for name, holder in outcome.awaited.items():
             print(f"  {name}: a run of its config is in training by {holder}, perhaps in another experiment; run this "
                   "command again once it has finished: it links that run and writes the table")
         return 0
-    print(f"experiment done in {time.perf_counter() - started:.0f} s. Results in {experiment_dir}:")
+    print(f"experiment done in {time.perf_counter() - started:.0f} s. Results in {outcome.output_dir}:")
     files = (split_file(name, args.split) for name in (TABLE_FILE, PLOT_FILE, RESULTS_FILE))
     print("  {}, {}, {} (one row per arm x seed), <arm>-seed<k>/ (the runs)".format(*files))
     return 0

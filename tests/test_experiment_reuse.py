@@ -154,22 +154,33 @@ def test_arms_of_one_config_share_a_config_claim_and_status_names_who_trains_it(
 
 
 @pytest.mark.slow
-def test_freeze_with_chosen_arms_against_early_freeze_trains_none_only_beside_the_reused_mtl_run(
+def test_freeze_with_chosen_arms_trains_none_only_beside_the_reused_mtl_run_and_keeps_its_table_apart(
         synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_torch_thread) -> None:
     overrides = tiny_overrides({"utk": synthetic_shards["utk"]}, tmp_path, "unused", "data.tasks=[age,gender]",
                                "max_epochs=1", "data.loader_workers=0")
     common = ["--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--local"]
     assert main(["mtl-vs-single", *common, "--single-tasks", "age"]) == 0
     capsys.readouterr()
+    experiment = tmp_path / "freeze"
+    experiment.mkdir()
+    (experiment / "table.md").write_text("the whole experiment's table\n")  # as a finished `freeze` leaves it
     assert main(["freeze", *common, "--arms", "none", "--baseline", "early-freeze"]) == 0
     out = capsys.readouterr().out
     assert "freeze: 2 arm(s) x 1 seed(s)" in out and out.count("trained 1 epoch(s)") == 1
     assert "early-freeze-seed0: same config as ../mtl-vs-single/mtl-seed0 (finished): reused" in out
-    table = (tmp_path / "freeze" / "table.md").read_text()
+    selection = experiment / "selections" / "none-vs-early-freeze"
+    assert f"Results in {selection}:" in out
+    table = (selection / "table.md").read_text()
     rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["| model", "| early-freeze", "| none", "| chance"]
     assert "Δm vs early-freeze (%)" in table and "| early-freeze | " in table and " ref. |" in table
-    assert sorted(path.name for path in (tmp_path / "freeze").glob("*-seed0")) == ["early-freeze-seed0", "none-seed0"]
+    assert (selection / "plot.png").is_file() and (selection / "results.parquet").is_file()
+    assert (experiment / "table.md").read_text() == "the whole experiment's table\n"
+    assert sorted(path.name for path in experiment.glob("*-seed0")) == ["early-freeze-seed0", "none-seed0"]
+    assert main(["freeze", *common, "--arms", "none", "--baseline", "none"]) == 0  # trains nothing: none is finished
+    assert "trained 1 epoch(s)" not in capsys.readouterr().out
+    assert "| none | " in (experiment / "selections" / "none" / "table.md").read_text()
+    assert (selection / "table.md").read_text() == table
     assert main(["freeze", *common, "--arms", "none", "--baseline", "early-frozen"]) == 1
     assert "freeze has no arm early-frozen; its arms: early-freeze, early-stop, none" in capsys.readouterr().err
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.config import config_differences, load_config, save_config, to_dict
 from pipeline.experiment_arms import (COMPARED_WEIGHTINGS, Arm, ExperimentError, arm_overrides, baseline_row,
-                                      chosen_arms, experiment_arms)
+                                      chosen_arms, experiment_arms, selection_name)
 from pipeline.experiment_runs import best_epoch_row, check_run_folder, run_is_finished
 from pipeline.experiment_tables import (
     CellStats, beyond_seed_spread, delta_m_by_row, format_table, mean_and_std, summarize,
@@ -131,6 +131,20 @@ def test_arms_chosen_by_name_keep_the_baseline_and_another_baseline_moves_the_re
     assert [a.name for a in chosen_arms("mtl-vs-single", singles, ["mtl"])] == ["single-age", "single-gender", "mtl"]
     with pytest.raises(ExperimentError, match="freeze has no arm nofreeze, early-freze; its arms: early-freeze, "):
         chosen_arms("freeze", freeze, ["none", "nofreeze"], baseline="early-freze")
+
+
+def test_a_selection_of_arms_is_named_by_its_arms_and_reference_and_the_whole_experiment_by_nothing() -> None:
+    freeze = experiment_arms("freeze", ["age", "gender"], {})
+    assert selection_name(freeze, chosen_arms("freeze", freeze)) == ""
+    assert selection_name(freeze, chosen_arms("freeze", freeze, [a.name for a in freeze])) == ""
+    assert selection_name(freeze, chosen_arms("freeze", freeze, ["none"], "early-freeze")) == "none-vs-early-freeze"
+    assert selection_name(freeze, chosen_arms("freeze", freeze, ["early-freeze"], "none")) == "early-freeze-vs-none"
+    assert selection_name(freeze, chosen_arms("freeze", freeze, ["none"])) == "none-vs-early-stop"
+    assert selection_name(freeze, chosen_arms("freeze", freeze, ["none"], "none")) == "none"
+    assert selection_name(freeze, chosen_arms("freeze", freeze, baseline="none")) == "vs-none"
+    singles = experiment_arms("mtl-vs-single", ["age", "gender"], DATASETS_BY_TASK)
+    assert selection_name(singles, chosen_arms("mtl-vs-single", singles, ["mtl"])) == ""
+    assert selection_name(singles, chosen_arms("mtl-vs-single", singles, baseline="mtl")) == "vs-mtl"
 
 
 def test_an_option_of_another_experiment_is_refused_not_ignored() -> None:
