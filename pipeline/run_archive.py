@@ -148,7 +148,11 @@ def copy_link(source_link: Path, target_link: Path) -> None:
 def invocation_time(line: str) -> datetime:
     """When an invocations.jsonl line was written (its ``time``); the earliest possible for a line without one."""
     try:
-        written = datetime.fromisoformat(json.loads(line)["time"])
+        text = json.loads(line)["time"]
+        try:
+            written = datetime.fromisoformat(text)
+        except ValueError:  # the older records' "+0000": Python 3.10's fromisoformat refuses it
+            written = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z")
     except (ValueError, KeyError, TypeError):
         return datetime.min.replace(tzinfo=timezone.utc)
     return written if written.tzinfo is not None else written.replace(tzinfo=timezone.utc)
