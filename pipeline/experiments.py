@@ -201,7 +201,7 @@ class ExperimentPlan:
     overrides_by_run: list[list[str]]
     configs: list[TrainConfig]
     source: dict[str, Any] | None  # the --init-from run, described
-    output_dir: Path  # where the table, plot and results go: experiment_dir, or a folder of the --arms/--baseline selection
+    output_dir: Path  # where table, plot and results go: experiment_dir, or the --arms/--baseline selection's folder
 
 
 def plan_experiment(experiment: str, config_path: Path | None, overrides: Sequence[str], seeds: int,
