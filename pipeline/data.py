@@ -112,6 +112,15 @@ class ShardSet:
         return labelled / total if total else 0.0
 
 
+def summary_digest(shards: str | Path) -> str | None:
+    """sha256 of a shard folder's summary.json (counts, splits, image statistics: shards made again differ), None
+    where it has none."""
+    try:
+        return hashlib.sha256((Path(shards) / SUMMARY_FILE).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def open_shard_set(path: str | Path) -> ShardSet:
     """Open a shard folder and check it before anything reads a sample: summary, manifest and wids indices
     parse, the indices count the samples the summary counts, and every tar has the byte size its index records.

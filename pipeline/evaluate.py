@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from pipeline.data import (SUMMARY_FILE, DataConfigError, EvalStream, ShardSet, data_error_line, eval_loader,
-                           open_shard_set, shard_task_declarations)
+                           open_shard_set, shard_task_declarations, summary_digest)
 from pipeline.inference import (DEVICE_CHOICES, CheckpointError, DeviceError, InferenceModel, choose_device,
                                 load_inference_model)
 from pipeline.loop import WorkerContext
@@ -76,8 +76,8 @@ def open_evaluation_data(paths: Sequence[str | Path], split: str) -> EvaluationD
     if not with_split:
         names = ", ".join(f"{s.name} ({s.root})" for s in shard_sets)
         raise EvaluationError(f"no dataset has a {split!r} split: {names}")
-    skipped = [{"name": s.name, "path": str(s.root), "reason": f"no {split} split"}
-               for s in shard_sets if s not in with_split]
+    skipped = [{"name": s.name, "path": str(s.root.resolve()), "reason": f"no {split} split",
+                "summary_sha256": summary_digest(s.root)} for s in shard_sets if s not in with_split]
     return EvaluationData(split, with_split, skipped)
 
 
@@ -339,7 +339,8 @@ def build_report(
         "split": data.split,
         "device": str(model.device),
         "batch_size": options.batch_size,
-        "datasets": [{"name": d.name, "path": str(d.path.resolve()), "samples": d.samples} for d in per_dataset],
+        "datasets": [{"name": d.name, "path": str(d.path.resolve()), "samples": d.samples,
+                      "summary_sha256": summary_digest(d.path)} for d in per_dataset],
         "skipped_datasets": data.skipped,
         "samples": sum(d.samples for d in per_dataset),
         "tasks": (overall := tasks_report(model.tasks, total_sums(model.tasks, per_dataset), names)),
@@ -365,7 +366,9 @@ def write_outputs(report: dict[str, Any], markdown: str, out_dir: Path) -> list[
     """metrics.json, metrics.md and a confusion PNG per classification task with labels."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / METRICS_JSON, out_dir / METRICS_MARKDOWN]
-    written[0].write_text(json.dumps(json_safe(report), indent=1) + "\n")
+    temporary = written[0].with_name(f".{METRICS_JSON}.{os.getpid()}.tmp")  # whole or not at all: experiments reuse it
+    temporary.write_text(json.dumps(json_safe(report), indent=1) + "\n")
+    os.replace(temporary, written[0])
     written[1].write_text(markdown)
     classification = sum("confusion" in metrics for metrics in report["tasks"].values())
     for task, metrics in report["tasks"].items():

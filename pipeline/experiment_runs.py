@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import TrainConfig, config_differences, describe_differences, to_dict
-from pipeline.data import SUMMARY_FILE
+from pipeline.data import SUMMARY_FILE, summary_digest
 from pipeline.evaluate import EVALUATION_DIR, METRICS_JSON, EvaluationError, evaluate_checkpoint
 from pipeline.experiment_arms import Arm, ExperimentError
 from pipeline.inference import CheckpointError
@@ -91,45 +91,64 @@ def recorded_evaluation(run_dir: Path, split: str) -> dict[str, Any] | None:
         return None
 
 
-def evaluation_is_current(run_dir: Path, split: str) -> bool:
-    """Whether the recorded ``split`` evaluation is of best_model.pt at the run's best epoch, on ``split`` of the
+def current_evaluation(run_dir: Path, split: str) -> dict[str, Any] | None:
+    """The recorded ``split`` evaluation where it is of best_model.pt at the run's best epoch, on ``split`` of the
     run's own datasets (an evaluation on other data, ``pipeline.evaluate --data``, is not the run's result)."""
     report = recorded_evaluation(run_dir, split)
     rows = read_rows(run_dir)
     if report is None or not any(row.get("is_best") for row in rows):
-        return False
-    return (report.get("own_datasets") is True and report.get("split") == split
-            and Path(report.get("checkpoint", "")).name == BEST_MODEL_FILE
-            and report.get("epoch") == int(best_epoch_row(rows)["epoch"]))
+        return None
+    current = (report.get("own_datasets") is True and report.get("split") == split
+               and Path(report.get("checkpoint", "")).name == BEST_MODEL_FILE
+               and report.get("epoch") == int(best_epoch_row(rows)["epoch"]))
+    return report if current else None
 
 
-def evaluation_is_fresh(run_dir: Path, split: str) -> bool:
-    """Whether a current ``split`` evaluation (:func:`evaluation_is_current`) was written after best_model.pt and
-    after the summary of every shard set it read: a best_model.pt saved again, or shards made again, since then
-    make it stale."""
-    if not evaluation_is_current(run_dir, split):
-        return False
+def configured_datasets(run_dir: Path) -> set[Path] | None:
+    """The shard folders the run's saved config names, resolved as an evaluation now would read them."""
+    try:
+        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return {Path(path).resolve() for path in (saved.get("data") or {}).get("datasets") or ()}
+
+
+def is_fresh(report: Mapping[str, Any], run_dir: Path, split: str) -> bool:
+    """Whether a current evaluation (:func:`current_evaluation`) still holds: written after best_model.pt, and of
+    the shard folders the run's config names now, each as it is now (its summary.json's digest, where the report
+    records one; else a summary no newer than the report)."""
     written = (run_dir / EVALUATION_DIR / split / METRICS_JSON).stat().st_mtime
-    report = recorded_evaluation(run_dir, split) or {}
-    shard_sets = [Path(dataset["path"]) for dataset in report.get("datasets", ())]
-    inputs = [run_dir / BEST_MODEL_FILE, *(shards / SUMMARY_FILE for shards in shard_sets)]
-    return all(path.exists() and path.stat().st_mtime <= written for path in inputs)
+    read = [*report.get("datasets", ()), *report.get("skipped_datasets", ())]
+    if {Path(dataset["path"]).resolve() for dataset in read} != configured_datasets(run_dir):
+        return False  # a folder added, removed, or a link that points elsewhere now
+    for dataset in read:
+        summary = Path(dataset["path"]) / SUMMARY_FILE
+        if not summary.exists():
+            return False
+        if "summary_sha256" in dataset:
+            if summary_digest(Path(dataset["path"])) != dataset["summary_sha256"]:
+                return False
+        elif summary.stat().st_mtime > written:
+            return False
+    best_model = run_dir / BEST_MODEL_FILE
+    return best_model.exists() and best_model.stat().st_mtime <= written
 
 
 def evaluate_best_model(run_dir: Path, split: str, reevaluate: bool = False) -> dict[str, int | float]:
     """The run's best_model.pt on ``split`` of its own datasets (report in <run>/evaluation/<split>/), evaluated
     unless a fresh evaluation of it is recorded there (or ``reevaluate``); a run restored from its records
     (pipeline.run_archive: no best_model.pt) gives the evaluation recorded for its best epoch."""
+    recorded = current_evaluation(run_dir, split)
     if not (run_dir / BEST_MODEL_FILE).exists():
-        if not evaluation_is_current(run_dir, split):
+        if recorded is None:
             raise ExperimentError(f"cannot evaluate {run_dir} on {split}: it has no {BEST_MODEL_FILE} (restored from "
                                   f"records?) and no {split} evaluation recorded for its best epoch")
         print(f"{run_dir.name}: {split} split as recorded ({BEST_MODEL_FILE} is not in this folder)", flush=True)
-        return split_metrics(recorded_evaluation(run_dir, split), split)
-    if not reevaluate and evaluation_is_fresh(run_dir, split):
+        return split_metrics(recorded, split)
+    if not reevaluate and recorded is not None and is_fresh(recorded, run_dir, split):
         print(f"{run_dir.name}: {split} split as evaluated before, of this {BEST_MODEL_FILE} and these shards "
               f"(--reevaluate evaluates it again)", flush=True)
-        return split_metrics(recorded_evaluation(run_dir, split), split)
+        return split_metrics(recorded, split)
     try:
         report, out_dir = evaluate_checkpoint(run_dir / BEST_MODEL_FILE, split, loader_workers=1, log=lambda line: None)
     except (CheckpointError, EvaluationError) as error:

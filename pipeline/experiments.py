@@ -17,8 +17,8 @@ seeds 0..N-1 through ``pipeline.train`` (Ray Train on a local Ray or the cluster
     results-test.parquet, table-test.md, plot-test.png
                        the same on the test split (``--split test``): each run's best_model.pt evaluated
                        by pipeline.evaluate, whose report lands in <arm>-seed<k>/evaluation/test/; a report
-                       written there after best_model.pt and its shards is used as it is (``--reevaluate``:
-                       evaluate again)
+                       there newer than best_model.pt, of the shard folders the run's config names as they
+                       are now (summary.json digests), is used as it is (``--reevaluate``: evaluate again)
     selections/<selection>/
                        the same files for a selection of arms (``--arms``, ``--baseline``, below), e.g.
                        selections/none-vs-early-freeze/: the full experiment's table is never replaced by one

@@ -37,7 +37,9 @@ import yaml
 from pipeline.evaluate import EVALUATION_DIR, METRICS_JSON, METRICS_MARKDOWN
 from pipeline.experiment_arms import ExperimentError
 from pipeline.experiment_invocations import INVOCATIONS_FILE, recorded_links
-from pipeline.experiment_runs import evaluate_best_model, evaluation_is_current, read_rows, run_is_finished
+from pipeline.experiment_runs import (
+    current_evaluation, evaluate_best_model, is_fresh, read_rows, run_is_finished,
+)
 from pipeline.experiment_reuse import read_saved_config
 from pipeline.provenance import STARTS_FILE
 from pipeline.run_records import BEST_MODEL_FILE, CONFIG_FILE, METRICS_FILE
@@ -209,9 +211,12 @@ class ArchiveReport:
 
 
 def ensure_evaluated(run_dir: Path, split: str, report: ArchiveReport, name: str) -> None:
-    """Evaluate best_model.pt on ``split`` unless that is recorded for the best epoch; a run without the split or
-    without best_model.pt (itself restored from records) keeps what it has."""
-    if evaluation_is_current(run_dir, split) or not (run_dir / BEST_MODEL_FILE).is_file():
+    """Evaluate best_model.pt on ``split`` unless a fresh evaluation of it is recorded (as ``--split test`` would
+    use it); a run without the split or without best_model.pt (itself restored from records) keeps what it has."""
+    if not (run_dir / BEST_MODEL_FILE).is_file():
+        return
+    recorded = current_evaluation(run_dir, split)
+    if recorded is not None and is_fresh(recorded, run_dir, split):
         return
     try:
         evaluate_best_model(run_dir, split)

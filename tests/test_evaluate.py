@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import open_shard_set
+from pipeline.data import open_shard_set, summary_digest
 from pipeline.evaluate import (
     EvaluationError,
     check_task_declarations,
@@ -183,7 +183,8 @@ def test_split_that_no_dataset_has_is_an_error_naming_it_and_others_are_skipped(
         open_evaluation_data([train_only], "test")
     data = open_evaluation_data([train_only, synthetic_shards["fer"]], "test")
     assert [s.name for s in data.shard_sets] == ["fer"]
-    assert data.skipped == [{"name": "train_only", "path": str(train_only), "reason": "no test split"}]
+    assert data.skipped == [{"name": "train_only", "path": str(train_only.resolve()), "reason": "no test split",
+                             "summary_sha256": summary_digest(train_only)}]
 
 
 def test_data_declaring_a_task_of_the_model_differently_is_refused_naming_both(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import config_differences, load_config, save_config, to_dict
+from pipeline.data import summary_digest
 from pipeline.experiment_arms import (COMPARED_WEIGHTINGS, Arm, ExperimentError, arm_overrides, baseline_row,
                                       chosen_arms, experiment_arms, selection_name)
 from pipeline.experiment_runs import best_epoch_row, check_run_folder, run_is_finished
@@ -328,6 +329,8 @@ def test_mtl_vs_single_end_to_end_writes_table_plot_results_and_skips_finished_r
     for record, run in zip(test_results, runs):
         report = json.loads((experiment / run / "evaluation" / "test" / "metrics.json").read_text())
         tasks = {"single-age-seed0": ["age"], "single-gender-seed0": ["gender"], "mtl-seed0": ["age", "gender"]}[run]
+        read = report["datasets"]
+        assert [dataset["summary_sha256"] for dataset in read] == [summary_digest(dataset["path"]) for dataset in read]
         for task in tasks:
             metric = get_task(task).metric
             assert record[f"test/{task}/{metric}"] == pytest.approx(report["tasks"][task][metric])

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
+from pipeline.data import summary_digest
 from pipeline.experiment_arms import ExperimentError
 from pipeline.experiment_invocations import record_late_links
 from pipeline.experiment_runs import check_run_folder, evaluate_best_model
@@ -104,28 +105,63 @@ def test_restore_brings_back_finished_runs_an_experiment_then_skips_and_reports(
 def test_a_fresh_evaluation_of_best_model_is_used_and_a_newer_model_or_shard_set_is_evaluated_again(
         tmp_path: Path, capsys) -> None:
     run = finished_run_with_weights(tmp_path / "runs", "freeze", "none-seed0")  # best_model.pt is no checkpoint
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "summary.json").write_text("{}")
+    shards, other = tmp_path / "shards", tmp_path / "other-shards"
+    for folder in (shards, other):
+        folder.mkdir()
+        (folder / "summary.json").write_text(f'{{"dataset": "{folder.name}"}}')
+    linked = tmp_path / "utkface"  # the config names a link, as a user's shards/utkface -> a scratch disk
+    linked.symlink_to(shards)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "data": {**saved["data"], "datasets": [str(linked)]}}))
     report_path = run / "evaluation" / "test" / "metrics.json"
     report = json.loads(report_path.read_text())
-    report_path.write_text(json.dumps({**report, "datasets": [{"name": "utkface", "path": str(shards)}]}))
-    written = report_path.stat().st_mtime
-    for path in (run / "best_model.pt", shards / "summary.json"):
-        os.utime(path, (written - 60, written - 60))
 
+    def record(**dataset) -> float:
+        """The report as pipeline.evaluate writes it, read from ``shards``; returns when it was written."""
+        dataset = {"name": "utkface", "path": str(shards), **dataset}
+        report_path.write_text(json.dumps({**report, "datasets": [dataset], "skipped_datasets": []}))
+        written = report_path.stat().st_mtime
+        for path in (run / "best_model.pt", shards / "summary.json"):
+            os.utime(path, (written - 60, written - 60))
+        return written
+
+    def evaluated_again() -> bool:
+        try:
+            evaluate_best_model(run, "test")
+        except ExperimentError as error:  # best_model.pt here holds no network: evaluating it fails, saying so
+            assert "cannot evaluate" in str(error)
+            return True
+        return False
+
+    written = record()  # a report without digests: the summaries' times decide
     assert evaluate_best_model(run, "test") == {"test/age/mae": 5.5, "test/age/count": 40}  # not evaluated again
     assert "none-seed0: test split as evaluated before" in capsys.readouterr().out
     with pytest.raises(ExperimentError, match="cannot evaluate .* on test"):  # evaluating reads the bytes
         evaluate_best_model(run, "test", reevaluate=True)
     for newer in (run / "best_model.pt", shards / "summary.json"):
         os.utime(newer, (written + 60, written + 60))
-        with pytest.raises(ExperimentError, match="cannot evaluate .* on test"):
-            evaluate_best_model(run, "test")
+        assert evaluated_again()
         os.utime(newer, (written - 60, written - 60))
+
+    written = record(summary_sha256=summary_digest(shards))
+    assert not evaluated_again()
+    (shards / "summary.json").write_text('{"dataset": "made again, with other images"}')
+    os.utime(shards / "summary.json", (written - 60, written - 60))  # an older copy (cp -p) is caught by its digest
+    assert evaluated_again()
+
+    record(summary_sha256=summary_digest(shards))
+    linked.unlink()
+    linked.symlink_to(other)  # the config's folder is another one now
+    assert evaluated_again()
+    linked.unlink()
+    linked.symlink_to(shards)
+    assert not evaluated_again()
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "data": {**saved["data"],
+                                                                      "datasets": [str(linked), str(other)]}}))
+    assert evaluated_again()  # a folder the report did not read
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "data": {**saved["data"], "datasets": [str(linked)]}}))
     (shards / "summary.json").unlink()  # its shards are gone: nothing says the report is of them
-    with pytest.raises(ExperimentError, match="cannot evaluate .* on test"):
-        evaluate_best_model(run, "test")
+    assert evaluated_again()
 
 
 @pytest.mark.parametrize("epoch, own_datasets", [(6, True), (9, False)], ids=["another-epoch", "other-data"])
