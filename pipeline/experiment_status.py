@@ -31,6 +31,7 @@ class RunState:
     run_dir: Path | None = None  # where its records are: its own folder or the reused run; None when not started
     training_by: str | None = None  # the process that holds its claim (pipeline.run_claims) and trains it now
     by_config: bool = False  # training_by holds the claim on its config: another experiment trains that run
+    trainer: tuple[Any, Any] | None = None  # training_by's (pid, host): one process may hold several claims
 
     @property
     def arm(self) -> str:
@@ -67,13 +68,18 @@ def run_state(config: TrainConfig, experiment_dir: Path, siblings: Mapping[Path,
             rows = read_rows(where) if where is not None else []
             return RunState(config.run_dir.name, config.max_epochs, len(rows), False, trained_seconds(rows),
                             None if where is None else os.path.relpath(where, experiment_dir.resolve()), None,
-                            describe_holder(holder), by_config=True)
+                            describe_holder(holder), by_config=True, trainer=process_of(holder))
     rows = read_rows(run_dir) if run_dir.exists() and read_saved_config(run_dir) is not None else []
     seconds = trained_seconds(rows)
     finished = run_is_finished(rows, config.max_epochs)
     holder = None if finished or reuses else claim_holder(config.run_dir)
     return RunState(config.run_dir.name, config.max_epochs, len(rows), finished, seconds, reuses,
-                    run_dir if rows else None, None if holder is None else describe_holder(holder))
+                    run_dir if rows else None, None if holder is None else describe_holder(holder),
+                    trainer=None if holder is None else process_of(holder))
+
+
+def process_of(holder: Mapping[str, Any]) -> tuple[Any, Any]:
+    return holder.get("pid"), holder.get("host")
 
 
 def epochs_left_line(states: Sequence[RunState]) -> str:
@@ -93,11 +99,13 @@ def epochs_left_line(states: Sequence[RunState]) -> str:
         return line
     mean = mean_seconds_per_epoch(states)
     unfinished = [state for state in states if not state.finished]
-    seconds = sum((state.max_epochs - state.epochs_done) * rates.get(state.arm, mean) for state in unfinished)
-    processes = len({state.training_by for state in unfinished if state.training_by})
+    seconds_by_run = [(state.max_epochs - state.epochs_done) * rates.get(state.arm, mean) for state in unfinished]
+    seconds = sum(seconds_by_run)
+    processes = len({state.trainer for state in unfinished if state.trainer})
     line += f", about {seconds / 3600:.1f} h"
-    if processes > 1:  # the epochs were timed as they trained, beside each other
-        line += f" of one process ({seconds / 3600 / processes:.1f} h while the {processes} training now go on)"
+    if processes > 1:  # the epochs were timed as they trained, beside each other; a run is not shared out
+        shared = max(seconds / processes, *(left for state, left in zip(unfinished, seconds_by_run) if state.trainer))
+        line += f" of one process ({shared / 3600:.1f} h while the {processes} training now go on)"
     line += " at "
     fastest, slowest = min(rates.values()) / 60, max(rates.values()) / 60
     if len(rates) == 1:

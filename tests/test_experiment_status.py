@@ -108,15 +108,20 @@ def test_a_run_another_process_trains_says_by_whom() -> None:
 
 def test_the_hours_left_are_shared_by_the_processes_training_now() -> None:
     one, two = "pid 7 on node1 since 2026-12-01 01:00:00", "pid 8 on node2 since 2026-12-01 01:05:00"
-    states = [RunState("dwa-seed0", 10, 4, False, 480.0, training_by=one),
-              RunState("dwa-seed1", 10, 4, False, 480.0, training_by=two),
+    states = [RunState("dwa-seed0", 10, 4, False, 480.0, training_by=one, trainer=(7, "node1")),
+              RunState("dwa-seed1", 10, 4, False, 480.0, training_by=two, trainer=(8, "node2")),
               RunState("learned-seed0", 10, 2, False, 240.0, reuses="../freeze/early-freeze-seed0",
-                       training_by=one, by_config=True),  # the same process, in another experiment
+                       training_by="pid 7 on node1 since 2026-12-01 01:30:00", by_config=True,
+                       trainer=(7, "node1")),  # the same process, its config claim taken later
               RunState("dwa-seed2", 10, 0, False, 0.0)]
     # 6 + 6 + 8 + 10 epochs at 2 min: 1.0 h of one process, 0.5 h for the two processes at work
     assert epochs_left_line(states) == (
         "0 of 4 run(s) finished, 0 partly trained, 3 in training now; at most 30 epoch(s) left, about 1.0 h of one "
         "process (0.5 h while the 2 training now go on) at each arm's own min per epoch so far (2.0)")
+    uneven = [RunState("dwa-seed0", 10, 9, False, 1080.0, training_by=one, trainer=(7, "node1")),
+              RunState("dwa-seed1", 10, 1, False, 120.0, training_by=two, trainer=(8, "node2"))]
+    # 1 + 9 epochs: not 5 epochs' time for each process, since one run is never trained by two
+    assert "about 0.3 h of one process (0.3 h while the 2 training now go on)" in epochs_left_line(uneven)
 
 
 def test_a_tables_training_line_sums_the_epochs_and_names_each_runs_cpu(tmp_path: Path) -> None:
