@@ -159,9 +159,9 @@ def test_two_dbmtl_steps_follow_the_moving_average_and_max_norm_rule_and_leave_t
 
 
 def test_dbmtl_resumed_from_its_state_dict_takes_the_same_next_step() -> None:
-    weighting, model = dbmtl_weighting(), TinyModel()
+    weighting, model = dbmtl_weighting(beta_sigma=0.5), TinyModel()  # a decaying beta: the counts matter too
     model.step(weighting, {"a": (1.0, 0.5), "b": (-0.5, 2.0)})
-    resumed = dbmtl_weighting(beta=0.5)  # the averages and counts are state; beta is config
+    resumed = dbmtl_weighting(beta=0.5, beta_sigma=0.5)  # the averages and counts are state; beta is config
     resumed.load_state_dict(copy.deepcopy(weighting.state_dict()))
     resumed.beta = weighting.beta
     twin = copy.deepcopy(model)
