@@ -5,9 +5,10 @@ shrinks Adam's second moment more than its first, so Adam takes longer steps at 
 each method trains its own copy of the same MultiTaskNet (MobileNetV2, no pretrained weights; age, gender, race)
 with Adam at lr 1e-3 on fresh random batches (labels unrelated to the images: gradients as noisy as they get),
 the step written as in ``pipeline.loop``; it prints the mean |change| of a trunk weight per step over the last
-``--window`` steps, in units of lr, and its ratio to equal's.
+``--window`` steps, in units of lr, and its ratio to equal's. ``dbmtl:beta=0`` is DB-MTL without the moving
+average (log losses and magnitude balancing only): the control that says which of DB-MTL's parts lengthens the step.
 
-    python bench/weighting_step_size.py [--steps 50] [--window 20] [--methods equal,dbmtl,dbmtl:beta_sigma=0.5]
+    python bench/weighting_step_size.py [--steps 50] [--window 20] [--methods equal dbmtl dbmtl:beta=0 ...]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def random_batch(generator: torch.Generator, batch: int = 64, size: int = 64):
 
 
 def parse_method(text: str) -> tuple[str, dict[str, float]]:
-    """``dbmtl:beta_sigma=0.5`` -> ("dbmtl", {"beta_sigma": 0.5})."""
+    """``dbmtl:beta=0.8,beta_sigma=0.5`` -> ("dbmtl", {"beta": 0.8, "beta_sigma": 0.5})."""
     name, _, options = text.partition(":")
     return name, {key: float(value) for key, value in (item.split("=") for item in options.split(",") if item)}
 
@@ -70,16 +71,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--window", type=int, default=20)
-    parser.add_argument("--methods", default="equal,dbmtl,dbmtl:beta_sigma=0.5")
+    parser.add_argument("--methods", nargs="+", default=["dbmtl", "dbmtl:beta=0", "dbmtl:beta_sigma=0.5"],
+                        help="space-separated, each NAME or NAME:option=value,...; equal is always measured first")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    methods = args.methods.split(",")
-    if methods[0] != "equal":
-        methods.insert(0, "equal")
+    methods = ["equal", *(method for method in args.methods if method != "equal")]
     baseline = None
     for text in methods:
         size = trunk_step_size(*parse_method(text), args.steps, args.window)
-        baseline = baseline or size
+        baseline = size if baseline is None else baseline
         print(f"{text:<24} trunk step {size:.3f} lr  ({size / baseline:.2f}x equal)", flush=True)
 
 
