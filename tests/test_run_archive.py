@@ -223,6 +223,16 @@ def test_invocation_lines_are_merged_once_and_in_time_order(tmp_path: Path) -> N
     assert merge_invocations(theirs, ours) == 0 and merge_invocations(tmp_path / "absent", ours) == 0
 
 
+def test_older_records_second_times_and_newer_microsecond_times_merge_in_time_order(tmp_path: Path) -> None:
+    old = json.dumps({"time": "2026-11-30T10:00:01+0000", "reused_runs": {"learned-seed0": "b"}})
+    new = json.dumps({"time": "2026-11-30T11:00:00.250000+01:00", "reused_runs": {"learned-seed0": "a"}})  # 10:00:00
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "theirs.jsonl"
+    ours.write_text(f"{old}\n")
+    theirs.write_text(f"{new}\n")
+    assert merge_invocations(theirs, ours) == 1
+    assert ours.read_text() == f"{new}\n{old}\n"
+
+
 def test_the_same_command_twice_within_a_second_stays_two_invocations_in_the_records(tmp_path: Path) -> None:
     experiment = tmp_path / "runs" / "weighting"
     experiment.mkdir(parents=True)
