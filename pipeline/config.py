@@ -325,8 +325,10 @@ WEIGHTING_ONLY_KEYS = {
 
 
 def unread_keys(keys: typing.Iterable[str], weightings: typing.Collection[str | None]) -> set[str]:
-    """Those of the flattened ``keys`` that belong to a weighting not in ``weightings`` (:data:`WEIGHTING_ONLY_KEYS`)."""
-    owned = [prefix for owner, prefixes in WEIGHTING_ONLY_KEYS.items() if owner not in weightings for prefix in prefixes]
+    """Those of the flattened ``keys`` that belong to a weighting not in ``weightings``
+    (:data:`WEIGHTING_ONLY_KEYS`)."""
+    owned = [prefix for owner, prefixes in WEIGHTING_ONLY_KEYS.items() if owner not in weightings
+             for prefix in prefixes]
     return {key for key in keys if any(key == prefix or key.startswith(f"{prefix}.") for prefix in owned)}
 
 
