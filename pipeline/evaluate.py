@@ -62,6 +62,9 @@ class EvaluationData:
     split: str
     shard_sets: list[ShardSet]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # root -> (resolved path, summary.json digest) as opened: the report names the data read, even if a link is
+    # repointed or the shards made again while it evaluates
+    identities: dict[Path, tuple[str, str | None]] = field(default_factory=dict)
 
 
 def open_evaluation_data(paths: Sequence[str | Path], split: str) -> EvaluationData:
@@ -76,9 +79,10 @@ def open_evaluation_data(paths: Sequence[str | Path], split: str) -> EvaluationD
     if not with_split:
         names = ", ".join(f"{s.name} ({s.root})" for s in shard_sets)
         raise EvaluationError(f"no dataset has a {split!r} split: {names}")
-    skipped = [{"name": s.name, "path": str(s.root.resolve()), "reason": f"no {split} split",
-                "summary_sha256": summary_digest(s.root)} for s in shard_sets if s not in with_split]
-    return EvaluationData(split, with_split, skipped)
+    identities = {s.root: (str(s.root.resolve()), summary_digest(s.root)) for s in shard_sets}
+    skipped = [{"name": s.name, "path": identities[s.root][0], "reason": f"no {split} split",
+                "summary_sha256": identities[s.root][1]} for s in shard_sets if s not in with_split]
+    return EvaluationData(split, with_split, skipped, identities)
 
 
 def check_task_declarations(tasks: Sequence[TaskSpec], checkpoint: Path, shard_sets: Sequence[ShardSet]) -> None:
@@ -339,8 +343,8 @@ def build_report(
         "split": data.split,
         "device": str(model.device),
         "batch_size": options.batch_size,
-        "datasets": [{"name": d.name, "path": str(d.path.resolve()), "samples": d.samples,
-                      "summary_sha256": summary_digest(d.path)} for d in per_dataset],
+        "datasets": [{"name": d.name, "path": data.identities[d.path][0], "samples": d.samples,
+                      "summary_sha256": data.identities[d.path][1]} for d in per_dataset],
         "skipped_datasets": data.skipped,
         "samples": sum(d.samples for d in per_dataset),
         "tasks": (overall := tasks_report(model.tasks, total_sums(model.tasks, per_dataset), names)),
