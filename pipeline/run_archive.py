@@ -212,7 +212,8 @@ class ArchiveReport:
 
 def ensure_evaluated(run_dir: Path, split: str, report: ArchiveReport, name: str) -> None:
     """Evaluate best_model.pt on ``split`` unless a fresh evaluation of it is recorded (as ``--split test`` would
-    use it); a run without the split or without best_model.pt (itself restored from records) keeps what it has."""
+    use it); a run without the split or without best_model.pt (itself restored from records) keeps what it has, and
+    so does one whose evaluation is of its best epoch but cannot be made again (its shards are gone, say)."""
     if not (run_dir / BEST_MODEL_FILE).is_file():
         return
     recorded = current_evaluation(run_dir, split)
@@ -221,7 +222,11 @@ def ensure_evaluated(run_dir: Path, split: str, report: ArchiveReport, name: str
     try:
         evaluate_best_model(run_dir, split)
     except ExperimentError as error:
-        report.warnings.append(f"{name} has no {split} evaluation: {error}")
+        if recorded is not None:
+            report.warnings.append(f"{name}: its {split} evaluation of the best epoch is kept as recorded, unchecked "
+                                   f"against its shards now ({error})")
+        else:
+            report.warnings.append(f"{name} has no {split} evaluation: {error}")
         return
     report.evaluated.append(name)
 

@@ -73,6 +73,21 @@ def test_save_keeps_finished_runs_records_without_weights_and_reused_runs_as_lin
     assert "learned-seed0" in (archive / "weighting" / "invocations.jsonl").read_text()
 
 
+def test_save_checks_a_recorded_evaluation_as_split_test_would_and_keeps_one_it_cannot_make_again(
+        tmp_path: Path) -> None:
+    runs, archive = tmp_path / "runs", tmp_path / "records"
+    run = finished_run_with_weights(runs, "freeze", "none-seed0")
+    written = (run / "evaluation" / "test" / "metrics.json").stat().st_mtime
+    os.utime(run / "best_model.pt", (written - 60, written - 60))
+    assert save_records(runs, archive).warnings == []  # fresh: used as it is
+    os.utime(run / "best_model.pt", (written + 60, written + 60))  # saved again since: evaluated again, which
+    report = save_records(runs, archive)  # fails here (best_model.pt holds no network), so the record is kept
+    assert report.evaluated == [] and len(report.warnings) == 1
+    assert report.warnings[0].startswith("freeze/none-seed0: its test evaluation of the best epoch is kept as "
+                                         "recorded, unchecked against its shards now (cannot evaluate")
+    assert (archive / "freeze" / "none-seed0" / "evaluation" / "test" / "metrics.json").is_file()
+
+
 def test_a_folder_the_user_linked_is_saved_as_a_folder_and_a_link_not_recorded_is_not_reuse(tmp_path: Path) -> None:
     runs, archive, scratch = tmp_path / "runs", tmp_path / "records", tmp_path / "scratch"
     finished_run_with_weights(scratch, "freeze", "none-seed0")
