@@ -250,9 +250,9 @@ def run_experiment(experiment: str, config_path: Path | None, overrides: Sequenc
     to a finished run of the same config in a sibling experiment folder, and leaving an arm whose config another
     invocation trains now to that one), then write the results, table and plot of ``split``. Runs found held are
     tried again at the end (linked if their config's run finished meanwhile, trained if their holder ended before
-    finishing it). Where runs are unfinished then, nothing is written: the invocation of this experiment that
-    finishes the last run writes it (once where several finish together), or, where another experiment trained
-    it, this command run again."""
+    finishing it). Where runs are unfinished then, nothing is written: the invocation of this command (its
+    ``--arms``/``--baseline`` selection) that finishes the last run writes it (once where several finish
+    together), or, where another experiment trained it, this command run again."""
     plan = plan_experiment(experiment, config_path, overrides, seeds, out_name, single_tasks, weightings, init_from,
                            arm_names, baseline)
     experiment_dir, runs, configs = plan.experiment_dir, plan.runs, plan.configs
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="train in this process, no Ray")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="val",
                         help="split the table reports: val (from the runs' records) or test (best_model.pt evaluated, "
-                             "or its evaluation recorded since it and its shards were last written)")
+                             "or its recorded evaluation while that is of this best_model.pt and these shards)")
     parser.add_argument("--reevaluate", action="store_true",
                         help="with --split test: evaluate every best_model.pt again, even where its evaluation is "
                              "recorded (after a change to the evaluation code, say)")
@@ -396,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="weighting: the methods compared, e.g. learned,pcgrad (default every registered one but "
                              "fixed; equal, the baseline, is always run)")
     parser.add_argument("--arms", default="",
-                        help="the arms trained, by their run folders' names, e.g. freeze --arms none (default all; the "
-                             "baseline always runs)")
+                        help="the arms trained, by arm name, e.g. freeze --arms none (default all; the baseline "
+                             "always runs; the table goes to selections/<selection>/)")
     parser.add_argument("--baseline",
                         help="the arm every row is measured against (Δm, † marks) in place of the experiment's own, "
                              "e.g. freeze --baseline early-freeze")
