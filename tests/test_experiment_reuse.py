@@ -153,13 +153,20 @@ def test_arms_of_one_config_share_a_config_claim_and_status_names_who_trains_it(
     assert sibling_in_training(arms[0], experiment, sibling_run_configs(experiment)) is None
 
 
-@pytest.mark.slow
-def test_freeze_with_chosen_arms_trains_none_only_beside_the_reused_mtl_run_and_keeps_its_table_apart(
-        synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_torch_thread) -> None:
+def finished_mtl_vs_single(synthetic_shards, tmp_path: Path) -> list[str]:
+    """The arguments of a two-task, one-epoch experiment on synthetic UTKFace, whose ``mtl-vs-single`` (MTL and
+    single-age) has been trained under ``tmp_path``: the MTL run is the one other experiments reuse."""
     overrides = tiny_overrides({"utk": synthetic_shards["utk"]}, tmp_path, "unused", "data.tasks=[age,gender]",
                                "max_epochs=1", "data.loader_workers=0")
     common = ["--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--local"]
     assert main(["mtl-vs-single", *common, "--single-tasks", "age"]) == 0
+    return common
+
+
+@pytest.mark.slow
+def test_freeze_with_chosen_arms_trains_none_only_beside_the_reused_mtl_run_and_keeps_its_table_apart(
+        synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_torch_thread) -> None:
+    common = finished_mtl_vs_single(synthetic_shards, tmp_path)
     capsys.readouterr()
     experiment = tmp_path / "freeze"
     experiment.mkdir()
@@ -188,10 +195,7 @@ def test_freeze_with_chosen_arms_trains_none_only_beside_the_reused_mtl_run_and_
 @pytest.mark.slow
 def test_weighting_reuses_the_finished_mtl_run_of_mtl_vs_single_and_no_reuse_trains_it_in_its_own_folder(
         synthetic_shards, tmp_path: Path, capsys: pytest.CaptureFixture[str], one_torch_thread) -> None:
-    overrides = tiny_overrides({"utk": synthetic_shards["utk"]}, tmp_path, "unused", "data.tasks=[age,gender]",
-                               "max_epochs=1", "data.loader_workers=0")
-    common = ["--config", str(REPO / "configs" / "demo.yaml"), *overrides, "--local"]
-    assert main(["mtl-vs-single", *common, "--single-tasks", "age"]) == 0
+    common = finished_mtl_vs_single(synthetic_shards, tmp_path)
     mtl = tmp_path / "mtl-vs-single" / "mtl-seed0"
     mtl_metrics_mtime = (mtl / METRICS_FILE).stat().st_mtime_ns
     capsys.readouterr()
